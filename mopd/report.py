@@ -1,0 +1,43 @@
+"""Plain Markdown tables for the terminal, the run directory and closing notes."""
+
+from __future__ import annotations
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    def fmt(v: object) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def round_table(summary: dict[str, dict[str, float]]) -> str:
+    rows = [[d, s["acc"], s["teacher_kl"], s["response_length"], int(s["prompts"])] for d, s in summary.items()]
+    return markdown_table(["domain", "student acc (greedy)", "teacher KL", "response len", "prompts"], rows)
+
+
+def result_table(result: dict) -> str:
+    """Per domain: student before / teacher / student after, and teacher KL before / after."""
+    rows = []
+    for d, b in result["before"].items():
+        af = result["after"].get(d, {})
+        teacher = result.get("teacher", {}).get(d, float("nan"))
+        ratio = af.get("acc", float("nan")) / teacher if teacher and teacher == teacher else float("nan")
+        rows.append([d, b["acc"], teacher, af.get("acc", float("nan")), ratio, b["teacher_kl"],
+                     af.get("teacher_kl", float("nan"))])
+    head = (f"{result['experiment']}: objective={result['objective']}, {result['steps']} steps, "
+            f"{result['train_s']:.0f} s of training\n\n")
+    return head + markdown_table(
+        ["domain", "student before", "teacher", "student after", "after/teacher", "teacher KL before",
+         "teacher KL after"], rows)
+
+
+def world_table(info: dict) -> str:
+    """Every model of the quickstart world on every domain (greedy exact match), plus build time."""
+    domains = info["domains"]
+    acc = info["accuracy"]
+    rows = [[name, *[acc[name][d] for d in domains]] for name in [*(f"teacher/{d}" for d in domains), "student"]]
+    total = info.get("timings", {}).get("total", {}).get("wall_s", float("nan"))
+    return (f"quickstart world in {info.get('dir', '')} (built in {total:.0f} s)\n\n"
+            + markdown_table(["model", *domains], rows))

@@ -1,0 +1,109 @@
+"""Synthetic domains of the quickstart world and the JSONL rows built from them.
+
+Each domain is a generator `(rng) -> (prompt, answer)` over plain text, short enough that a tiny
+character-level model learns it in about a minute on two CPU cores. The domains differ in difficulty on
+purpose (addition needs carries, reversal and sorting are copy-like), so one student warm-start leaves
+different amounts of room per domain, which is what a multi-teacher table needs to show.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+Generator = Callable[[random.Random], tuple[str, str]]
+
+MAX_DIGITS = 3  # addition operands have 1..MAX_DIGITS digits
+MIN_LETTERS, MAX_LETTERS = 3, 7  # reversal / sorting strings
+
+
+def _number(rng: random.Random) -> int:
+    # Digit count first, then the value: short operands are as common as long ones, which makes the
+    # curriculum smoother than uniform 0..999 (where 90% of operands have 3 digits).
+    digits = rng.randint(1, MAX_DIGITS)
+    low = 0 if digits == 1 else 10 ** (digits - 1)
+    return rng.randint(low, 10**digits - 1)
+
+
+def gen_add(rng: random.Random) -> tuple[str, str]:
+    """`add:123+45=` -> `168`."""
+    a, b = _number(rng), _number(rng)
+    return f"add:{a}+{b}=", str(a + b)
+
+
+def _letters(rng: random.Random) -> str:
+    n = rng.randint(MIN_LETTERS, MAX_LETTERS)
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(n))
+
+
+def gen_rev(rng: random.Random) -> tuple[str, str]:
+    """`rev:abcd=` -> `dcba`."""
+    s = _letters(rng)
+    return f"rev:{s}=", s[::-1]
+
+
+def gen_sort(rng: random.Random) -> tuple[str, str]:
+    """`sort:dbca=` -> `abcd` (letters may repeat)."""
+    s = _letters(rng)
+    return f"sort:{s}=", "".join(sorted(s))
+
+
+GENERATORS: dict[str, Generator] = {"add": gen_add, "rev": gen_rev, "sort": gen_sort}
+
+
+def get_generator(domain: str) -> Generator:
+    if domain not in GENERATORS:
+        raise ValueError(f"unknown domain {domain!r}; known domains: {sorted(GENERATORS)}")
+    return GENERATORS[domain]
+
+
+def make_rows(domain: str, n: int, split: str, seed: int, exclude: set[str] | None = None,
+              ) -> list[dict[str, Any]]:
+    """`n` distinct rows of one domain, none of whose prompts is in `exclude`.
+
+    The RNG is seeded from a string so that each (seed, domain, split) stream is independent of the
+    others and of Python's hash randomisation: the same config always writes byte-identical files.
+    """
+    gen = get_generator(domain)
+    rng = random.Random(f"mopd-world/{seed}/{domain}/{split}")
+    seen = set(exclude or ())
+    rows: list[dict[str, Any]] = []
+    tries = 0
+    while len(rows) < n:
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise ValueError(f"domain {domain!r}: cannot draw {n} distinct {split} prompts")
+        prompt, answer = gen(rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        rows.append({"id": f"{domain}-{split}-{len(rows):05d}", "prompt": prompt, "domain": domain,
+                     "answer": answer})
+    return rows
+
+
+def make_splits(domains: Iterable[str], train_per_domain: int, eval_per_domain: int, seed: int,
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train and eval rows for every domain; eval prompts never appear in train."""
+    train: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
+    for d in domains:
+        ev = make_rows(d, eval_per_domain, "eval", seed)
+        evals += ev
+        train += make_rows(d, train_per_domain, "train", seed, exclude={r["prompt"] for r in ev})
+    return train, evals
+
+
+def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

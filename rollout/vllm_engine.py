@@ -1,0 +1,114 @@
+"""The student's generation engine: a `vllm.LLM` that samples with log-probs and takes new weights
+in place. The same class runs in-process (tests, single machine) and inside a Ray actor."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from rollout.types import Sample
+from rollout.vllm_env import apply_vllm_env
+
+
+def make_llm(model_path: str, *, dtype: str, max_model_len: int, seed: int, max_logprobs: int,
+             enforce_eager: bool, gpu_memory_utilization: float, omp_threads: int, kv_cache_gb: int,
+             tokenizer: str | None = None):
+    """One place that builds a `vllm.LLM` for both students and teachers."""
+    apply_vllm_env(omp_threads, kv_cache_gb)
+    from vllm import LLM  # after the env: vLLM reads it at import
+
+    return LLM(
+        model=model_path,
+        tokenizer=tokenizer or model_path,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        seed=seed,
+        max_logprobs=max_logprobs,
+        enforce_eager=enforce_eager,
+        gpu_memory_utilization=gpu_memory_utilization,
+        # Outputs must be a pure function of (weights, tokens, seed) for replayable rollouts.
+        enable_prefix_caching=False,
+    )
+
+
+class StudentEngine:
+    def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 128, seed: int = 0,
+                 enforce_eager: bool = True, gpu_memory_utilization: float = 0.5, omp_threads: int = 1,
+                 kv_cache_gb: int = 1) -> None:
+        t0 = time.perf_counter()
+        self.model_path = model_path
+        self.max_model_len = max_model_len
+        self.llm = make_llm(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, max_logprobs=1,
+                            enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
+                            omp_threads=omp_threads, kv_cache_gb=kv_cache_gb)
+        self.weight_version = 0
+        self.startup_s = time.perf_counter() - t0
+
+    def ready(self) -> dict:
+        return {"startup_s": self.startup_s, "weight_version": self.weight_version}
+
+    def generate(self, prompt_ids: list[list[int]], *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                 max_tokens: int = 16, seed: int | None = None) -> list[list[Sample]]:
+        """`n` samples per prompt, each with the engine's log-prob of every sampled token.
+
+        A base `seed` makes the batch reproducible: request i is sampled with seed + i.
+        """
+        from vllm import SamplingParams
+
+        for i, p in enumerate(prompt_ids):
+            if len(p) + max_tokens > self.max_model_len:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; with max_tokens={max_tokens} it exceeds the engine's "
+                    f"max_model_len={self.max_model_len}. Shorten the prompt or raise data.max_prompt_tokens.")
+        params = [
+            SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+                           seed=None if seed is None else seed + i, detokenize=False, flat_logprobs=True)
+            for i in range(len(prompt_ids))
+        ]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        result = []
+        for p, out in zip(prompt_ids, outs, strict=True):
+            samples = []
+            for c in out.outputs:
+                lp = c.logprobs
+                mu = [_sampled_logprob(lp, t, tok) for t, tok in enumerate(c.token_ids)]
+                samples.append(Sample(prompt_ids=list(p), response_ids=list(c.token_ids), rollout_logprobs=mu,
+                                      finish_reason=str(c.finish_reason)))
+            result.append(samples)
+        return result
+
+    def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Load new weights into the running engine (no restart); returns seconds taken."""
+        t0 = time.perf_counter()
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
+        self._after_reload()
+        return time.perf_counter() - t0
+
+    def update_weights_from_path(self, path: str) -> float:
+        """Reload from a Hugging Face folder (for engines in another process or on another node)."""
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        self._after_reload()
+        return time.perf_counter() - t0
+
+    def _after_reload(self) -> None:
+        from rollout.moe_sync import repack_cpu_moe_experts
+
+        self.llm.apply_model(repack_cpu_moe_experts)
+        self.weight_version += 1
+
+    def score(self, sequences: list[list[int]], prompt_lens: list[int]) -> list[list[float]]:
+        """The engine's own log-prob of each response token of given sequences (sync checks, diagnostics)."""
+        from teachers.vllm_teacher import prompt_logprobs_of
+
+        return [s.logprobs for s in prompt_logprobs_of(self.llm, sequences, prompt_lens, top_k=0)]
+
+
+def _sampled_logprob(flat, position: int, token: int) -> float:
+    for j in range(flat.start_indices[position], flat.end_indices[position]):
+        if flat.token_ids[j] == token:
+            return float(flat.logprobs[j])
+    raise RuntimeError(f"vLLM returned no log-prob for sampled token {token} at position {position}")

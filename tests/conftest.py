@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny quickstart world (built by the project's own code) and a loopback Ray
+cluster. Both are session-scoped: engines and worlds are the slow parts of this suite."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A small world: same code path as the quickstart, far fewer steps (accuracy is not the point)."""
+    from mopd.config import WorldConfig
+    from mopd.world.build import build_world
+
+    cfg = WorldConfig(dir=str(tmp_path_factory.mktemp("world")), seed=0, train_rows_per_domain=300,
+                      eval_rows_per_domain=32, teacher_steps=40, student_steps=20)
+    info = build_world(cfg)
+    info["dir"] = cfg.dir
+    return info
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    from mopd.ray_cluster import init_ray
+
+    ray = init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
