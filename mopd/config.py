@@ -53,7 +53,6 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "vllm"  # vllm | transformers (documented fallback, not used by tests)
     n: int = 4  # samples per prompt
     temperature: float = 1.0
     top_p: float = 1.0
@@ -156,7 +155,6 @@ class MopdConfig:
 # Allowed values for string choices, checked after merging.
 CHOICES: dict[str, tuple[str, ...]] = {
     "student.dtype": ("float32", "bfloat16", "float16"),
-    "rollout.backend": ("vllm", "transformers"),
     "algorithm.objective": ("pg", "reverse_kl", "mixed", "orm"),
     "algorithm.correction": ("none", "icepop", "tis", "seq_mask"),
     "trainer.backend": ("accelerate", "deepspeed"),

@@ -117,6 +117,7 @@ def train(cfg: MopdConfig, resume: bool = False, log=print) -> dict:
             "response_length/mean": n_tok / batch.size,
             "response_length/max": float(batch.mask_BT.sum(1).max()),
         })
+        metrics["data/batch_digest"] = batch_digest([rows[i]["id"] for i in idx])
         for d, s in domain_summary(samples).items():
             metrics[f"reward/{d}/acc"] = s["acc"]
         record(step, metrics)
@@ -142,6 +143,13 @@ def train(cfg: MopdConfig, resume: bool = False, log=print) -> dict:
         s.close()
     engines.shutdown()
     return result
+
+
+def batch_digest(row_ids: list[str]) -> int:
+    """A short fingerprint of a step's prompts, so resumed runs can be checked for the same data order."""
+    import hashlib
+
+    return int(hashlib.sha256(",".join(row_ids).encode()).hexdigest()[:12], 16)
 
 
 def _eval_metrics(summary: dict) -> dict[str, float]:
