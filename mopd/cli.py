@@ -45,6 +45,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return main_train(_cfg(args), resume=args.resume)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mopd.compare import compare
+
+    compare(args.spec, args.overrides, args.only.split(",") if args.only else None)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mopd", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -72,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     with_config(sp)
     sp.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("compare", help="several objectives at equal wall-clock, one table per domain")
+    sp.add_argument("spec", nargs="?", default="configs/compare.yaml")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    sp.add_argument("--only", help="comma-separated run names")
+    sp.set_defaults(fn=cmd_compare)
 
     args = p.parse_args(argv)
     from mopd.data import DataError

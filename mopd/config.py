@@ -71,7 +71,8 @@ class RolloutConfig:
 @dataclass
 class AlgorithmConfig:
     # pg: sampled-token MOPD advantage (MiMo Eq. 7); reverse_kl: top-k reverse KL to the teacher;
-    # mixed: pg + kl_coef * reverse_kl; orm: outcome-only RL (GRPO advantages, no teacher).
+    # mixed: pg + kl_coef * reverse_kl; orm: outcome-only RL (GRPO advantages, no teacher);
+    # sft: off-policy SFT on teacher samples (baseline).
     objective: str = "pg"
     alpha_orm: float = 0.0  # weight of the group-normalised outcome advantage
     kl_coef: float = 1.0
@@ -155,7 +156,7 @@ class MopdConfig:
 # Allowed values for string choices, checked after merging.
 CHOICES: dict[str, tuple[str, ...]] = {
     "student.dtype": ("float32", "bfloat16", "float16"),
-    "algorithm.objective": ("pg", "reverse_kl", "mixed", "orm"),
+    "algorithm.objective": ("pg", "reverse_kl", "mixed", "orm", "sft"),
     "algorithm.correction": ("none", "icepop", "tis", "seq_mask"),
     "trainer.backend": ("accelerate", "deepspeed"),
     "trainer.lr_schedule": ("constant", "cosine", "linear"),

@@ -46,6 +46,26 @@ def rollout(engines: list[Any], prompt_ids: list[list[int]], rows: list[dict], *
     return [ScoredSample(row=rows[i], group=i, sample=s) for i, g in enumerate(groups) for s in g]
 
 
+def teacher_rollout(teachers: dict[str, list[Any]], registry: TeacherRegistry, prompt_ids: list[list[int]],
+                    rows: list[dict], *, n: int, temperature: float, max_tokens: int, seed: int) -> list[ScoredSample]:
+    """Samples from each row's teacher instead of the student: the off-policy SFT baseline's data."""
+    import ray
+
+    by_teacher = registry.group([r["domain"] for r in rows], [r["id"] for r in rows])
+    pending = []
+    for name, idx in by_teacher.items():
+        for actor, part in zip(teachers[name], split_evenly(idx, len(teachers[name])), strict=True):
+            if part:
+                pending.append((name, part, actor.generate.remote([prompt_ids[i] for i in part], n=n,
+                                                                  temperature=temperature, max_tokens=max_tokens,
+                                                                  seed=seed + part[0] * 7919)))
+    out: list[ScoredSample] = []
+    for name, part, fut in pending:
+        for i, group in zip(part, ray.get(fut), strict=True):
+            out.extend(ScoredSample(row=rows[i], group=i, sample=s, teacher=name) for s in group)
+    return sorted(out, key=lambda s: s.group)
+
+
 def score_with_teachers(teachers: dict[str, list[Any]], registry: TeacherRegistry, samples: list[ScoredSample],
                         top_k: int = 0) -> dict[str, float]:
     """Fill each sample's teacher log-probs; returns seconds spent per teacher."""

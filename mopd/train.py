@@ -26,7 +26,7 @@ from mopd.metrics import make_sinks
 from mopd.quickstart import prepare_world
 from mopd.ray_cluster import init_ray
 from mopd.report import result_table
-from mopd.round import domain_summary, rollout, score_with_teachers, verify_samples
+from mopd.round import domain_summary, rollout, score_with_teachers, teacher_rollout, verify_samples
 from mopd.trainer import Trainer
 from teachers.registry import TeacherRegistry
 
@@ -85,7 +85,7 @@ def train(cfg: MopdConfig, resume: bool = False, log=print) -> dict:
     log("before: " + _eval_line(before))
 
     a, r, t = cfg.algorithm, cfg.rollout, cfg.trainer
-    need_teacher = a.objective != "orm"
+    need_teacher = a.objective not in ("orm", "sft")
     bar = _progress(cfg, start_step)
     step = start_step
     train_s = state.get("train_s", 0.0)
@@ -95,9 +95,14 @@ def train(cfg: MopdConfig, resume: bool = False, log=print) -> dict:
             break
         t0 = time.perf_counter()
         idx = sampler.batch(step, t.prompts_per_step)
-        samples = rollout(engines.students, [prompt_ids[i] for i in idx], [rows[i] for i in idx], n=r.n,
-                          temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
-                          seed=t.seed * 1_000_003 + step * 10_007)
+        batch_ids, batch_rows = [prompt_ids[i] for i in idx], [rows[i] for i in idx]
+        seed = t.seed * 1_000_003 + step * 10_007
+        if a.objective == "sft":  # baseline: the teachers generate, the student imitates off-policy
+            samples = teacher_rollout(engines.teachers, registry, batch_ids, batch_rows, n=r.n,
+                                      temperature=r.temperature, max_tokens=r.max_tokens, seed=seed)
+        else:
+            samples = rollout(engines.students, batch_ids, batch_rows, n=r.n, temperature=r.temperature,
+                              top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)
         t_roll = time.perf_counter() - t0
         verify_samples(samples, tokenizer)
         t1 = time.perf_counter()

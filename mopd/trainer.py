@@ -112,6 +112,8 @@ class Trainer:
         old_BT = self.logprobs(b)
         metrics["timing_s/reference"] = time.perf_counter() - t0
         mask = b.mask_BT
+        if a.objective == "sft":
+            return self._sft_step(b, metrics)
         weights, corr = correction_weights(a.correction, old_BT, b.rollout_logprobs_BT, mask,
                                            low=a.icepop_low, high=a.icepop_high, cap=a.tis_cap)
         metrics.update(corr)
@@ -175,6 +177,24 @@ class Trainer:
         metrics["actor/grad_norm"] = grad_norm
         metrics["actor/lr"] = self.sched.get_last_lr()[0]
         metrics["timing_s/train"] = time.perf_counter() - t1
+        return metrics
+
+    def _sft_step(self, b: TrainBatch, metrics: dict[str, float]) -> dict[str, float]:
+        """Off-policy SFT baseline: token-mean NLL of teacher samples (pg_loss with A = 1, w = 1)."""
+        t1 = time.perf_counter()
+        nll = 0.0
+        for idx in self._micro(b):
+            frac = len(idx) / b.size
+            lp_BT, _ = self._forward(b.select(idx))
+            loss, _ = pg_loss(lp_BT, b.mask_BT[idx], None, b.mask_BT[idx])
+            nll += loss.item() * frac
+            self.acc.backward(loss * frac)
+        grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip))
+        self.opt.step()
+        self.opt.zero_grad()
+        self.sched.step()
+        metrics.update({"actor/sft_loss": nll, "actor/grad_norm": grad_norm, "actor/lr": self.sched.get_last_lr()[0],
+                        "timing_s/train": time.perf_counter() - t1})
         return metrics
 
     def _nan_message(self, what: str, value: float) -> str:

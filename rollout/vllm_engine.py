@@ -33,21 +33,25 @@ def make_llm(model_path: str, *, dtype: str, max_model_len: int, seed: int, max_
     )
 
 
-class StudentEngine:
+class VllmEngine:
+    """Generation with per-token log-probs; shared by the student and (for off-policy baselines) teachers."""
+
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 128, seed: int = 0,
                  enforce_eager: bool = True, gpu_memory_utilization: float = 0.5, omp_threads: int = 1,
-                 kv_cache_gb: int = 1) -> None:
+                 kv_cache_gb: int = 1, max_logprobs: int = 1) -> None:
         t0 = time.perf_counter()
         self.model_path = model_path
         self.max_model_len = max_model_len
-        self.llm = make_llm(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, max_logprobs=1,
-                            enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                            omp_threads=omp_threads, kv_cache_gb=kv_cache_gb)
+        self.max_logprobs = max_logprobs
+        self.llm = make_llm(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                            max_logprobs=max_logprobs, enforce_eager=enforce_eager,
+                            gpu_memory_utilization=gpu_memory_utilization, omp_threads=omp_threads,
+                            kv_cache_gb=kv_cache_gb)
         self.weight_version = 0
         self.startup_s = time.perf_counter() - t0
 
     def ready(self) -> dict:
-        return {"startup_s": self.startup_s, "weight_version": self.weight_version}
+        return {"startup_s": self.startup_s, "weight_version": self.weight_version, "max_logprobs": self.max_logprobs}
 
     def generate(self, prompt_ids: list[list[int]], *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_tokens: int = 16, seed: int | None = None) -> list[list[Sample]]:
@@ -79,6 +83,16 @@ class StudentEngine:
             result.append(samples)
         return result
 
+    def score_tokens(self, sequences: list[list[int]], prompt_lens: list[int]) -> list[list[float]]:
+        """The engine's own log-prob of each response token of given sequences (sync checks, diagnostics)."""
+        from teachers.vllm_teacher import prompt_logprobs_of
+
+        return [s.logprobs for s in prompt_logprobs_of(self.llm, sequences, prompt_lens, top_k=0)]
+
+
+class StudentEngine(VllmEngine):
+    """The student's rollout engine: takes new weights in place, without a restart."""
+
     def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> float:
         """Load new weights into the running engine (no restart); returns seconds taken."""
         t0 = time.perf_counter()
@@ -99,12 +113,6 @@ class StudentEngine:
 
         self.llm.apply_model(repack_cpu_moe_experts)
         self.weight_version += 1
-
-    def score(self, sequences: list[list[int]], prompt_lens: list[int]) -> list[list[float]]:
-        """The engine's own log-prob of each response token of given sequences (sync checks, diagnostics)."""
-        from teachers.vllm_teacher import prompt_logprobs_of
-
-        return [s.logprobs for s in prompt_logprobs_of(self.llm, sequences, prompt_lens, top_k=0)]
 
 
 def _sampled_logprob(flat, position: int, token: int) -> float:

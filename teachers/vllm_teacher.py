@@ -6,10 +6,9 @@ prompt position has no log-prob, which is harmless because only response positio
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
-from rollout.vllm_engine import make_llm
+from rollout.vllm_engine import VllmEngine
 
 
 @dataclass
@@ -55,27 +54,15 @@ def prompt_logprobs_of(llm, sequences: list[list[int]], prompt_lens: list[int], 
     return result
 
 
-class TeacherEngine:
-    def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 128, seed: int = 0,
-                 max_top_k: int = 0, enforce_eager: bool = True,
-                 gpu_memory_utilization: float = 0.3, omp_threads: int = 1, kv_cache_gb: int = 1) -> None:
-        t0 = time.perf_counter()
-        self.model_path = model_path
-        self.max_model_len = max_model_len
+class TeacherEngine(VllmEngine):
+    """Scores sequences; can also generate (teacher samples for the off-policy SFT baseline)."""
+
+    def __init__(self, model_path: str, *, max_top_k: int = 0, **kw) -> None:
         # Full-vocabulary scoring (top_k = -1) needs max_logprobs >= vocab.
         from transformers import AutoConfig
 
         vocab_size = AutoConfig.from_pretrained(model_path).vocab_size
-        max_logprobs = vocab_size if max_top_k < 0 else max(1, max_top_k)
-        self.max_logprobs = max_logprobs
-        self.llm = make_llm(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                            max_logprobs=max_logprobs, enforce_eager=enforce_eager,
-                            gpu_memory_utilization=gpu_memory_utilization, omp_threads=omp_threads,
-                            kv_cache_gb=kv_cache_gb)
-        self.startup_s = time.perf_counter() - t0
-
-    def ready(self) -> dict:
-        return {"startup_s": self.startup_s, "max_logprobs": self.max_logprobs}
+        super().__init__(model_path, max_logprobs=vocab_size if max_top_k < 0 else max(1, max_top_k), **kw)
 
     def score(self, sequences: list[list[int]], prompt_lens: list[int], top_k: int = 0) -> list[TeacherScores]:
         for i, s in enumerate(sequences):

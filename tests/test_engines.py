@@ -108,7 +108,7 @@ def test_weight_sync_makes_engine_match_trainer(actors, rollout_out, ray_local, 
     flat = [s for g in rollout_out for s in g][:12]
     seqs, plens = [s.prompt_ids + s.response_ids for s in flat], [len(s.prompt_ids) for s in flat]
     hf = AutoModelForCausalLM.from_pretrained(f"{tiny_world['dir']}/student", dtype=torch.float32)
-    engine_before = ray_local.get(student.score.remote(seqs, plens))
+    engine_before = ray_local.get(student.score_tokens.remote(seqs, plens))
     assert max_diff(engine_before, hf_logprobs(hf, seqs, plens)) < 1e-3
     # A real optimizer update of the trainer-side model (all weights, experts included).
     opt = torch.optim.AdamW(hf.parameters(), lr=3e-3)
@@ -119,11 +119,11 @@ def test_weight_sync_makes_engine_match_trainer(actors, rollout_out, ray_local, 
         loss.backward()
         opt.step()
     updated = hf_logprobs(hf, seqs, plens)
-    stale = ray_local.get(student.score.remote(seqs, plens))
+    stale = ray_local.get(student.score_tokens.remote(seqs, plens))
     assert max_diff(stale, updated) > 1e-2, "the update must change log-probs measurably"
     sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     ray_local.get(student.update_weights.remote(sd))
-    synced = ray_local.get(student.score.remote(seqs, plens))
+    synced = ray_local.get(student.score_tokens.remote(seqs, plens))
     assert max_diff(synced, updated) < 1e-3
     assert ray_local.get(student.ready.remote())["weight_version"] == 1
     # Sampling after the sync uses the new weights too.

@@ -26,7 +26,7 @@ def test_generators_produce_correct_short_rows():
     for _ in range(300):
         p, a = gen_add(rng)
         x, y = p.removeprefix("add:").removesuffix("=").split("+")
-        assert int(a) == int(x) + int(y) and len(p) <= 20 and len(a) <= 10
+        assert int(a) == int(x) + int(y) and len(x) == len(y) == len(a) - 1 and len(p) <= 20 and len(a) <= 10
         p, a = gen_rev(rng)
         assert p.startswith("rev:") and p.endswith("=") and a == p[4:-1][::-1]
         p, a = gen_sort(rng)

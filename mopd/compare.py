@@ -1,0 +1,56 @@
+"""Several objectives on the same world at equal wall-clock, one table per domain.
+
+Each run is `base` + its overrides with `trainer.max_wallclock_s = budget_s` (step time only; the
+before/after evaluations are not charged), so a cheaper objective gets more steps, as it would in
+practice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from mopd.atomic import write_text
+from mopd.config import ConfigError, load_config
+from mopd.report import markdown_table
+
+
+def compare(spec_path: str, overrides: list[str], only: list[str] | None = None, log=print) -> str:
+    from mopd.train import train
+
+    spec = OmegaConf.to_container(OmegaConf.load(spec_path))
+    unknown = sorted(set(spec) - {"base", "budget_s", "out_dir", "runs"})
+    if unknown:
+        raise ConfigError(f"{spec_path}: unknown keys {unknown}; allowed: base, budget_s, out_dir, runs")
+    out = Path(spec.get("out_dir", "runs/compare"))
+    names = only or list(spec["runs"])
+    missing = sorted(set(names) - set(spec["runs"]))
+    if missing:
+        raise ConfigError(f"unknown run names {missing}; {spec_path} defines: {sorted(spec['runs'])}")
+    results = {}
+    for name in names:
+        cfg = load_config(spec["base"], [*spec["runs"][name], *overrides, f"experiment={name}",
+                                         f"logging.run_dir={out / name}", "trainer.steps=100000",
+                                         f"trainer.max_wallclock_s={spec['budget_s']}", "trainer.save_every=0"])
+        log(f"== {name}: {' '.join(spec['runs'][name])} for {spec['budget_s']} s")
+        results[name] = train(cfg, log=log)
+    table = comparison_table(results)
+    write_text(out / "comparison.md", table + "\n")
+    write_text(out / "comparison.json", json.dumps(results, indent=2))
+    log(table)
+    return table
+
+
+def comparison_table(results: dict[str, dict]) -> str:
+    first = next(iter(results.values()))
+    parts = []
+    for d in first["before"]:
+        rows = [[name, r["steps"], round(r["train_s"]), r["before"][d]["acc"], r["after"][d]["acc"],
+                 r.get("teacher", {}).get(d, float("nan")), r["before"][d]["teacher_kl"], r["after"][d]["teacher_kl"]]
+                for name, r in results.items()]
+        parts.append(f"### {d}\n\n" + markdown_table(
+            ["run", "steps", "train s", "student before", "student after", "teacher", "teacher KL before",
+             "teacher KL after"], rows))
+    return "\n\n".join(parts)
