@@ -141,3 +141,32 @@ def test_deepspeed_zero_takes_a_real_step(models, stage):
     assert m["actor/grad_norm"] > 0
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) >= len(before) // 2, changed
+
+
+def test_sft_objective_fits_the_given_samples(models):
+    tok, d = models
+    cfg = cfg_for(d, "algorithm.objective=sft", "trainer.lr=1e-2")
+    batch = build_batch(make_samples(tok, d / "teacher", n=4), tok.pad_token_id)
+    tr = Trainer(cfg, cfg.student.path)
+    first = tr.step(batch)["actor/sft_loss"]
+    for _ in range(5):
+        last = tr.step(batch)["actor/sft_loss"]
+    assert 0 < last < 0.8 * first
+
+
+def test_orm_objective_follows_verifier_scores(models):
+    tok, d = models
+    cfg = cfg_for(d, "algorithm.objective=orm", "trainer.lr=3e-3")
+    samples = make_samples(tok, d / "teacher", n=8)
+    for i, s in enumerate(samples):  # groups of two: the first of each pair is "correct"
+        s.score = 1.0 if i % 2 == 0 else 0.0
+    batch = build_batch(samples, tok.pad_token_id)
+    tr = Trainer(cfg, cfg.student.path)
+    good, bad = list(range(0, 8, 2)), list(range(1, 8, 2))
+    lp0 = tr.logprobs(batch)
+    for _ in range(4):
+        m = tr.step(batch)
+    lp1 = tr.logprobs(batch)
+    gain = ((lp1 - lp0) * batch.mask_BT).sum(1) / batch.mask_BT.sum(1)
+    assert gain[good].mean() > gain[bad].mean()
+    assert m["mopd/advantage/max"] > 0 > m["mopd/advantage/min"]
