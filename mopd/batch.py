@@ -27,6 +27,8 @@ class TrainBatch:
     domains: list[str]
     teacher_topk_ids_BTK: torch.Tensor | None = None
     teacher_topk_logprobs_BTK: torch.Tensor | None = None
+    # R3: experts the engine routed each input position to, [B, L, moe layers, top_k]; -1 = no record.
+    routed_experts_BLNK: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -38,7 +40,7 @@ class TrainBatch:
         return TrainBatch(self.input_ids_BL[pick], self.attention_mask_BL[pick], self.mask_BT[pick],
                           self.rollout_logprobs_BT[pick], self.teacher_logprobs_BT[pick], self.scores_B[pick],
                           self.group_B[pick], [self.domains[i] for i in idx], opt(self.teacher_topk_ids_BTK),
-                          opt(self.teacher_topk_logprobs_BTK))
+                          opt(self.teacher_topk_logprobs_BTK), opt(self.routed_experts_BLNK))
 
 
 def build_batch(samples: list[ScoredSample], pad_id: int) -> TrainBatch:
@@ -68,6 +70,17 @@ def build_batch(samples: list[ScoredSample], pad_id: int) -> TrainBatch:
             for j, (ki, kl) in enumerate(zip(s.teacher_topk_ids, s.teacher_topk_logprobs, strict=True)):
                 topk_ids[b, len(p) - 1 + j, : len(ki)] = torch.tensor(ki)
                 topk_lp[b, len(p) - 1 + j, : len(kl)] = torch.tensor(kl)
+    routed = None
+    recs = [s.sample.routed_experts for s in samples if s.sample.routed_experts is not None]
+    if recs:
+        _, N, K = recs[0].shape
+        routed = torch.full((B, L, N, K), -1, dtype=torch.long)
+        for b, s in enumerate(samples):
+            rec = s.sample.routed_experts
+            if rec is not None:
+                n = min(len(rec), L)
+                routed[b, :n] = torch.from_numpy(rec[:n].astype("int64"))
     scores = torch.tensor([math.nan if s.score is None else s.score for s in samples], dtype=torch.float32)
     groups = torch.tensor([s.group for s in samples], dtype=torch.long)
-    return TrainBatch(ids, attn, mask, mu, tlp, scores, groups, [s.domain for s in samples], topk_ids, topk_lp)
+    return TrainBatch(ids, attn, mask, mu, tlp, scores, groups, [s.domain for s in samples], topk_ids, topk_lp,
+                      routed)

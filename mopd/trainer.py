@@ -83,12 +83,19 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
         self.model, self.opt, self.sched = self.acc.prepare(model, opt, sched)
         self.bad_steps = 0
-        # R3 replay hook (stability/r3.py) is installed here when algorithm.r3 is on.
+        # R3: force every router to the experts the engine used (hooks sit on the inner modules, so they
+        # fire through any accelerate/DeepSpeed wrapper).
         self.replay: Any = None
+        if cfg.algorithm.r3:
+            from stability.r3 import RoutingReplay
+
+            self.replay = RoutingReplay(self.acc.unwrap_model(self.model))
+        self.r3_counts: Any = None
 
     # -- forward -------------------------------------------------------------------------------
     def _forward(self, b: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = self.replay.context(b) if self.replay is not None else nullcontext()
+        ctx = (self.replay.context(b.routed_experts_BLNK, b.attention_mask_BL)
+               if self.replay is not None else nullcontext())
         with ctx, self.acc.autocast():
             logits = self.model(input_ids=b.input_ids_BL, attention_mask=b.attention_mask_BL).logits
         logp_BTV = logits[:, :-1].float().log_softmax(-1)
@@ -101,8 +108,20 @@ class Trainer:
 
     @torch.no_grad()
     def logprobs(self, b: TrainBatch) -> torch.Tensor:
-        """pi_old: the trainer's own log-prob of every sampled token, before this step's update."""
-        return torch.cat([self._forward(b.select(idx))[0] for idx in self._micro(b)])
+        """pi_old: the trainer's own log-prob of every sampled token, before this step's update.
+
+        Routing agreement is measured here: these are exactly the weights the engine sampled with.
+        """
+        out = []
+        if self.replay is not None:
+            from stability.r3 import RoutingCounts
+
+            self.r3_counts = RoutingCounts()
+        for idx in self._micro(b):
+            out.append(self._forward(b.select(idx))[0])
+            if self.replay is not None:
+                self.r3_counts += self.replay.last_stats().counts
+        return torch.cat(out)
 
     # -- one optimizer step --------------------------------------------------------------------
     def step(self, b: TrainBatch) -> dict[str, float]:
@@ -118,6 +137,8 @@ class Trainer:
                                            low=a.icepop_low, high=a.icepop_high, cap=a.tis_cap)
         metrics.update(corr)
         metrics.update(mismatch_metrics(old_BT, b.rollout_logprobs_BT, mask, weights))
+        if self.replay is not None:
+            metrics.update(self.r3_counts.metrics())
         a_mopd = mopd_advantage(b.teacher_logprobs_BT, old_BT, mask)
         a_orm = None
         if a.alpha_orm != 0:

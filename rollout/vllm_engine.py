@@ -3,8 +3,10 @@ in place. The same class runs in-process (tests, single machine) and inside a Ra
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -14,8 +16,8 @@ from rollout.vllm_env import apply_vllm_env
 
 def make_llm(model_path: str, *, dtype: str, max_model_len: int, seed: int, max_logprobs: int,
              enforce_eager: bool, gpu_memory_utilization: float, omp_threads: int, kv_cache_gb: int,
-             tokenizer: str | None = None):
-    """One place that builds a `vllm.LLM` for both students and teachers."""
+             tokenizer: str | None = None, **llm_kwargs: Any):
+    """One place that builds a `vllm.LLM` for both students and teachers (`llm_kwargs`: extra LLM args)."""
     apply_vllm_env(omp_threads, kv_cache_gb)
     from vllm import LLM  # after the env: vLLM reads it at import
 
@@ -30,6 +32,7 @@ def make_llm(model_path: str, *, dtype: str, max_model_len: int, seed: int, max_
         gpu_memory_utilization=gpu_memory_utilization,
         # Outputs must be a pure function of (weights, tokens, seed) for replayable rollouts.
         enable_prefix_caching=False,
+        **llm_kwargs,
     )
 
 
@@ -38,7 +41,10 @@ class VllmEngine:
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 128, seed: int = 0,
                  enforce_eager: bool = True, gpu_memory_utilization: float = 0.5, omp_threads: int = 1,
-                 kv_cache_gb: int = 1, max_logprobs: int = 1) -> None:
+                 kv_cache_gb: int = 1, max_logprobs: int = 1, capture_routing: bool = False,
+                 llm_kwargs: Mapping[str, Any] | None = None) -> None:
+        """`capture_routing`: fill `Sample.routed_experts` (R3, see rollout/routing_capture.py);
+        `llm_kwargs`: extra `vllm.LLM` arguments (scheduler limits, block size, ...)."""
         t0 = time.perf_counter()
         self.model_path = model_path
         self.max_model_len = max_model_len
@@ -46,7 +52,12 @@ class VllmEngine:
         self.llm = make_llm(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                             max_logprobs=max_logprobs, enforce_eager=enforce_eager,
                             gpu_memory_utilization=gpu_memory_utilization, omp_threads=omp_threads,
-                            kv_cache_gb=kv_cache_gb)
+                            kv_cache_gb=kv_cache_gb, **_with_routing_kwargs(llm_kwargs, capture_routing))
+        self.routing = None
+        if capture_routing:
+            from rollout.routing_capture import RoutingCapture
+
+            self.routing = RoutingCapture(self.llm)
         self.weight_version = 0
         self.startup_s = time.perf_counter() - t0
 
@@ -71,15 +82,19 @@ class VllmEngine:
                            seed=None if seed is None else seed + i, detokenize=False, flat_logprobs=True)
             for i in range(len(prompt_ids))
         ]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        window = self.routing.recording() if self.routing is not None else contextlib.nullcontext()
+        with window as rec:
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        routed = rec.routed_experts(outs) if rec is not None else None
         result = []
-        for p, out in zip(prompt_ids, outs, strict=True):
+        for i, (p, out) in enumerate(zip(prompt_ids, outs, strict=True)):
             samples = []
-            for c in out.outputs:
+            for j, c in enumerate(out.outputs):
                 lp = c.logprobs
                 mu = [_sampled_logprob(lp, t, tok) for t, tok in enumerate(c.token_ids)]
                 samples.append(Sample(prompt_ids=list(p), response_ids=list(c.token_ids), rollout_logprobs=mu,
-                                      finish_reason=str(c.finish_reason)))
+                                      finish_reason=str(c.finish_reason),
+                                      routed_experts=None if routed is None else routed[i][j]))
             result.append(samples)
         return result
 
@@ -113,6 +128,15 @@ class StudentEngine(VllmEngine):
 
         self.llm.apply_model(repack_cpu_moe_experts)
         self.weight_version += 1
+
+
+def _with_routing_kwargs(llm_kwargs: Mapping[str, Any] | None, capture_routing: bool) -> dict[str, Any]:
+    extra = dict(llm_kwargs or {})
+    if capture_routing:
+        from rollout.routing_capture import routing_llm_kwargs
+
+        extra.update(routing_llm_kwargs())
+    return extra
 
 
 def _sampled_logprob(flat, position: int, token: int) -> float:

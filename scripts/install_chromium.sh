@@ -21,7 +21,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 echo "install_chromium: installing Debian's chromium (first run only)"
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+$SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null \
   || echo "install_chromium: apt-get install chromium failed; the dashboard browser test will be skipped" >&2
 command -v chromium >/dev/null 2>&1 && echo "install_chromium: $(chromium --version 2>/dev/null)"
 exit 0

@@ -189,7 +189,8 @@ def load_rules(source: str | Path | Mapping[str, Any] | list[Rule] | None) -> li
         return default_rules()
     if isinstance(source, list):
         if not all(isinstance(r, Rule) for r in source):
-            raise RulesError("a list of rules must hold stability.gates.Rule objects")
+            raise RulesError("rules must be a mapping of metric name -> band (or a list of "
+                             "stability.gates.Rule), got a list of something else")
         return list(source)
     if isinstance(source, str | Path):
         import yaml

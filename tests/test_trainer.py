@@ -170,3 +170,37 @@ def test_orm_objective_follows_verifier_scores(models):
     gain = ((lp1 - lp0) * batch.mask_BT).sum(1) / batch.mask_BT.sum(1)
     assert gain[good].mean() > gain[bad].mean()
     assert m["mopd/advantage/max"] > 0 > m["mopd/advantage/min"]
+
+
+def test_r3_replay_in_trainer(models):
+    """Replaying the routing the model itself would choose changes nothing and agrees 100%;
+    replaying other experts changes log-probs and is reported as disagreement."""
+    from transformers import AutoModelForCausalLM
+
+    from stability.r3 import RoutingReplay
+
+    tok, d = models
+    samples = make_samples(tok, d / "teacher", n=4)
+    batch = build_batch(samples, tok.pad_token_id)
+    hf = AutoModelForCausalLM.from_pretrained(d / "student")
+    rr = RoutingReplay(hf)
+    with torch.no_grad(), rr.capture() as cap:
+        hf(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL)
+    own = cap.experts_BLNK
+    for b, s in enumerate(samples):
+        s.sample.routed_experts = own[b, : len(s.sample.prompt_ids) + len(s.sample.response_ids)].numpy()
+    replayed = build_batch(samples, tok.pad_token_id)
+    assert replayed.routed_experts_BLNK is not None
+    plain = Trainer(cfg_for(d), str(d / "student"))
+    r3 = Trainer(cfg_for(d, "algorithm.r3=true"), str(d / "student"))
+    assert torch.allclose(plain.logprobs(batch), r3.logprobs(replayed), atol=1e-6)
+    m = r3.step(replayed)
+    assert m["r3/router_agreement"] == 1.0 and m["r3/replayed_frac"] == 1.0
+    # Shift every recorded expert id: different routing, different log-probs, counted as mismatch.
+    n_exp = hf.config.num_experts
+    for s in samples:
+        s.sample.routed_experts = (s.sample.routed_experts + 1) % n_exp
+    other = build_batch(samples, tok.pad_token_id)
+    r3b = Trainer(cfg_for(d, "algorithm.r3=true"), str(d / "student"))
+    assert not torch.allclose(plain.logprobs(batch), r3b.logprobs(other), atol=1e-3)
+    assert r3b.step(other)["r3/router_agreement"] < 0.5

@@ -1,0 +1,82 @@
+"""`mopd dashboard` and `mopd check`: the dashboard and the health gates from the command line.
+
+Kept apart from `mopd/cli.py` so that the CLI only registers them (`add_parsers(sub)`); both commands
+import nothing heavier than PyYAML, so they start instantly and work on a laptop that only copied a
+run directory.
+
+Exit codes of `check`: 0 no violation, 1 violations (the report lists them), 2 unusable input (bad
+rules file, run without metrics) — the usual "usage error" code, so CI can tell "unhealthy run" from
+"the check itself is broken".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_RULES = "configs/gates/default.yaml"
+
+
+def _rules_source(arg: str | None) -> str | Path | None:
+    """The rules file to use. The default path is tried from the current directory, then from the
+    repository this package lives in (so `mopd check` works from any folder); if neither exists the
+    built-in bands are used (None)."""
+    if arg and arg != DEFAULT_RULES:
+        return arg
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (base / DEFAULT_RULES).is_file():
+            return base / DEFAULT_RULES
+    return None
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Render one HTML dashboard for the given run dirs (overlaid) and print where it went."""
+    from stability.dashboard import render_dashboard
+    from stability.gates import RulesError, load_rules
+
+    runs = [Path(d) for d in args.run_dirs]
+    out = Path(args.out) if args.out else runs[0] / "dashboard.html"
+    bands = None
+    try:
+        if args.rules:
+            bands = {r.metric: r.band for r in load_rules(args.rules) if r.band.bounded}
+        path = render_dashboard(runs, out, bands=bands)
+    except (FileNotFoundError, RulesError) as e:
+        print(f"mopd dashboard: error: {e}", file=sys.stderr)
+        return 2
+    print(f"dashboard: {path} ({len(runs)} run(s))")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check a run against a rules file; print the report; 1 when any violation, 2 on bad input."""
+    from stability.gates import RulesError, check_series, format_report, load_rules, read_series
+
+    try:
+        rules = load_rules(_rules_source(args.rules))
+        series = read_series(args.run_dir)
+    except (FileNotFoundError, RulesError) as e:
+        print(f"mopd check: error: {e}", file=sys.stderr)
+        return 2
+    violations = check_series(series, rules)
+    print(format_report(args.run_dir, rules, violations, series, max_per_metric=args.max_per_metric))
+    return 1 if violations else 0
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Register `dashboard` and `check` on the CLI's subparsers (`p.add_subparsers(...)`)."""
+    sp = subparsers.add_parser("dashboard", help="one self-contained HTML dashboard for one or more runs")
+    sp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (overlaid)")
+    sp.add_argument("--out", metavar="FILE", help="output HTML (default: RUN_DIR/dashboard.html of the first run)")
+    sp.add_argument("--rules", metavar="FILE", help="draw the bands of this rules file instead of the defaults")
+    sp.set_defaults(fn=cmd_dashboard)
+
+    sp = subparsers.add_parser("check", help="check a run's metrics against health bands; non-zero on violation")
+    sp.add_argument("run_dir", metavar="RUN_DIR")
+    sp.add_argument("--rules", metavar="FILE", default=DEFAULT_RULES,
+                    help=f"YAML rules: metric -> {{min, max, abs_max, after_step, allow_nan, required}} "
+                         f"(default: {DEFAULT_RULES})")
+    sp.add_argument("--max-per-metric", type=int, default=5, help="violations listed per metric (default 5)")
+    sp.set_defaults(fn=cmd_check)
