@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--only", help="comma-separated run names")
     sp.set_defaults(fn=cmd_compare)
 
+    from stability.cli_commands import add_parsers as add_stability_parsers
+
+    add_stability_parsers(sub)
+
     args = p.parse_args(argv)
     from mopd.data import DataError
     from mopd.trainer import NonFiniteError

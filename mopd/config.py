@@ -110,6 +110,7 @@ class LoggingConfig:
     run_dir: str = "runs/${experiment}"
     sinks: list[str] = field(default_factory=lambda: ["jsonl"])
     progress_bar: bool = True
+    dashboard_every: int = 10  # re-render RUN_DIR/dashboard.html every N steps (0: only at the end)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from mopd.ray_cluster import init_ray
 from mopd.report import result_table
 from mopd.round import domain_summary, rollout, score_with_teachers, teacher_rollout, verify_samples
 from mopd.trainer import Trainer
+from stability.dashboard import render_dashboard
 from teachers.registry import TeacherRegistry
 
 
@@ -129,6 +130,8 @@ def train(cfg: MopdConfig, resume: bool = False, log=print) -> dict:
         bar.update(step, metrics)
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
             record(step, _eval_metrics(evaluate(cfg, engines, registry, tokenizer, evals)))
+        if cfg.logging.dashboard_every and step % cfg.logging.dashboard_every == 0:
+            render_dashboard([run_dir], run_dir / "dashboard.html")
         if (t.save_every and step % t.save_every == 0) or step == t.steps:
             save_checkpoint(run_dir, step, trainer, tokenizer, {"eval_before": before, "train_s": train_s})
     bar.close()
@@ -141,6 +144,7 @@ def train(cfg: MopdConfig, resume: bool = False, log=print) -> dict:
     result = {"experiment": cfg.experiment, "objective": a.objective, "steps": step, "train_s": train_s,
               "total_s": time.perf_counter() - t_start, "before": before, "after": after, "teacher": teachers_acc}
     write_text(run_dir / "result.json", json.dumps(result, indent=2))
+    render_dashboard([run_dir], run_dir / "dashboard.html")
     table = result_table(result)
     write_text(run_dir / "result.md", table + "\n")
     log(table)

@@ -150,10 +150,11 @@ class Trainer:
         else:
             adv = combine_advantages(a_mopd, a_orm, a.alpha_orm, mask)
         metrics.update(advantage_metrics(adv, mask))
-        metrics["mopd/teacher_kl"] = teacher_kl(old_BT, b.teacher_logprobs_BT, mask)
-        for d in sorted(set(b.domains)):
-            rows = [i for i, x in enumerate(b.domains) if x == d]
-            metrics[f"mopd/teacher_kl/{d}"] = teacher_kl(old_BT[rows], b.teacher_logprobs_BT[rows], mask[rows])
+        if a.objective != "orm":  # outcome-only RL never asks a teacher
+            metrics["mopd/teacher_kl"] = teacher_kl(old_BT, b.teacher_logprobs_BT, mask)
+            for d in sorted(set(b.domains)):
+                rows = [i for i, x in enumerate(b.domains) if x == d]
+                metrics[f"mopd/teacher_kl/{d}"] = teacher_kl(old_BT[rows], b.teacher_logprobs_BT[rows], mask[rows])
 
         t1 = time.perf_counter()
         use_pg = a.objective in ("pg", "mixed", "orm")

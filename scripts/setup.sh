@@ -37,6 +37,8 @@ if [ "$TARGET" = cpu ]; then
   # unused on CPU (1 GB).
   "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec triton 2>&1 | grep -v -e "not installed" -e "^$" || true
 fi
+# Headless Chromium for the dashboard's browser test (Debian package; skipped quietly if apt is absent).
+bash scripts/install_chromium.sh || true
 "$VENV/bin/python" -c "import torch, transformers, vllm, ray, omegaconf; print('mopd setup: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__)" 2>&1 | grep "mopd setup"
 echo "$want" > "$STAMP"
 echo "mopd setup: done in $(( $(date +%s) - t0 )) s; venv $(du -sh "$VENV" | cut -f1)"

@@ -329,12 +329,14 @@ function ticks(lo, hi, n, integer){
   const out = []; for (let v = Math.ceil(lo / st) * st; v <= hi + st * 1e-9; v += st) out.push(Math.abs(v) < st * 1e-9 ? 0 : v);
   return {vals: out, step: st};
 }
-function fmtTick(v, st){
+function fmtTick(v, st, maxAbs){
+  // One format per axis, chosen from the tick step, so neighbouring labels never print the same text.
   if (v === 0) return '0';
-  const a = Math.abs(v);
-  if (a >= 1e5 || a < 1e-3 || st < 1e-4) return v.toExponential(1);
-  const dec = Math.max(0, Math.min(4, -Math.floor(Math.log10(st) + 1e-9)));
-  return v.toFixed(dec);
+  if (maxAbs >= 1e5 || (maxAbs < 1e-2 && st < 1e-3)) {
+    const digits = Math.max(1, Math.min(4, Math.ceil(Math.log10(maxAbs / st))));
+    return v.toExponential(digits);
+  }
+  return v.toFixed(Math.max(0, Math.min(8, -Math.floor(Math.log10(st) + 1e-9))));
 }
 function fmt(v){
   if (v === null || v === undefined) return 'NaN';
@@ -388,9 +390,10 @@ function drawPanel(P, host, idx){
   s('rect', {x: M.l, y: M.t, width: PW, height: PH}, s('clipPath', {id: cid}, s('defs', {}, svg)));
   s('rect', {x: M.l, y: M.t, width: PW, height: PH, fill: '#fff', stroke: '#d0d7de'}, svg);
   const yt = ticks(y0, y1, 5, false), xt = ticks(x0, x1, 6, true);
+  const yMaxAbs = Math.max(...yt.vals.map(Math.abs));
   for (const v of yt.vals){
     s('line', {x1: M.l, x2: M.l + PW, y1: Y(v), y2: Y(v), stroke: '#eaeef2'}, svg);
-    s('text', {x: M.l - 4, y: Y(v) + 3.5, 'text-anchor': 'end', 'font-size': 10, fill: '#57606a'}, svg).textContent = fmtTick(v, yt.step);
+    s('text', {x: M.l - 4, y: Y(v) + 3.5, 'text-anchor': 'end', 'font-size': 10, fill: '#57606a'}, svg).textContent = fmtTick(v, yt.step, yMaxAbs);
   }
   for (const v of xt.vals){
     s('line', {x1: X(v), x2: X(v), y1: M.t + PH, y2: M.t + PH + 3, stroke: '#8c959f'}, svg);
