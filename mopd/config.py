@@ -59,6 +59,7 @@ class RolloutConfig:
     max_tokens: int = 16
     num_engines: int = 1
     kv_cache_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE (whole GiB) on CPU
+    dtype: str | None = None  # engine dtype; null = student.dtype (bf16 engines + fp32 trainer = real mismatch)
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True
     num_cpus_per_engine: float = 1.0
@@ -83,7 +84,8 @@ class AlgorithmConfig:
     tis_cap: float = 2.0
     ppo_epochs: int = 1
     ppo_clip: float = 0.2
-    r3: bool = False
+    r3: bool = False  # replay the engine's routed experts in every trainer forward
+    r3_capture: bool = False  # have the engine return routed experts even with r3 off (r3/* metrics)
 
 
 @dataclass
@@ -157,6 +159,7 @@ class MopdConfig:
 # Allowed values for string choices, checked after merging.
 CHOICES: dict[str, tuple[str, ...]] = {
     "student.dtype": ("float32", "bfloat16", "float16"),
+    "rollout.dtype": (None, "float32", "bfloat16", "float16"),
     "algorithm.objective": ("pg", "reverse_kl", "mixed", "orm", "sft"),
     "algorithm.correction": ("none", "icepop", "tis", "seq_mask"),
     "trainer.backend": ("accelerate", "deepspeed"),
@@ -188,7 +191,7 @@ def _validate(cfg: MopdConfig) -> None:
         else:
             section, attr = key.split(".")
             v = getattr(getattr(cfg, section), attr)
-            _check(v in allowed, key, v, " | ".join(allowed))
+            _check(v in allowed, key, v, " | ".join(map(str, allowed)))
 
     positive_ints = [
         "rollout.n", "rollout.max_tokens", "rollout.num_engines", "rollout.omp_threads",

@@ -50,7 +50,7 @@ def start_engines(cfg: MopdConfig, registry: TeacherRegistry) -> Engines:
     r = cfg.rollout
     mml = max_model_len(cfg)
     students = start_student_engines(
-        cfg.student.path, num_engines=r.num_engines, max_model_len=mml, dtype=cfg.student.dtype,
+        cfg.student.path, num_engines=r.num_engines, max_model_len=mml, dtype=r.dtype or cfg.student.dtype,
         seed=cfg.trainer.seed, enforce_eager=r.enforce_eager, num_cpus=r.num_cpus_per_engine,
         num_gpus=r.num_gpus_per_engine, omp_threads=r.omp_threads, kv_cache_gb=r.kv_cache_gb,
         gpu_memory_utilization=r.gpu_memory_utilization)

@@ -85,11 +85,15 @@ class Trainer:
         self.bad_steps = 0
         # R3: force every router to the experts the engine used (hooks sit on the inner modules, so they
         # fire through any accelerate/DeepSpeed wrapper).
+        # With R3 off but routing captured by the engine, the same hooks only observe, so runs with R3
+        # off and on report comparable agreement figures.
         self.replay: Any = None
-        if cfg.algorithm.r3:
+        self.observe_routing = cfg.algorithm.r3_capture or cfg.algorithm.r3
+        if self.observe_routing:
             from stability.r3 import RoutingReplay
 
-            self.replay = RoutingReplay(self.acc.unwrap_model(self.model))
+            self.routing = RoutingReplay(self.acc.unwrap_model(self.model))
+            self.replay = self.routing if cfg.algorithm.r3 else None
         self.r3_counts: Any = None
 
     # -- forward -------------------------------------------------------------------------------
@@ -113,14 +117,24 @@ class Trainer:
         Routing agreement is measured here: these are exactly the weights the engine sampled with.
         """
         out = []
-        if self.replay is not None:
-            from stability.r3 import RoutingCounts
+        observe = self.observe_routing and b.routed_experts_BLNK is not None
+        if observe:
+            from stability.r3 import RoutingCounts, routing_counts
 
             self.r3_counts = RoutingCounts()
         for idx in self._micro(b):
-            out.append(self._forward(b.select(idx))[0])
-            if self.replay is not None:
+            mb = b.select(idx)
+            if observe and self.replay is None:
+                with self.routing.capture() as cap:
+                    out.append(self._forward(mb)[0])
+                self.r3_counts += routing_counts(cap.experts_BLNK, mb.routed_experts_BLNK,
+                                                 mb.attention_mask_BL.bool())
+                continue
+            out.append(self._forward(mb)[0])
+            if observe:
                 self.r3_counts += self.replay.last_stats().counts
+        if not observe:
+            self.r3_counts = None
         return torch.cat(out)
 
     # -- one optimizer step --------------------------------------------------------------------
@@ -137,7 +151,7 @@ class Trainer:
                                            low=a.icepop_low, high=a.icepop_high, cap=a.tis_cap)
         metrics.update(corr)
         metrics.update(mismatch_metrics(old_BT, b.rollout_logprobs_BT, mask, weights))
-        if self.replay is not None:
+        if self.r3_counts is not None:
             metrics.update(self.r3_counts.metrics())
         a_mopd = mopd_advantage(b.teacher_logprobs_BT, old_BT, mask)
         a_orm = None
