@@ -35,6 +35,11 @@ Semantics that matter to the trainer:
   positions `P-1 .. T-2` only; the last position's hidden state (and thus its routing) affects no
   loss term, so its fallback to the trainer's own router is harmless (it is counted as unreplayed).
   vLLM's native output has `T - 1` rows for the same reason; it is padded to `T` here.
+
+Worker-side calls go through `collective_rpc` by method name when the engine was built with
+`routing_llm_kwargs()` (it adds `RoutingWorkerExtension`), so capture also works with the engine core
+in another process (`VLLM_ENABLE_V1_MULTIPROCESSING=1`; checked by hand, 100% agreement); results
+cross as raw bytes. Without the extension the calls are pickled callables, fine in-process only.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import torch
 NO_EXPERT = -1
 ROUTING_DTYPE = np.int16  # logical expert ids; every public MoE has far fewer than 32k experts
 _WORKER_ATTR = "_mopd_routing_capture"
+WORKER_EXTENSION = "rollout.routing_capture.RoutingWorkerExtension"
 _RANDOM_SUFFIX = re.compile(r"-[0-9a-zA-Z]{8}$")  # vLLM appends "-<8 random chars>" to request ids
 
 
@@ -79,8 +85,15 @@ def resolve_mode(mode: str = "auto") -> str:
 
 
 def routing_llm_kwargs(mode: str = "auto") -> dict[str, Any]:
-    """Extra `vllm.LLM(...)` arguments a capture mode needs; pass them when building the engine."""
-    return {"enable_return_routed_experts": True} if resolve_mode(mode) == "native" else {}
+    """Extra `vllm.LLM(...)` arguments a capture mode needs; pass them when building the engine.
+
+    Hooks mode adds a worker extension so its worker-side calls go by method name: an engine-core
+    process (multi-process mode) refuses pickled callables unless VLLM_ALLOW_INSECURE_SERIALIZATION=1.
+    """
+    extra: dict[str, Any] = {"worker_extension_cls": WORKER_EXTENSION}
+    if resolve_mode(mode) == "native":
+        extra["enable_return_routed_experts"] = True
+    return extra
 
 
 @dataclass
@@ -185,13 +198,16 @@ class RoutingCapture:
         self.llm = llm
         self.strict = strict
         self.last_stats: Stats | None = None
+        # Worker calls go by name through the worker extension when the engine has it, else as a
+        # callable (fine in-process; another process needs VLLM_ALLOW_INSECURE_SERIALIZATION=1).
         cfg = llm.llm_engine.vllm_config
+        self._by_name = cfg.parallel_config.worker_extension_cls == WORKER_EXTENSION
         self.mode = resolve_mode(mode)
         if self.mode == "native":
             if not cfg.aux_output_config.enable_return_routed_experts:
                 raise ValueError("native routing capture needs the engine built with "
                                  "routing_llm_kwargs('native') (enable_return_routed_experts=True)")
-            info = llm.apply_model(_moe_layer_info)[0]
+            info = self._rpc(_worker_layer_info)[0]
         else:
             if cfg.parallel_config.pipeline_parallel_size > 1:
                 raise NotImplementedError("hook-based routing capture does not merge pipeline stages")
@@ -202,8 +218,7 @@ class RoutingCapture:
             if cg is not None and str(getattr(cg, "name", cg)) != "NONE":
                 raise ValueError("hook-based routing capture needs CUDA graphs off (enforce_eager=True): "
                                  "a graph replay does not call the Python capture hooks")
-            infos = llm.collective_rpc(_worker_install, args=(strict,))
-            info = infos[0]
+            info = self._rpc(_worker_install, strict)[0]
         self.layer_names: list[str] = info["names"]
         self.layer_ids: list[int] = info["layer_ids"]  # decoder-layer index of each captured MoE layer
         self.top_k: int = info["top_k"]
@@ -218,12 +233,15 @@ class RoutingCapture:
         if self.mode == "native":
             yield rec
             return
-        self.llm.collective_rpc(_worker_start)
+        self._rpc(_worker_start)
         try:
             yield rec
         finally:
-            payload = self.llm.collective_rpc(_worker_stop)[0]
-            rec.per_request = payload["per_request"]
+            payload = self._rpc(_worker_stop)[0]
+            shape = (-1, self.num_layers, self.top_k)
+            rec.per_request = {rid: (np.frombuffer(rows, dtype=ROUTING_DTYPE).reshape(shape),
+                                     np.frombuffer(toks, dtype=np.int64))
+                               for rid, (rows, toks) in payload["per_request"].items()}
             rec.recomputed = payload["recomputed"]
             rec.steps = payload["steps"]
             rec.errors = payload["errors"]
@@ -231,7 +249,12 @@ class RoutingCapture:
     def close(self) -> None:
         """Detach the hooks and restore the model runner (hooks mode; nothing to undo natively)."""
         if self.mode == "hooks":
-            self.llm.collective_rpc(_worker_uninstall)
+            self._rpc(_worker_uninstall)
+
+    def _rpc(self, fn: Any, *args: Any) -> list[Any]:
+        if self._by_name:
+            return self.llm.collective_rpc(f"mopd{fn.__name__}", args=args)
+        return self.llm.collective_rpc(fn, args=args)
 
     def _from_native(self, routed: np.ndarray | None, t: int, request_id: str) -> np.ndarray:
         arr = np.full((t, self.num_layers, self.top_k), NO_EXPERT, dtype=ROUTING_DTYPE)
@@ -376,14 +399,15 @@ class _WorkerRouting:
             self.errors.append(msg)
 
     def take(self) -> dict[str, Any]:
-        """Per request: routing [positions, layers, top_k] and fed tokens [positions] (-1 = no record).
+        """Per request: routing [positions, layers, top_k] and fed tokens [positions] (-1 = no record),
+        as raw bytes: vLLM's RPC serializer does not rebuild numpy arrays in untyped results.
 
         Rows are keyed by (request, position); where a position was computed more than once (a
         preempted request recomputed from scratch), the latest capture wins.
         """
         records, self.records = self.records, []
         errors, self.errors = self.errors, []
-        per_request: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        per_request: dict[str, tuple[bytes, bytes]] = {}
         recomputed: dict[str, int] = {}
         if records:
             names: dict[str, int] = {}
@@ -407,7 +431,7 @@ class _WorkerRouting:
                 t = np.full(n, -1, dtype=np.int64)
                 r[p] = rows[seg]
                 t[p] = toks[seg]
-                per_request[rid] = (r, t)
+                per_request[rid] = (r.tobytes(), t.tobytes())
                 recomputed[rid] = int(dup[k])
         return {"per_request": per_request, "recomputed": recomputed, "steps": len(records), "errors": errors}
 
@@ -436,6 +460,10 @@ def _worker_install(worker: Any, strict: bool) -> dict[str, Any]:
             "layer_ids": [_layer_index(n, i) for i, (n, _) in enumerate(state.routers)], "top_k": state.top_k}
 
 
+def _worker_layer_info(worker: Any) -> dict[str, Any]:
+    return _moe_layer_info(worker.get_model())
+
+
 def _worker_start(worker: Any) -> None:
     state: _WorkerRouting = getattr(_runner(worker), _WORKER_ATTR)
     state.take()  # drop anything left by an interrupted window
@@ -455,3 +483,23 @@ def _worker_uninstall(worker: Any) -> None:
     if state is not None:
         state.uninstall()
         delattr(runner, _WORKER_ATTR)
+
+
+class RoutingWorkerExtension:
+    """Mixed into vLLM's worker (`LLM(worker_extension_cls=WORKER_EXTENSION)`): the capture's worker
+    calls by method name, which also cross into an engine-core process without pickling code."""
+
+    def mopd_worker_install(self, strict: bool) -> dict[str, Any]:
+        return _worker_install(self, strict)
+
+    def mopd_worker_layer_info(self) -> dict[str, Any]:
+        return _worker_layer_info(self)
+
+    def mopd_worker_start(self) -> None:
+        _worker_start(self)
+
+    def mopd_worker_stop(self) -> dict[str, Any]:
+        return _worker_stop(self)
+
+    def mopd_worker_uninstall(self) -> None:
+        _worker_uninstall(self)

@@ -135,7 +135,8 @@ def _with_routing_kwargs(llm_kwargs: Mapping[str, Any] | None, capture_routing: 
     if capture_routing:
         from rollout.routing_capture import routing_llm_kwargs
 
-        extra.update(routing_llm_kwargs())
+        for key, value in routing_llm_kwargs().items():
+            extra.setdefault(key, value)  # a caller's own worker_extension_cls wins
     return extra
 
 
