@@ -53,7 +53,8 @@ def start_engines(cfg: MopdConfig, registry: TeacherRegistry) -> Engines:
         cfg.student.path, num_engines=r.num_engines, max_model_len=mml, dtype=r.dtype or cfg.student.dtype,
         seed=cfg.trainer.seed, enforce_eager=r.enforce_eager, num_cpus=r.num_cpus_per_engine,
         num_gpus=r.num_gpus_per_engine, omp_threads=r.omp_threads, kv_cache_gb=r.kv_cache_gb,
-        gpu_memory_utilization=r.gpu_memory_utilization)
+        gpu_memory_utilization=r.gpu_memory_utilization,
+        capture_routing=cfg.algorithm.r3 or cfg.algorithm.r3_capture)
     teachers = {
         name: start_teacher(
             spec.path, replicas=spec.replicas, max_model_len=mml, dtype=spec.dtype,

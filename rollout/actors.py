@@ -22,13 +22,13 @@ def _actor(cls: type, num_cpus: float, num_gpus: float, omp_threads: int, kv_cac
 
 def start_student_engines(model_path: str, *, num_engines: int, max_model_len: int, dtype: str, seed: int,
                           enforce_eager: bool, num_cpus: float, num_gpus: float, omp_threads: int,
-                          kv_cache_gb: int, gpu_memory_utilization: float) -> list[Any]:
+                          kv_cache_gb: int, gpu_memory_utilization: float, capture_routing: bool = False) -> list[Any]:
     from rollout.vllm_engine import StudentEngine
 
     cls = _actor(StudentEngine, num_cpus, num_gpus, omp_threads, kv_cache_gb)
     return [cls.remote(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed + i,
                        enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                       omp_threads=omp_threads, kv_cache_gb=kv_cache_gb)
+                       omp_threads=omp_threads, kv_cache_gb=kv_cache_gb, capture_routing=capture_routing)
             for i in range(num_engines)]
 
 

