@@ -122,17 +122,20 @@ class Trainer:
             from stability.r3 import RoutingCounts, routing_counts
 
             self.r3_counts = RoutingCounts()
+            self.r3_applied = RoutingCounts()
         for idx in self._micro(b):
             mb = b.select(idx)
             if observe and self.replay is None:
                 with self.routing.capture() as cap:
                     out.append(self._forward(mb)[0])
-                self.r3_counts += routing_counts(cap.experts_BLNK, mb.routed_experts_BLNK,
-                                                 mb.attention_mask_BL.bool())
+                counts = routing_counts(cap.experts_BLNK, mb.routed_experts_BLNK, mb.attention_mask_BL.bool())
+                self.r3_counts += counts
+                self.r3_applied += counts  # nothing replayed: the router's own choice is what was used
                 continue
             out.append(self._forward(mb)[0])
             if observe:
                 self.r3_counts += self.replay.last_stats().counts
+                self.r3_applied += self.replay.last_stats().applied_counts
         if not observe:
             self.r3_counts = None
         return torch.cat(out)
@@ -152,7 +155,12 @@ class Trainer:
         metrics.update(corr)
         metrics.update(mismatch_metrics(old_BT, b.rollout_logprobs_BT, mask, weights))
         if self.r3_counts is not None:
-            metrics.update(self.r3_counts.metrics())
+            # r3/router_agreement: the routing the trainer's forward used vs the engine's (1.0 on replayed
+            # positions with R3 on); r3/own_router_agreement: what the router itself would have picked.
+            metrics.update(self.r3_applied.metrics())
+            own = self.r3_counts.metrics()
+            metrics["r3/own_router_agreement"] = own["r3/router_agreement"]
+            metrics["r3/own_token_any_mismatch"] = own["r3/token_any_mismatch"]
         a_mopd = mopd_advantage(b.teacher_logprobs_BT, old_BT, mask)
         a_orm = None
         if a.alpha_orm != 0:

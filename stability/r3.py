@@ -222,7 +222,8 @@ class ReplayStats:
     valid_BL: Tensor
     fallback_tokens: int  # valid tokens that used their own routing at >= 1 layer
     fallback_decisions: int  # valid (token, layer) decisions that used their own routing
-    counts: RoutingCounts
+    counts: RoutingCounts  # the router's own choice vs the record
+    applied_counts: RoutingCounts  # the routing the forward actually used vs the record
 
     def metrics(self) -> dict[str, float]:
         return self.counts.metrics()
@@ -241,6 +242,7 @@ class _Session:
     replay: bool
     shape_BL: tuple[int, int] | None = None
     own: dict[int, Tensor] = field(default_factory=dict)
+    applied: dict[int, Tensor] = field(default_factory=dict)  # the indices the forward actually used
 
 
 class RoutingReplay:
@@ -305,6 +307,7 @@ class RoutingReplay:
                                  f"has {rec.shape[0]} (= B*L); packed or cached inputs are not supported")
             has_BK = (rec >= 0).all(-1, keepdim=True)
             idx = torch.where(has_BK, rec, own_idx)
+            s.applied[layer] = idx.detach()
             # Same arithmetic as the routers: softmax over all experts in fp32, pick, maybe renormalise.
             w = torch.softmax(logits.float(), dim=-1).gather(-1, idx)
             if renorm:
@@ -327,12 +330,13 @@ class RoutingReplay:
             for h in handles:
                 h.remove()
 
-    def _own_BLNK(self, s: _Session) -> Tensor:
-        if s.shape_BL is None or len(s.own) != self.num_layers:
-            raise RuntimeError(f"no complete forward ran inside the R3 context (saw {len(s.own)} of "
+    def _own_BLNK(self, s: _Session, which: str = "own") -> Tensor:
+        per_layer = getattr(s, which)
+        if s.shape_BL is None or len(per_layer) != self.num_layers:
+            raise RuntimeError(f"no complete forward ran inside the R3 context (saw {len(per_layer)} of "
                                f"{self.num_layers} MoE layers)")
         B, L = s.shape_BL
-        own = torch.stack([s.own[i].reshape(B, L, self.top_k) for i in range(self.num_layers)], dim=2)
+        own = torch.stack([per_layer[i].reshape(B, L, self.top_k) for i in range(self.num_layers)], dim=2)
         return own.long().cpu()
 
     # -- public ----------------------------------------------------------------------------------
@@ -369,11 +373,14 @@ class RoutingReplay:
         if rec_cpu is None:
             counts = RoutingCounts(valid_tokens=int(valid.sum()))
             fb_BLN = valid[..., None].expand(-1, -1, self.num_layers)
+            applied_counts = counts
         else:
             counts = routing_counts(own, rec_cpu, valid)
+            applied_counts = routing_counts(self._own_BLNK(session, "applied"), rec_cpu, valid)
             fb_BLN = ~(rec_cpu >= 0).all(-1) & valid[..., None]
         self._last = ReplayStats(own, rec_cpu, valid, fallback_tokens=int(fb_BLN.any(-1).sum()),
-                                 fallback_decisions=int(fb_BLN.sum()), counts=counts)
+                                 fallback_decisions=int(fb_BLN.sum()), counts=counts,
+                                 applied_counts=applied_counts)
 
     def last_stats(self) -> ReplayStats:
         """Stats of the last forward run under :meth:`context` (raises if there was none)."""

@@ -196,6 +196,7 @@ def test_r3_replay_in_trainer(models):
     assert torch.allclose(plain.logprobs(batch), r3.logprobs(replayed), atol=1e-6)
     m = r3.step(replayed)
     assert m["r3/router_agreement"] == 1.0 and m["r3/replayed_frac"] == 1.0
+    assert m["r3/own_router_agreement"] == 1.0
     # Shift every recorded expert id: different routing, different log-probs, counted as mismatch.
     n_exp = hf.config.num_experts
     for s in samples:
@@ -203,4 +204,11 @@ def test_r3_replay_in_trainer(models):
     other = build_batch(samples, tok.pad_token_id)
     r3b = Trainer(cfg_for(d, "algorithm.r3=true"), str(d / "student"))
     assert not torch.allclose(plain.logprobs(batch), r3b.logprobs(other), atol=1e-3)
-    assert r3b.step(other)["r3/router_agreement"] < 0.5
+    m = r3b.step(other)
+    assert m["r3/own_router_agreement"] < 0.5  # the router itself prefers other experts ...
+    assert m["r3/router_agreement"] == 1.0  # ... but the forward used exactly the recorded ones
+    # R3 off but routing captured: nothing is replayed, so the used routing is the router's own.
+    observe = Trainer(cfg_for(d, "algorithm.r3_capture=true"), str(d / "student"))
+    assert torch.allclose(plain.logprobs(batch), observe.logprobs(other), atol=1e-6)
+    mo = observe.step(other)
+    assert mo["r3/router_agreement"] == mo["r3/own_router_agreement"] < 0.5
