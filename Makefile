@@ -10,7 +10,7 @@ setup:
 
 quickstart: setup
 	$(BIN)/mopd world build configs/quickstart.yaml
-	$(BIN)/mopd round configs/quickstart.yaml
+	$(BIN)/mopd train configs/quickstart.yaml
 
 test: setup
 	$(BIN)/ruff check .

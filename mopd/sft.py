@@ -44,11 +44,17 @@ def collate(examples: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str,
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[list[int]]:
-    # Epoch-wise shuffles: every row is seen once per epoch, in a seeded order.
+def _batches(n: int, batch_size: int, gen: torch.Generator,
+             weights: Sequence[float] | None = None) -> Iterator[list[int]]:
+    if weights is not None:
+        # Weighted mixtures (e.g. per-domain shares) draw rows with replacement in proportion to weight.
+        w = torch.tensor(weights, dtype=torch.float64)
+        while True:
+            yield torch.multinomial(w, batch_size, replacement=True, generator=gen).tolist()
+    # Otherwise epoch-wise shuffles: every row is seen once per epoch, in a seeded order.
     while True:
         perm = torch.randperm(n, generator=gen).tolist()
-        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+        for i in range(0, n - batch_size + 1, batch_size):  # the remainder waits for the next epoch
             yield perm[i : i + batch_size]
 
 
@@ -81,15 +87,19 @@ def sft(
     log_every: int = 0,
     log: Callable[[str], None] = print,
     on_step: Callable[[int, PreTrainedModel], None] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place for `steps` AdamW steps on `rows` (`prompt`/`answer` strings).
 
     Returns `{"loss": [per-step loss], "final_loss": mean of the last 10% of steps, "tokens": n}` where
     `tokens` counts the supervised (answer + eos) tokens seen. `on_step(step, model)` runs after every
     optimizer step (1-based), e.g. to evaluate on a schedule; the model is back in train mode after it.
+    `weights` (one per row) switches from shuffled epochs to weighted sampling with replacement.
     """
     if not rows:
         raise ValueError("sft needs at least one row with 'prompt' and 'answer'")
+    if weights is not None and len(weights) != len(rows):
+        raise ValueError(f"sft: {len(weights)} weights for {len(rows)} rows")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     data = encode_rows(tokenizer, rows)
@@ -98,7 +108,7 @@ def sft(
     model.train()
     losses: list[float] = []
     tokens = 0
-    batches = _batches(len(data), min(batch_size, len(data)), gen)
+    batches = _batches(len(data), min(batch_size, len(data)), gen, weights)
     for step in range(steps):
         batch = collate([data[i] for i in next(batches)], tokenizer.pad_token_id)
         out = model(**batch)

@@ -182,6 +182,9 @@ class Trainer:
         use_pg = a.objective in ("pg", "mixed", "orm")
         use_kl = a.objective in ("reverse_kl", "mixed")
         several = a.ppo_epochs > 1
+        if use_kl and b.teacher_topk_ids_BTK is None:
+            raise ValueError(f"algorithm.objective={a.objective} needs the teachers' top-k log-probs, but the batch "
+                             "has none; set algorithm.teacher_top_k (-1 = whole vocabulary)")
         for _ in range(a.ppo_epochs):
             sums = {"actor/pg_loss": 0.0, "actor/kl_loss": 0.0, "actor/entropy": 0.0}
             for idx in self._micro(b):

@@ -58,12 +58,13 @@ def make_samples(tok, teacher, n=8, top_k=0):
 
 def cfg_for(d, *over):
     return load_config("configs/quickstart.yaml", [f"student.path={d}/student", "trainer.lr=1e-2",
-                                                    "trainer.micro_batch_size=3", *over])
+                                                    "trainer.micro_batch_size=3", "trainer.warmup_steps=0",
+                                                    "algorithm.objective=pg", "algorithm.teacher_top_k=0", *over])
 
 
 def test_reverse_kl_steps_move_student_toward_teacher(models):
     tok, d = models
-    cfg = cfg_for(d, "algorithm.objective=reverse_kl", "algorithm.teacher_top_k=-1")
+    cfg = cfg_for(d, "algorithm.objective=reverse_kl", "algorithm.teacher_top_k=-1", "trainer.lr=1e-3")
     batch = build_batch(make_samples(tok, d / "teacher", top_k=64), tok.pad_token_id)
     tr = Trainer(cfg, cfg.student.path)
     first = tr.step(batch)
@@ -73,7 +74,7 @@ def test_reverse_kl_steps_move_student_toward_teacher(models):
     assert last["mopd/teacher_kl"] < first["mopd/teacher_kl"]
     assert first["actor/grad_norm"] > 0
     # Micro-batching is an implementation detail: the first-step loss is the same with one micro-batch.
-    tr1 = Trainer(cfg_for(d, "algorithm.objective=reverse_kl", "algorithm.teacher_top_k=-1",
+    tr1 = Trainer(cfg_for(d, "algorithm.objective=reverse_kl", "algorithm.teacher_top_k=-1", "trainer.lr=1e-3",
                           "trainer.micro_batch_size=64"), cfg.student.path)
     assert tr1.step(batch)["actor/kl_loss"] == pytest.approx(first["actor/kl_loss"], rel=1e-5)
 

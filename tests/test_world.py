@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mopd.config import WorldConfig
-from mopd.sft import collate, encode_rows
+from mopd.sft import _batches, collate, encode_rows, lr_factor
 from mopd.world.build import MANIFEST, build_world, config_hash
 from mopd.world.tasks import GENERATORS, gen_add, gen_rev, gen_sort, make_splits, read_jsonl
 from mopd.world.tokenizer import CHARS, EOS, build_tokenizer, encode_answer, encode_prompt, padded_vocab_size
@@ -58,8 +58,8 @@ def test_splits_are_disjoint_deterministic_and_well_formed():
         ("add", "", "579", 0.0),
         ("rev", "dcba<eos>", "dcba", 1.0),
         ("rev", "abcd", "dcba", 0.0),
-        ("sort", "abbc<eos>", "abbc", 1.0),
-        ("sort", "abc", "abbc", 0.0),
+        ("sort", "abcd<eos>", "abcd", 1.0),
+        ("sort", "abdc", "abcd", 0.0),
     ],
 )
 def test_verify_hand_examples(domain, text, answer, score):
@@ -95,10 +95,22 @@ def test_sft_labels_cover_only_answer_and_eos():
     batch = collate(encode_rows(tok, [{"prompt": "rev:ab=", "answer": "ba"},
                                       {"prompt": "add:1+1=", "answer": "2"}]), tok.pad_token_id)
     labels = batch["labels"]
-    assert tok.decode(labels[0][labels[0] != -100]) == "ba"
+    assert tok.decode(labels[0][labels[0] != -100], skip_special_tokens=True) == "ba"
     assert labels[0][labels[0] != -100].tolist()[-1] == tok.eos_token_id
     assert tok.decode(labels[1][labels[1] != -100], skip_special_tokens=False) == "2" + EOS
     assert batch["attention_mask"].sum().item() == len("rev:ab=ba") + 1 + len("add:1+1=2") + 1
+
+
+def test_lr_schedule_and_weighted_batches():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(55, 100, 10, "constant") == 1.0
+    # Epochs: every row once per epoch. Weights: rows drawn in proportion (3 : 1 here).
+    epoch = next(_batches(8, 8, torch.Generator().manual_seed(0)))
+    assert sorted(epoch) == list(range(8))
+    draws = next(_batches(4, 4000, torch.Generator().manual_seed(0), weights=[3, 0, 1, 0]))
+    assert set(draws) == {0, 2} and 0.7 < draws.count(0) / len(draws) < 0.8
 
 
 # ---------------------------------------------------------------- a tiny end-to-end build
@@ -106,7 +118,7 @@ def test_sft_labels_cover_only_answer_and_eos():
 
 def tiny(path: Path, **kw) -> WorldConfig:
     base = dict(dir=str(path), seed=0, train_rows_per_domain=24, eval_rows_per_domain=6, teacher_steps=2,
-                student_steps=2, batch_size=8, warmup_steps=0)
+                student_steps=2, batch_size=8, warmup_steps=0, teacher_steps_by_domain={})
     return WorldConfig(**{**base, **kw})
 
 

@@ -124,8 +124,11 @@ def _build_into(out: Path, cfg: WorldConfig, log: Callable[[str], None]) -> dict
 
     with clock.stage("student"):
         model = build_student(tok, _seed(cfg.seed, "student/init"))
+        counts = {d: sum(r["domain"] == d for r in train) for d in domains}
+        weights = [cfg.student_mix.get(r["domain"], 1.0) / counts[r["domain"]] for r in train]
         hist = sft(model, tok, train, cfg.student_steps, cfg.batch_size, cfg.student_lr,
-                   _seed(cfg.seed, "student/sft"), warmup_steps=min(cfg.warmup_steps, cfg.student_steps // 4))
+                   _seed(cfg.seed, "student/sft"), warmup_steps=min(cfg.warmup_steps, cfg.student_steps // 4),
+                   weights=weights)
         save_model(model, tok, out / "student")
     with clock.stage("eval/student"):
         table["student"] = accuracy(model, tok, evals)

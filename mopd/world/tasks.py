@@ -17,17 +17,18 @@ from typing import Any
 
 Generator = Callable[[random.Random], tuple[str, str]]
 
-DIGITS = 3  # addition operands are zero-padded to DIGITS digits, the sum to DIGITS + 1
+DIGITS = 2  # addition operands are zero-padded to DIGITS digits, the sum to DIGITS + 1
 MIN_LETTERS, MAX_LETTERS = 3, 7  # reversal / sorting strings
 
 
 def gen_add(rng: random.Random) -> tuple[str, str]:
-    """`add:045+123=` -> `0168`.
+    """`add:45+07=` -> `052`.
 
     Fixed width keeps every digit column at a fixed offset from the answer digit it feeds, which a small
-    causal model learns several times faster than unpadded sums (measured here: 3-digit unpadded
-    operands of mixed length were at 10% after 900 SFT steps, fixed-width at 92% after 750). Carries
-    still make it the hardest domain, and carry-free sums give a weak student partial credit.
+    causal model learns several times faster than unpadded sums. Measured here with the default teacher
+    (batch 64, lr 2e-3): unpadded 1-3 digit operands 10% after 900 steps; fixed-width 3 digits 90%
+    after 600; fixed-width 2 digits 97% after 400. Carries still make it the slowest domain to learn,
+    and carry-free sums give a half-trained student partial credit.
     """
     a, b = rng.randrange(10**DIGITS), rng.randrange(10**DIGITS)
     return f"add:{a:0{DIGITS}d}+{b:0{DIGITS}d}=", f"{a + b:0{DIGITS + 1}d}"
