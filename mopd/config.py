@@ -132,7 +132,7 @@ class WorldConfig:
     student_lr: float = 2e-3
     # Share of each domain in the student's warm-start batches (missing domains: 1). Skewed to the slow
     # domains so that the student ends weak but not hopeless everywhere, leaving MOPD room on each.
-    student_mix: dict[str, float] = field(default_factory=lambda: {"add": 4.0, "rev": 2.0, "sort": 1.0})
+    student_mix: dict[str, float] = field(default_factory=lambda: {"add": 5.0, "rev": 2.0, "sort": 1.0})
     batch_size: int = 64
     warmup_steps: int = 30
     num_threads: int = 2  # torch threads while building; the weights depend on it

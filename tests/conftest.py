@@ -19,7 +19,8 @@ def tiny_world(tmp_path_factory):
     from mopd.world.build import build_world
 
     cfg = WorldConfig(dir=str(tmp_path_factory.mktemp("world")), seed=0, train_rows_per_domain=300,
-                      eval_rows_per_domain=32, teacher_steps=40, student_steps=20)
+                      eval_rows_per_domain=32, teacher_steps=40, teacher_steps_by_domain={"add": 40},
+                      student_steps=20)
     info = build_world(cfg)
     info["dir"] = cfg.dir
     return info

@@ -3,6 +3,7 @@ and kill-then-resume of a real `mopd train` process."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,11 +22,10 @@ pytestmark = pytest.mark.slow
 
 
 def world_overrides(world: dict) -> list[str]:
-    c = world["config"]
-    return [f"world.dir={world['dir']}", f"world.train_rows_per_domain={c['train_rows_per_domain']}",
-            f"world.eval_rows_per_domain={c['eval_rows_per_domain']}", f"world.teacher_steps={c['teacher_steps']}",
-            f"world.student_steps={c['student_steps']}", "data.eval_size_per_domain=16", "logging.progress_bar=false",
-            "rollout.max_tokens=12", "trainer.prompts_per_step=8"]
+    """The tiny world's own config as overrides, so `train` finds it cached instead of rebuilding."""
+    over = [f"world.{k}={json.dumps(v)}" for k, v in world["config"].items() if k != "dir"]
+    return [f"world.dir={world['dir']}", *over, "data.eval_size_per_domain=16", "logging.progress_bar=false",
+            "rollout.max_tokens=12", "trainer.prompts_per_step=8", "trainer.eval_every=0"]
 
 
 def test_mopd_steps_lower_teacher_kl_and_engines_track_trainer(tiny_world, ray_local, tmp_path):
