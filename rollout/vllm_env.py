@@ -15,6 +15,7 @@ def vllm_env(omp_threads: int = 1, kv_cache_gb: int = 1, bind: str = "nobind") -
     return {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "OMP_NUM_THREADS": str(omp_threads),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "VLLM_CPU_OMP_THREADS_BIND": bind,
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(kv_cache_gb))),  # whole GiB
         "TOKENIZERS_PARALLELISM": "false",

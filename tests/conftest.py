@@ -10,6 +10,7 @@ import pytest
 # One thread: engine actors and the test process share two cores; oversubscription costs 10-100x.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

@@ -117,7 +117,8 @@ def test_lr_schedule_and_weighted_batches():
 
 
 def tiny(path: Path, **kw) -> WorldConfig:
-    base = dict(dir=str(path), seed=0, train_rows_per_domain=24, eval_rows_per_domain=6, teacher_steps=2,
+    # One thread: two OpenMP threads spinning on a shared 2-core machine make tiny ops 10x slower.
+    base = dict(num_threads=1, dir=str(path), seed=0, train_rows_per_domain=24, eval_rows_per_domain=6, teacher_steps=2,
                 student_steps=2, batch_size=8, warmup_steps=0, teacher_steps_by_domain={})
     return WorldConfig(**{**base, **kw})
 
@@ -184,6 +185,13 @@ def test_interrupted_build_leaves_no_world(tmp_path):
         build_world(cfg, log=fail_on_teacher)
     assert not (tmp_path / "world" / MANIFEST).exists()
     assert list(tmp_path.iterdir()) == []  # the temporary build folder is gone too
+
+
+def test_foreign_folder_is_never_replaced(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty"):
+        build_world(tiny(tmp_path))
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
 def test_unknown_domain_is_refused(tmp_path):

@@ -7,6 +7,10 @@ written into a temporary folder next to the target and swapped in by rename only
 finished, so an interrupted build can never leave a half world that looks complete.
 
     python -m mopd.world.build [--dir D] [--seed S] [--force]
+
+On a shared machine run it with `OMP_WAIT_POLICY=PASSIVE` (set before torch is imported): two OpenMP
+threads that spin-wait while other processes hold the cores made SFT steps 5-10x slower here. The
+setting does not change the weights; `num_threads` does (it is part of the config hash).
 """
 
 from __future__ import annotations
@@ -186,6 +190,10 @@ def build_world(cfg: WorldConfig, force: bool = False, log: Callable[[str], None
     info = load_world(target)
     if info is not None and info.get("config_hash") == config_hash(cfg) and not force:
         return info
+    if info is None and target.is_dir() and any(target.iterdir()):
+        # Never swap away (and delete) a folder we did not build, e.g. a mistyped world.dir.
+        raise ValueError(f"world.dir {target} exists, is not empty and holds no {MANIFEST}; "
+                         "refusing to replace it: choose another world.dir or remove the folder")
     if info is not None and not force:
         log(f"[world] {target}: config or code changed, rebuilding")
     target.parent.mkdir(parents=True, exist_ok=True)
