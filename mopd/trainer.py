@@ -73,6 +73,12 @@ class Trainer:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
+        if plugin is None:
+            # A ZeRO-3 trainer earlier in this process leaves transformers partitioning every model it
+            # loads afterwards; a plain trainer must not inherit that.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
         # accelerate's cpu=True would drop the DeepSpeed plugin; without CUDA it picks the CPU anyway.
         self.acc = Accelerator(cpu=plugin is None and not torch.cuda.is_available(), deepspeed_plugin=plugin,
                                mixed_precision="bf16" if t.precision == "bf16" else "no")
