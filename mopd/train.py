@@ -90,6 +90,7 @@ def train(cfg: MopdConfig, resume: bool = False, log=print) -> dict:
     bar = _progress(cfg, start_step)
     step = start_step
     train_s = state.get("train_s", 0.0)
+    saved_step = start_step
     while step < t.steps:
         if t.max_wallclock_s and train_s >= t.max_wallclock_s:
             log(f"stopping at step {step}: trainer.max_wallclock_s={t.max_wallclock_s} reached")
@@ -134,11 +135,12 @@ def train(cfg: MopdConfig, resume: bool = False, log=print) -> dict:
             render_dashboard([run_dir], run_dir / "dashboard.html")
         if (t.save_every and step % t.save_every == 0) or step == t.steps:
             save_checkpoint(run_dir, step, trainer, tokenizer, {"eval_before": before, "train_s": train_s})
+            saved_step = step
     bar.close()
 
     after = evaluate(cfg, engines, registry, tokenizer, evals)
     record(step, _eval_metrics(after))
-    if step % max(1, t.save_every or t.steps) != 0 and step != t.steps:
+    if saved_step != step:  # stopped by the wall-clock budget between checkpoints
         save_checkpoint(run_dir, step, trainer, tokenizer, {"eval_before": before, "train_s": train_s})
     teachers_acc = _teacher_accuracy(cfg)
     result = {"experiment": cfg.experiment, "objective": a.objective, "steps": step, "train_s": train_s,
