@@ -45,6 +45,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return main_train(_cfg(args), resume=args.resume)
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from mopd.submit import job_status, stop_job, submit
+
+    cfg = _cfg(args)  # validated here: a bad key fails before anything is uploaded
+    if args.status:
+        return job_status(args.status, args.address, cfg)
+    if args.stop:
+        return stop_job(args.stop, args.address, cfg)
+    return submit(cfg, args.config, args.overrides, args.address, wait=not args.no_wait, resume=args.resume)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from mopd.compare import compare
 
@@ -80,6 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     sp.set_defaults(fn=cmd_train)
 
+    sp = sub.add_parser("submit", help="run `mopd train` on a running Ray cluster as a Ray job")
+    with_config(sp)
+    sp.add_argument("--address", help="the cluster's dashboard URL (default: RAY_ADDRESS, then ray.address)")
+    sp.add_argument("--no-wait", action="store_true", help="print the job id and return instead of streaming its log")
+    sp.add_argument("--resume", action="store_true", help="the job continues from the run's last checkpoint")
+    jobs = sp.add_mutually_exclusive_group()
+    jobs.add_argument("--status", metavar="JOB_ID", help="print a submitted job's status")
+    jobs.add_argument("--stop", metavar="JOB_ID", help="stop a submitted job")
+    sp.set_defaults(fn=cmd_submit)
+
     sp = sub.add_parser("compare", help="several objectives at equal wall-clock, one table per domain")
     sp.add_argument("spec", nargs="?", default="configs/compare.yaml")
     sp.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
@@ -89,15 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     from stability.cli_commands import add_parsers as add_stability_parsers
 
     add_stability_parsers(sub)
+    from teachers.cli_commands import add_parsers as add_teacher_parsers
+
+    add_teacher_parsers(sub)
 
     args = p.parse_args(argv)
     from mopd.data import DataError
+    from mopd.submit import SubmitError
     from mopd.trainer import NonFiniteError
+    from teachers.preflight import PreflightError
     from teachers.registry import TeacherRegistryError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, TeacherRegistryError, NonFiniteError) as e:
+    except (ConfigError, DataError, TeacherRegistryError, NonFiniteError, PreflightError, SubmitError) as e:
         print(f"mopd: error: {e}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ and what is allowed, so a typo in a 40-line YAML is a one-line fix rather than a
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,17 @@ class TeacherConfig:
     backend: str = "vllm"
     replicas: int = 1
     dtype: str = "float32"
+    # Each replica's placement-group bundle; null: rollout.num_cpus_per_engine / num_gpus_per_engine.
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    # backend vllm_server: a `vllm serve` you run; `path` stays the tokenizer source for the tokenizer check.
+    urls: list[str] = field(default_factory=list)  # one base URL per replica, e.g. http://127.0.0.1:8100
+    served_model: str | None = None  # null: the one model the server lists at /v1/models
+    timeout_s: float = 120.0  # per HTTP request
+    api_key_env: str | None = None  # NAME of the env var holding the server's API key (never the key)
+    max_retries: int = 3  # per request, on connection errors and 5xx, with exponential backoff
+    max_concurrency: int = 4  # requests in flight per replica
+    request_batch_size: int = 16  # sequences per /v1/completions request
     # Alignment mode for tokenizers that differ from the student's; only "none" (identical
     # tokenizers required) exists today.
     tokenizer_alignment: str = "none"
@@ -105,6 +117,10 @@ class TrainerConfig:
     eval_every: int = 0
     seed: int = 0
     max_wallclock_s: float = 0.0  # 0: no limit
+    # The trainer actor's placement-group bundle, and its torch threads (0: max(1, round(num_cpus))).
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    num_threads: int = 0
 
 
 @dataclass
@@ -113,6 +129,11 @@ class LoggingConfig:
     sinks: list[str] = field(default_factory=lambda: ["jsonl"])
     progress_bar: bool = True
     dashboard_every: int = 10  # re-render RUN_DIR/dashboard.html every N steps (0: only at the end)
+    # Optional sinks (tensorboard | wandb | mlflow in `sinks`): W&B project and MLflow experiment name.
+    project: str = "mopd"
+    wandb_mode: str = "offline"  # offline (RUN_DIR/wandb, no login) | online (key from WANDB_API_KEY) | disabled
+    wandb_entity: str | None = None
+    mlflow_tracking_uri: str | None = None  # null: SQLite store in RUN_DIR/mlflow; or e.g. http://127.0.0.1:5000
 
 
 @dataclass
@@ -135,15 +156,36 @@ class WorldConfig:
     student_mix: dict[str, float] = field(default_factory=lambda: {"add": 5.0, "rev": 2.0, "sort": 1.0})
     batch_size: int = 64
     warmup_steps: int = 30
-    num_threads: int = 2  # torch threads while building; the weights depend on it
+    # Torch threads while building; the weights depend on it. One thread is no slower for models this
+    # small (the whole build took 159 s with one thread, 189 s with two, both on a loaded machine).
+    num_threads: int = 1
+
+
+@dataclass
+class RuntimeEnvConfig:
+    """What `mopd submit` ships with a job: the code and configs in `working_dir` (minus `excludes`,
+    gitignore-style patterns relative to it) and environment variables."""
+
+    working_dir: str = "."
+    excludes: list[str] = field(default_factory=lambda: [
+        "/.venv", "/runs", "/.cache", "/.git", "/build", "/.whl", "/.pytest_cache", "/.ruff_cache",
+        "__pycache__", "*.egg-info"])
+    env_vars: dict[str, str] = field(default_factory=dict)  # literal values; they end up in RUN_DIR/config.yaml
+    # Names whose values are copied from the submitting shell (API keys): the config holds names only.
+    env_vars_from_env: list[str] = field(default_factory=list)
 
 
 @dataclass
 class RayConfig:
-    address: str | None = None  # null: start a local cluster on loopback
+    # null: start a local cluster on loopback; or a running cluster's GCS address (127.0.0.1:6379, auto).
+    # `mopd submit` reads a dashboard URL here (http://127.0.0.1:8265).
+    address: str | None = None
     num_cpus: int = 2
     host: str = "127.0.0.1"
     log_to_driver: bool = False  # engine actors' own logs (vLLM start-up chatter); errors always propagate
+    placement_strategy: str = "PACK"  # how the placement group spreads engine and trainer bundles over nodes
+    placement_timeout_s: float = 120.0  # wait for a cluster's resources this long (a private cluster: no wait)
+    runtime_env: RuntimeEnvConfig = field(default_factory=RuntimeEnvConfig)
 
 
 @dataclass
@@ -169,10 +211,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.backend": ("accelerate", "deepspeed"),
     "trainer.lr_schedule": ("constant", "cosine", "linear"),
     "trainer.precision": ("fp32", "bf16"),
-    "teachers.*.backend": ("vllm",),
+    "teachers.*.backend": ("vllm", "vllm_server"),
     "teachers.*.dtype": ("float32", "bfloat16", "float16"),
     "teachers.*.tokenizer_alignment": ("none",),
     "logging.sinks[]": ("jsonl", "tensorboard", "wandb", "mlflow"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+    "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 
 
@@ -223,6 +267,7 @@ def _validate(cfg: MopdConfig) -> None:
     for name, t in cfg.teachers.items():
         _check(bool(t.domains), f"teachers.{name}.domains", t.domains, "a non-empty list of domain names")
         _check(t.replicas >= 1, f"teachers.{name}.replicas", t.replicas, "an integer >= 1")
+        _validate_teacher_server(name, t)
     seen: dict[str, str] = {}
     for name, t in cfg.teachers.items():
         for d in t.domains:
@@ -234,6 +279,63 @@ def _validate(cfg: MopdConfig) -> None:
                f"null or one of the configured teachers: {sorted(cfg.teachers)}")
     for d, w in cfg.data.domain_mix.items():
         _check(w >= 0, f"data.domain_mix.{d}", w, "a weight >= 0")
+    _validate_placement(cfg)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
+
+
+def _validate_placement(cfg: MopdConfig) -> None:
+    """Bundle sizes and the job's runtime env: a bad value fails here, not after an upload."""
+    r, t = cfg.rollout, cfg.trainer
+    bundles = [("rollout.num_cpus_per_engine", "rollout.num_gpus_per_engine", r.num_cpus_per_engine,
+                r.num_gpus_per_engine), ("trainer.num_cpus", "trainer.num_gpus", t.num_cpus, t.num_gpus)]
+    for name, tc in cfg.teachers.items():
+        bundles.append((f"teachers.{name}.num_cpus", f"teachers.{name}.num_gpus",
+                        r.num_cpus_per_engine if tc.num_cpus is None else tc.num_cpus,
+                        r.num_gpus_per_engine if tc.num_gpus is None else tc.num_gpus))
+    for cpu_key, gpu_key, cpus, gpus in bundles:
+        _check(cpus >= 0, cpu_key, cpus, "a number >= 0")
+        _check(gpus >= 0, gpu_key, gpus, "a number >= 0")
+        _check(cpus + gpus > 0, f"{cpu_key}/{gpu_key}", (cpus, gpus),
+               "at least one > 0 (a placement-group bundle cannot be empty)")
+    _check(t.num_threads >= 0, "trainer.num_threads", t.num_threads, "0 (from trainer.num_cpus) or an integer >= 1")
+    _check(cfg.ray.placement_timeout_s > 0, "ray.placement_timeout_s", cfg.ray.placement_timeout_s, "seconds > 0")
+    env = cfg.ray.runtime_env
+    for name in [*env.env_vars, *env.env_vars_from_env]:
+        _check(bool(_ENV_NAME.fullmatch(name)), "ray.runtime_env.env_vars", name,
+               "environment variable names (letters, digits, underscore)")
+    for name in env.env_vars:
+        _check(not _SECRET_NAME.search(name), f"ray.runtime_env.env_vars.{name}", "<value hidden>",
+               f"no secrets here (values are written to RUN_DIR/config.yaml); list the name in "
+               f"ray.runtime_env.env_vars_from_env instead and export {name} in the submitting shell")
+
+
+def _validate_teacher_server(name: str, t: TeacherConfig) -> None:
+    """A `vllm_server` teacher's replicas are its URLs; an in-cluster teacher has none."""
+    import re
+
+    key = f"teachers.{name}"
+    if t.backend != "vllm_server":
+        _check(not t.urls, f"{key}.urls", t.urls, f"no urls for backend {t.backend} (urls are for backend vllm_server)")
+        return
+    _check(bool(t.urls), f"{key}.urls", t.urls,
+           "one base URL per `vllm serve` replica, e.g. [http://127.0.0.1:8100], for backend vllm_server")
+    for u in t.urls:
+        _check(bool(re.fullmatch(r"https?://[^/\s]+(/\S*)?", u)), f"{key}.urls", u,
+               "base URLs like http://127.0.0.1:8100 (scheme http or https, host, port)")
+    _check(len(set(t.urls)) == len(t.urls), f"{key}.urls", t.urls, "distinct URLs (one per server)")
+    _check(t.replicas in (1, len(t.urls)), f"{key}.replicas", t.replicas,
+           f"{len(t.urls)} (one replica per URL) or leave it out: a vllm_server teacher has one replica per URL")
+    t.replicas = len(t.urls)
+    if t.api_key_env is not None:
+        _check(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t.api_key_env)), f"{key}.api_key_env", "<hidden>",
+               "the NAME of an environment variable that holds the key (e.g. MATH_TEACHER_API_KEY), never the key")
+    _check(t.timeout_s > 0, f"{key}.timeout_s", t.timeout_s, "a number of seconds > 0")
+    _check(t.max_retries >= 0, f"{key}.max_retries", t.max_retries, "an integer >= 0")
+    _check(t.max_concurrency >= 1, f"{key}.max_concurrency", t.max_concurrency, "an integer >= 1")
+    _check(t.request_batch_size >= 1, f"{key}.request_batch_size", t.request_batch_size, "an integer >= 1")
 
 
 def _friendly(err: OmegaConfBaseException, source: str) -> ConfigError:

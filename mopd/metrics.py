@@ -47,7 +47,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
-def make_sinks(names: list[str], run_dir: Path, resume_step: int | None) -> list[Any]:
+def make_sinks(names: list[str], run_dir: Path, resume_step: int | None, cfg: Any = None) -> list[Any]:
+    """One sink per name; `cfg` (the resolved MopdConfig) gives W&B/MLflow their settings and run params."""
     sinks: list[Any] = []
     for n in names:
         if n == "jsonl":
@@ -55,5 +56,5 @@ def make_sinks(names: list[str], run_dir: Path, resume_step: int | None) -> list
         else:
             from mopd.loggers import make_logger
 
-            sinks.append(make_logger(n, run_dir))
+            sinks.append(make_logger(n, run_dir, cfg, resume_step))
     return sinks

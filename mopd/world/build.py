@@ -38,7 +38,7 @@ from mopd.world.tokenizer import build_tokenizer, save_tokenizer
 
 # Bump whenever a change here, in the tasks, the tokenizer, the models or the SFT loop would produce a
 # different world from the same config: cached worlds with the old version are then rebuilt.
-CODE_VERSION = "world-v1"
+CODE_VERSION = "world-v2"
 MANIFEST = "world.json"
 
 

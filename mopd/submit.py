@@ -1,0 +1,156 @@
+"""`mopd submit`: run `mopd train` on a running Ray cluster as a Ray job, through the cluster's
+dashboard (job submission API), with this directory uploaded as the job's working directory.
+
+The config is loaded and validated here first, so a typo fails before anything is uploaded. The job's
+working directory is a temporary copy on the cluster: relative `world.dir` and `logging.run_dir` are
+therefore made absolute (relative to the working directory given here) so the world cache is found and
+the run's outputs outlive the job; on a multi-node cluster point both at shared storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mopd.config import MopdConfig
+
+START_HEAD = ("start one from the project's virtualenv with `ray start --head --node-ip-address 127.0.0.1 "
+              "--dashboard-host 127.0.0.1 --dashboard-port 8265` (README: Submitting to a cluster)")
+
+
+class SubmitError(RuntimeError):
+    """A submission problem the user can fix; the message says how."""
+
+
+def dashboard_url(address: str | None, cfg: MopdConfig, environ: Mapping[str, str] = os.environ) -> str:
+    """--address, else RAY_API_SERVER_ADDRESS / RAY_ADDRESS (as `ray job submit` reads them), else ray.address."""
+    sources = [("--address", address), ("RAY_API_SERVER_ADDRESS", environ.get("RAY_API_SERVER_ADDRESS")),
+               ("RAY_ADDRESS", environ.get("RAY_ADDRESS")), ("ray.address", cfg.ray.address)]
+    found = [(src, v) for src, v in sources if v]
+    if not found:
+        raise SubmitError("no Ray cluster to submit to: pass --address http://127.0.0.1:8265, export "
+                          f"RAY_ADDRESS=http://127.0.0.1:8265 or set ray.address in the config; no cluster yet? {START_HEAD}")
+    src, url = found[0]
+    if "://" not in url:
+        url = f"http://{url}"
+    if not url.startswith(("http://", "https://")):
+        raise SubmitError(f"{src}={url!r}: job submission goes through the cluster's dashboard, an http(s) URL "
+                          "such as http://127.0.0.1:8265 (the head's --dashboard-port)")
+    return url.rstrip("/")
+
+
+def connect(url: str) -> Any:
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(url)
+    except AuthenticationError:
+        raise SubmitError(
+            f"the Ray cluster at {url} requires its auth token: export RAY_AUTH_MODE=token in this shell (the token "
+            "is read from RAY_AUTH_TOKEN, the file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)") from None
+    except (ConnectionError, RuntimeError) as e:
+        raise SubmitError(f"no Ray job server answers at {url} ({str(e).splitlines()[0][:200]}); check the URL is the "
+                          f"head's dashboard port (8265 by default, not the GCS --port), or {START_HEAD}") from None
+
+
+def runtime_env(cfg: MopdConfig, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The job's runtime env; secrets come from this shell by name (`env_vars_from_env`), never from the config."""
+    env = cfg.ray.runtime_env
+    wd = Path(env.working_dir)
+    if not wd.is_dir():
+        raise SubmitError(f"ray.runtime_env.working_dir={env.working_dir!r} is not a directory (relative paths are "
+                          "relative to where `mopd submit` runs)")
+    missing = [n for n in env.env_vars_from_env if n not in environ]
+    if missing:
+        raise SubmitError(f"ray.runtime_env.env_vars_from_env names {', '.join(missing)} but this shell does not set "
+                          "it: export it before submitting, or remove it from the list")
+    env_vars = {**env.env_vars, **{n: environ[n] for n in env.env_vars_from_env}}
+    return {"working_dir": str(wd.resolve()), "excludes": list(env.excludes), "env_vars": env_vars}
+
+
+def entrypoint(config: str, overrides: list[str], cfg: MopdConfig, resume: bool = False) -> str:
+    """`mopd train` for the job, with the config path relative to the working dir it is uploaded from."""
+    # The matcher Ray applies to `excludes` while packing the upload, so this check agrees with it.
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    wd = Path(cfg.ray.runtime_env.working_dir).resolve()
+    try:
+        rel = Path(config).resolve().relative_to(wd)
+    except ValueError:
+        raise SubmitError(f"config {config} is outside ray.runtime_env.working_dir ({wd}), so the job cannot read "
+                          "it: move it under that directory or set ray.runtime_env.working_dir") from None
+    if PathSpec.from_lines("gitwildmatch", cfg.ray.runtime_env.excludes).match_file(str(rel)):
+        raise SubmitError(f"config {rel} matches ray.runtime_env.excludes, so it is not uploaded: copy it to "
+                          "configs/ (or another uploaded folder) and submit that copy")
+    paths = {"world.dir": cfg.world.dir, "logging.run_dir": cfg.logging.run_dir}
+    pinned = [f"{key}={wd / value}" for key, value in paths.items() if not Path(value).is_absolute()]
+    return shlex.join(["mopd", "train", str(rel), *overrides, *pinned, *(["--resume"] if resume else [])])
+
+
+def submit(cfg: MopdConfig, config: str, overrides: list[str], address: str | None = None, wait: bool = True,
+           resume: bool = False, out: Callable[..., None] = print) -> int:
+    """`cfg`: `config` + `overrides` already loaded (so validated) by the caller."""
+    url = dashboard_url(address, cfg)
+    env = runtime_env(cfg)
+    command = entrypoint(config, overrides, cfg, resume)
+    client = connect(url)
+    job_id = client.submit_job(entrypoint=command, runtime_env=env, metadata={"mopd_experiment": cfg.experiment})
+    names = sorted(env["env_vars"])
+    out(f"submitted {job_id} to {url}\n  entrypoint: {command}\n  working_dir: {env['working_dir']}"
+        + (f"\n  env_vars: {', '.join(names)}" if names else ""))
+    if not wait:
+        out(f"follow it with `mopd submit --status {job_id} --address {url}`; stop it with `mopd submit --stop "
+            f"{job_id} --address {url}`")
+        return 0
+    return follow(client, job_id, out)
+
+
+def follow(client: Any, job_id: str, out: Callable[..., None] = print) -> int:
+    """Stream the job's log until it ends; 0 only if it SUCCEEDED."""
+    from ray.job_submission import JobStatus
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            out(lines, end="", flush=True)
+
+    try:
+        try:
+            asyncio.run(tail())
+        except Exception as e:  # noqa: BLE001 - the log stream is a convenience; the status decides
+            out(f"(log stream interrupted: {e}; waiting for the job to end)")
+        status = client.get_job_status(job_id)
+        while not status.is_terminal():
+            time.sleep(1.0)
+            status = client.get_job_status(job_id)
+    except KeyboardInterrupt:
+        out(f"\nstopped following; {job_id} keeps running (`mopd submit --stop {job_id}` ends it)")
+        return 130
+    info = client.get_job_info(job_id)
+    out(f"{job_id}: {status.value}" + (f" ({info.message})" if status != JobStatus.SUCCEEDED and info.message else ""))
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def job_status(job_id: str, address: str | None, cfg: MopdConfig, out: Callable[..., None] = print) -> int:
+    client = connect(dashboard_url(address, cfg))
+    try:
+        info = client.get_job_info(job_id)
+    except RuntimeError as e:
+        raise SubmitError(f"{job_id}: {str(e).splitlines()[0]}") from None
+    out(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    return 0
+
+
+def stop_job(job_id: str, address: str | None, cfg: MopdConfig, out: Callable[..., None] = print) -> int:
+    client = connect(dashboard_url(address, cfg))
+    try:
+        stopped = client.stop_job(job_id)
+    except RuntimeError as e:
+        raise SubmitError(f"{job_id}: {str(e).splitlines()[0]}") from None
+    out(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0

@@ -1,0 +1,306 @@
+"""Teacher preflight: everything about a teacher that would silently corrupt the dense reward, checked
+on the live engines before step 1 (and by `mopd teachers check`).
+
+A wrong tokenizer, a sharpened or unnormalised distribution, a top-k the server cannot return, a
+non-deterministic or unreachable server: each of these either crashes a run hours in or, worse, trains
+the student toward the wrong target without an error. Each check gives one line: ok/FAIL, the measured
+figure and, on failure, how to fix it.
+
+Works on Ray actor handles (training) and on plain in-process objects (`ServerTeacher` in the CLI)
+alike: both expose `ready()`, `score()` and, for servers, `tokenize()`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from teachers.tokenizer_check import tokenizer_mismatch
+
+# Scores of the same sequence may differ by float noise when a shared server batches it with other
+# traffic; anything larger is a real non-determinism.
+DETERMINISM_TOL = 1e-5
+NORMALISED_TOL = 1e-3
+PROBE_ROWS = 4
+
+
+class PreflightError(RuntimeError):
+    """At least one teacher failed its preflight; the message is the whole report."""
+
+
+@dataclass
+class Check:
+    teacher: str
+    name: str
+    ok: bool
+    figure: str
+    hint: str = ""
+    where: str = ""  # a replica (URL or index) when the check is per replica
+
+
+@dataclass
+class Probe:
+    sequences: list[list[int]]
+    prompt_lens: list[int]
+    texts: list[str]  # for the server-side tokenization check
+
+
+def run_preflight(cfg: Any, teachers: dict[str, list[Any]], student_tokenizer: Any,
+                  rows: list[dict] | None = None) -> list[Check]:
+    """All checks for every teacher in `teachers` (name -> replica handles, in config order)."""
+    from mopd.engines import max_model_len
+
+    need_len = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens + 1
+    try:
+        need_len = max_model_len(cfg)
+    except Exception:  # noqa: BLE001 - a model that cannot hold it is reported by training itself
+        pass
+    out: list[Check] = []
+    for name, handles in teachers.items():
+        tcfg = cfg.teachers[name]
+        probe = make_probe(student_tokenizer, rows or [], tcfg.domains, need_len)
+        out += check_teacher(name, tcfg, handles, student_tokenizer, probe,
+                             top_k=cfg.algorithm.teacher_top_k, need_len=need_len)
+    return out
+
+
+def check_teacher(name: str, tcfg: Any, handles: list[Any], student_tokenizer: Any, probe: Probe, *,
+                  top_k: int, need_len: int) -> list[Check]:
+    server = tcfg.backend == "vllm_server"
+    out = [_tokenizer_check(name, tcfg.path, student_tokenizer)]
+    first: list[float] | None = None
+    healthy: list[tuple[Any, dict]] = []
+    for i, h in enumerate(handles):
+        where = tcfg.urls[i] if server else f"replica {i}"
+        try:
+            info = _call(h, "ready")
+        except Exception as e:  # noqa: BLE001 - a dead actor is reported like an unreachable server
+            info = {"error": f"the engine actor failed: {_short(e)}"}
+        if "error" in info:
+            out.append(Check(name, "reachable", False, info["error"].split("; start it with")[0],
+                             _reach_hint(name, tcfg, where, top_k), where))
+            continue
+        if info.get("vocab_size") is None:
+            info["vocab_size"] = _vocab_size(tcfg.path)
+        try:
+            t0 = time.perf_counter()
+            a = _logprobs(_call(h, "score", probe.sequences, probe.prompt_lens, 0))
+            t1 = time.perf_counter()
+            b = _logprobs(_call(h, "score", probe.sequences, probe.prompt_lens, 0))
+            first_ms, ms = (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
+        except Exception as e:  # noqa: BLE001
+            out.append(Check(name, "reachable", False, f"scoring a probe failed: {_short(e)}",
+                             _reach_hint(name, tcfg, where, top_k), where))
+            continue
+        model = f"model {info['served_model']!r}, " if server else ""
+        out.append(Check(name, "reachable", True,
+                         f"{model}{ms:.1f} ms per probe request of {len(probe.sequences)} sequences "
+                         f"(first request {first_ms:.1f} ms)", "", where))
+        if server:
+            out.append(_context_check(name, info, need_len, tcfg, where))
+            out.append(_server_tokenization_check(name, h, student_tokenizer, probe.texts, tcfg, where))
+        out.append(_max_logprobs_check(name, info, top_k, server, tcfg, where))
+        diff = _max_abs_diff(a, b)
+        across = None if first is None else _max_abs_diff(first, a)
+        first = a if first is None else first
+        figure = f"same probe scored twice: max |diff| = {diff:.2g}"
+        if across is not None:
+            figure += f"; vs replica 0: {across:.2g}"
+        worst = max(diff, across or 0.0)
+        out.append(Check(name, "deterministic", worst <= DETERMINISM_TOL, figure,
+                         "scores must not depend on batching or chance: serve the teacher without speculative "
+                         "decoding or batch-variant kernels, and give all replicas the same model and dtype", where))
+        healthy.append((h, info))
+    if healthy:
+        out.append(_normalised_check(name, *healthy[0], probe, server))
+    return out
+
+
+def require_preflight(cfg: Any, teachers: dict[str, list[Any]], student_tokenizer: Any,
+                      rows: list[dict] | None = None, log=print) -> list[Check]:
+    """Run the preflight; raise `PreflightError` with the report if anything failed."""
+    checks = run_preflight(cfg, teachers, student_tokenizer, rows)
+    report = format_report(checks)
+    if any(not c.ok for c in checks):
+        raise PreflightError("teacher preflight failed (`mopd teachers check CONFIG` repeats it):\n" + report)
+    log(report.splitlines()[-1])
+    return checks
+
+
+def format_report(checks: list[Check]) -> str:
+    lines, teacher = [], None
+    for c in checks:
+        if c.teacher != teacher:
+            teacher = c.teacher
+            lines.append(f"teacher '{teacher}'")
+        where = f" [{c.where}]" if c.where else ""
+        lines.append(f"  {'ok' if c.ok else 'FAIL':<4}  {c.name:<14}{where} {c.figure}")
+        if not c.ok and c.hint:
+            lines.append(f"        fix: {c.hint}")
+    failed = sum(not c.ok for c in checks)
+    lines.append(f"teacher preflight: {len(checks) - failed} of {len(checks)} checks ok"
+                 + (f", {failed} FAILED" if failed else ""))
+    return "\n".join(lines)
+
+
+# -- probes -----------------------------------------------------------------------------------------
+def make_probe(tokenizer: Any, rows: list[dict], domains: list[str], max_len: int) -> Probe:
+    """A few of the teacher's own training rows as prompt + reference answer (plain token ids)."""
+    mine = [r for r in rows if r.get("domain") in domains] or rows
+    seqs, plens, texts = [], [], []
+    for r in mine[:PROBE_ROWS]:
+        prompt = r.get("prompt")
+        if not isinstance(prompt, str):
+            continue
+        p = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ans = str(r.get("answer") or "")
+        a = list(tokenizer(ans, add_special_tokens=False)["input_ids"]) if ans else []
+        seq = (p + a)[: max_len - 1]
+        if len(seq) < 2:
+            continue
+        plen = min(len(p), len(seq) - 1) if a else max(1, len(seq) // 2)
+        seqs.append(seq)
+        plens.append(max(1, plen))
+        texts.append(prompt + ans)
+    if not seqs:  # no usable rows: any valid ids score fine
+        vocab = len(tokenizer)
+        seqs, plens = [[i % vocab for i in range(1, 9)]], [4]
+        texts = ["Hello, world! 0123456789"]
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos:
+        texts.append(texts[0] + eos)  # special tokens must map to the same ids too
+    return Probe(seqs, plens, texts)
+
+
+# -- individual checks ------------------------------------------------------------------------------
+def _tokenizer_check(name: str, path: str, student_tokenizer: Any) -> Check:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        return Check(name, "tokenizer", False, f"cannot load a tokenizer from {path!r}: {_short(e)}",
+                     f"point teachers.{name}.path at the teacher's Hugging Face folder (its tokenizer files)")
+    diff = tokenizer_mismatch(student_tokenizer, tok)
+    if diff:
+        return Check(name, "tokenizer", False, f"{path}: {diff}",
+                     "a teacher must use the student's tokenizer exactly (vocabulary and special tokens): use a "
+                     "teacher of the same tokenizer family or re-save it with the student's tokenizer")
+    return Check(name, "tokenizer", True, f"identical to the student's (vocabulary {len(tok.get_vocab())}, "
+                                          f"special tokens {sorted(tok.special_tokens_map)})")
+
+
+def _server_tokenization_check(name: str, h: Any, student_tokenizer: Any, texts: list[str], tcfg: Any,
+                               where: str) -> Check:
+    try:
+        for text in texts:
+            theirs = _call(h, "tokenize", text)
+            ours = list(student_tokenizer(text)["input_ids"])
+            if theirs != ours:
+                return Check(name, "tokenization", False,
+                             f"{text[:40]!r}: server {theirs[:12]} vs student {ours[:12]}",
+                             f"the server loaded another tokenizer than teachers.{name}.path; start it with "
+                             f"--tokenizer {tcfg.path} (or serve a teacher that shares the student's tokenizer)", where)
+    except Exception as e:  # noqa: BLE001
+        return Check(name, "tokenization", False, f"/tokenize failed: {_short(e)}",
+                     "the preflight needs vLLM's /tokenize endpoint; serve the teacher with `vllm serve`", where)
+    return Check(name, "tokenization", True, f"server tokenizes {len(texts)} probe texts like the student", "", where)
+
+
+def _context_check(name: str, info: dict, need: int, tcfg: Any, where: str) -> Check:
+    have = info.get("max_model_len")
+    ok = have is None or have >= need
+    return Check(name, "context", ok, f"max_model_len {have} (need {need} = data.max_prompt_tokens + "
+                                      "rollout.max_tokens + 1)",
+                 f"restart the server with --max-model-len {need}, or lower data.max_prompt_tokens / "
+                 "rollout.max_tokens", where)
+
+
+def _max_logprobs_check(name: str, info: dict, top_k: int, server: bool, tcfg: Any, where: str) -> Check:
+    vocab = info.get("vocab_size")
+    need = vocab if top_k < 0 else top_k
+    have = info.get("max_logprobs")
+    what = "the whole vocabulary" if top_k < 0 else f"top-{top_k}" if top_k else "the sampled token only"
+    ok = have is not None and need is not None and have >= need
+    hint = (f"restart the server with --max-logprobs {need}" if server else
+            "the in-cluster engine sizes max_logprobs from algorithm.teacher_top_k; lower teacher_top_k")
+    return Check(name, "max_logprobs", ok, f"{have} >= {need} needed (algorithm.teacher_top_k={top_k}: {what})"
+                 if ok else f"{have} < {need} needed (algorithm.teacher_top_k={top_k}: {what})", hint, where)
+
+
+def _normalised_check(name: str, h: Any, info: dict, probe: Probe, server: bool) -> Check:
+    """Scoring requests go out at temperature 1 and must come back as log-probs of the model's own
+    distribution: over the whole vocabulary they sum to one. Raw logits, or a processed (temperature-
+    scaled, top-p-truncated) mode on the server, fail here."""
+    vocab, have = info.get("vocab_size"), info.get("max_logprobs") or 0
+    full = vocab is not None and have >= vocab
+    k = -1 if full else have
+    hint = ("serve the teacher with the default --logprobs-mode raw_logprobs (not *_logits or processed_*)"
+            if server else "the engine must return raw log-probs (logprobs_mode raw_logprobs)")
+    if k == 0:
+        return Check(name, "normalised", True, "temperature 1.0 sent; not measurable (max_logprobs 0)")
+    try:
+        # Two tokens, one scored position: a whole-vocabulary answer for every position of a long
+        # sequence would be huge for a real vocabulary.
+        sc = _call(h, "score", [probe.sequences[0][:2]], [1], k)[0]
+        lps = sc.topk_logprobs[0]
+    except Exception as e:  # noqa: BLE001
+        return Check(name, "normalised", False, f"top-k probe failed: {_short(e)}", hint)
+    lse = _logsumexp(lps)
+    if full:
+        return Check(name, "normalised", abs(lse) <= NORMALISED_TOL,
+                     f"temperature 1.0 sent; log-sum-exp over all {len(lps)} tokens at one position = {lse:.2g}", hint)
+    return Check(name, "normalised", lse <= NORMALISED_TOL,
+                 f"temperature 1.0 sent; log-sum-exp of the top-{len(lps)} = {lse:.3g} <= 0 (partial check: "
+                 f"max_logprobs {have} < vocabulary {vocab})", hint)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _call(handle: Any, method: str, *args: Any) -> Any:
+    fn = getattr(handle, method)
+    if hasattr(fn, "remote"):
+        import ray
+
+        return ray.get(fn.remote(*args))
+    return fn(*args)
+
+
+def _reach_hint(name: str, tcfg: Any, where: str, top_k: int) -> str:
+    if tcfg.backend != "vllm_server":
+        return (f"the in-cluster engine did not start: check teachers.{name}.path (a model folder vLLM can load) "
+                "and memory (rollout.kv_cache_gb, rollout.gpu_memory_utilization)")
+    from teachers.openai_server import serve_command
+
+    return (f"start it with `{serve_command(tcfg.path, where, _vocab_size(tcfg.path) or 'VOCAB')}` "
+            f"or fix teachers.{name}.urls")
+
+
+def _vocab_size(path: str) -> int | None:
+    try:
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(path).vocab_size)
+    except Exception:  # noqa: BLE001 - a tokenizer-only folder has no model config
+        return None
+
+
+def _logprobs(scores: list[Any]) -> list[float]:
+    return [x for s in scores for x in s.logprobs]
+
+
+def _max_abs_diff(a: list[float], b: list[float]) -> float:
+    if len(a) != len(b):
+        return math.inf
+    return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
+
+
+def _logsumexp(xs: list[float]) -> float:
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"[:400]
