@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
-import yaml
+from tiny_config import write_config as write_tiny_config
 from transformers import AutoTokenizer
 
 from mopd.cli import main
@@ -30,17 +30,7 @@ def closed_port_url() -> str:
 
 
 def write_config(path: Path, world: dict, teachers: dict, **sections) -> str:
-    cfg = {"experiment": "preflight_test", "world": {**world["config"], "dir": world["dir"]},
-           "student": {"path": f"{world['dir']}/student"}, "teachers": teachers,
-           "data": {"eval_size_per_domain": 16},
-           "rollout": {"max_tokens": 12, "num_cpus_per_engine": 0.25},
-           "algorithm": {"objective": "reverse_kl", "teacher_top_k": -1},
-           "trainer": {"prompts_per_step": 8, "eval_every": 0},
-           "logging": {"progress_bar": False, "dashboard_every": 0}}
-    for key, values in sections.items():
-        cfg.setdefault(key, {}).update(values)
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    return write_tiny_config(path, world, teachers, experiment="preflight_test", **sections)
 
 
 def test_server_teacher_config_errors_name_key_and_fix(tmp_path):

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
+from tiny_config import write_config as write_tiny_config
 from transformers import AutoConfig, AutoTokenizer
 
 from mopd.cli import main
@@ -78,17 +78,7 @@ def server(tiny_world, tmp_path_factory):
 
 
 def write_config(path: Path, world: dict, teachers: dict, **sections) -> str:
-    cfg = {"experiment": "server_test", "world": {**world["config"], "dir": world["dir"]},
-           "student": {"path": f"{world['dir']}/student"}, "teachers": teachers,
-           "data": {"eval_size_per_domain": 16},
-           "rollout": {"max_tokens": 12, "num_cpus_per_engine": 0.25},
-           "algorithm": {"objective": "reverse_kl", "teacher_top_k": -1},
-           "trainer": {"prompts_per_step": 8, "eval_every": 0},
-           "logging": {"progress_bar": False, "dashboard_every": 0}}
-    for key, values in sections.items():
-        cfg.setdefault(key, {}).update(values)
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    return write_tiny_config(path, world, teachers, experiment="server_test", **sections)
 
 
 def server_teacher(server: dict, **extra) -> dict:
