@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 KEYS = ["r3/router_agreement", "r3/own_router_agreement", "rollout_corr/k3_kl",
-        "rollout_corr/extreme_token_frac@2", "rollout_corr/probs_diff_max", "icepop/masked_frac"]
+        "rollout_corr/extreme_token_frac@2", "training/rollout_probs_diff_max", "icepop/masked_frac"]
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -22,9 +22,10 @@ def _mean(rows: list[dict], key: str) -> float:
 
 def main(argv: list[str]) -> None:
     from mopd.config import load_config
-    from mopd.metrics import read_metrics
+    from mopd.jsonl import read_metrics
     from mopd.report import markdown_table
     from mopd.train import train
+    from mopd.world.prepare import prepare_world
     from stability.dashboard import render_dashboard
 
     config = argv[0] if argv and "=" not in argv[0] else "configs/quickstart.yaml"
@@ -35,7 +36,8 @@ def main(argv: list[str]) -> None:
     series = {}
     for name, extra in runs.items():
         cfg = load_config(config, [*base, *extra, f"experiment={name}", f"logging.run_dir=runs/r3/{name}"])
-        train(cfg, log=lambda *_: None)
+        prepare_world(cfg)
+        train(cfg, log=lambda *_: None, overwrite=True)  # a benchmark re-runs into the same folders
         series[name] = [m for m in read_metrics(f"runs/r3/{name}/metrics.jsonl") if "rollout_corr/k3_kl" in m]
     rows = []
     for key in KEYS:

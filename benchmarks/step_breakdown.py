@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/step_breakdown.py [CONFIG] [key=value ...]
 
 Runs `trainer.steps` real steps (default 10) through the engine actors and reports, per stage, the
-mean time (rollout, teacher, old-logprob = reference, train, sync), tokens/s, and the ratio of the
+mean time (rollout, teacher, old_log_prob, train, sync), tokens/s, and the ratio of the
 whole step to its slowest stage alone (1.0 would mean the other stages cost nothing).
 """
 
@@ -12,19 +12,21 @@ from __future__ import annotations
 import statistics
 import sys
 
-STAGES = ["rollout", "teacher", "reference", "train", "sync"]
+STAGES = ["rollout", "teacher", "old_log_prob", "train", "sync"]
 
 
 def main(argv: list[str]) -> None:
     from mopd.config import load_config
-    from mopd.metrics import read_metrics
+    from mopd.jsonl import read_metrics
     from mopd.train import train
+    from mopd.world.prepare import prepare_world
 
     config = argv[0] if argv and "=" not in argv[0] else "configs/quickstart.yaml"
     overrides = [a for a in argv if "=" in a]
     cfg = load_config(config, ["trainer.steps=10", "logging.run_dir=runs/bench", "logging.progress_bar=false",
                                "trainer.save_every=0", *overrides])
-    train(cfg, log=lambda *_: None)
+    prepare_world(cfg)
+    train(cfg, log=lambda *_: None, overwrite=True)  # a benchmark re-runs into the same folder
     steps = [m for m in read_metrics(f"{cfg.logging.run_dir}/metrics.jsonl") if "timing_s/step" in m][1:]
     if not steps:
         print("need at least 2 steps (the first is dropped as warm-up)")

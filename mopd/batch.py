@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mopd.round import ScoredSample
+from mopd.samples import ScoredSample
 
 
 @dataclass
@@ -54,7 +54,8 @@ def build_batch(samples: list[ScoredSample], pad_id: int) -> TrainBatch:
     tlp = torch.zeros((B, T))
     has_topk = any(s.teacher_topk_ids for s in samples)
     K = max((len(k) for s in samples for k in s.teacher_topk_ids), default=0)
-    topk_ids = torch.zeros((B, T, K), dtype=torch.long) if has_topk else None
+    # Unused top-k slots: id -1 (the losses skip negative ids) and log-prob -inf.
+    topk_ids = torch.full((B, T, K), -1, dtype=torch.long) if has_topk else None
     topk_lp = torch.full((B, T, K), -math.inf) if has_topk else None
     for b, s in enumerate(samples):
         p, r = s.sample.prompt_ids, s.sample.response_ids

@@ -2,24 +2,28 @@
 
 Each run is `base` + its overrides with `trainer.max_wallclock_s = budget_s` (step time only; the
 before/after evaluations are not charged), so a cheaper objective gets more steps, as it would in
-practice.
+practice, and `trainer.schedule_horizon = wallclock`, so every run's LR schedule (warm-up, decay) spans
+its budget whatever its step count: a comparison does not stop runs halfway through their decay.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from mopd.atomic import write_text
-from mopd.config import ConfigError, load_config
+from mopd.config import ConfigError, MopdConfig, load_config
 from mopd.report import markdown_table
+from mopd.train import train
 
 
-def compare(spec_path: str, overrides: list[str], only: list[str] | None = None, log=print) -> str:
-    from mopd.train import train
-
+def compare(spec_path: str, overrides: list[str], only: list[str] | None = None, log=print,
+            prepare: Callable[[MopdConfig], object] | None = None, overwrite: bool = False) -> str:
+    """`prepare(cfg)` runs before each run (the CLI passes the quickstart world's builder); `overwrite`
+    replaces earlier runs of the same names (without it their folders are refused, never lost)."""
     spec = OmegaConf.to_container(OmegaConf.load(spec_path))
     unknown = sorted(set(spec) - {"base", "budget_s", "out_dir", "runs"})
     if unknown:
@@ -32,10 +36,12 @@ def compare(spec_path: str, overrides: list[str], only: list[str] | None = None,
     results = {}
     for name in names:
         cfg = load_config(spec["base"], [*spec["runs"][name], *overrides, f"experiment={name}",
-                                         f"logging.run_dir={out / name}", "trainer.steps=100000",
+                                         f"logging.run_dir={out / name}", "trainer.schedule_horizon=wallclock",
                                          f"trainer.max_wallclock_s={spec['budget_s']}", "trainer.save_every=0"])
+        if prepare is not None:
+            prepare(cfg)
         log(f"== {name}: {' '.join(spec['runs'][name])} for {spec['budget_s']} s")
-        results[name] = train(cfg, log=log)
+        results[name] = train(cfg, log=log, overwrite=overwrite)
     table = comparison_table(results)
     write_text(out / "comparison.md", table + "\n")
     write_text(out / "comparison.json", json.dumps(results, indent=2))

@@ -1,139 +1,498 @@
 """Experiment config: one structured schema, YAML files, and `key=value` overrides.
 
-The schema is the single source of truth for keys, types and defaults; `load_config` turns every
-OmegaConf error and every out-of-range value into a `ConfigError` that names the key, the value given
-and what is allowed, so a typo in a 40-line YAML is a one-line fix rather than a stack trace.
+The schema is the single source of truth for keys, types, defaults and ranges:
+
+- string choices are `StrEnum` fields, so OmegaConf itself refuses a value outside the set and names
+  the key; users write the same plain strings in YAML (`objective: reverse_kl`), `OmegaConf.to_object`
+  returns enum members (which compare equal to those strings), and `to_yaml` writes the strings back;
+- each section dataclass checks its own values in `__post_init__` (the verl pattern,
+  `verl/workers/config/*.py`), raising `ConfigError` with the full key, the value and the allowed range;
+- checks that span sections (teacher bundles fall back to rollout's, the default teacher must exist, ...)
+  run once more in `validate` after the whole config is built.
+
+`load_config` turns every OmegaConf error, YAML syntax error and out-of-range value into a one-line
+`ConfigError` that names the key, the value given and what is allowed, so a typo in a 40-line YAML is a
+one-line fix rather than a stack trace.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import re
+import sys
+import types
 import typing
 from dataclasses import dataclass, field
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
 class ConfigError(ValueError):
     """A config problem the user can fix; the message says which key and how."""
 
 
+# ---------------------------------------------------------------------------------------------- choices
+class _Choice(StrEnum):
+    """A string choice: equal to (and hashing like) its plain string value, and printed as it."""
+
+    def __repr__(self) -> str:  # f"{x!r}" in messages reads 'wandb', as it did for plain strings
+        return repr(self.value)
+
+
+class Dtype(_Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class TeacherBackend(_Choice):
+    vllm = "vllm"  # an in-cluster vLLM engine actor per replica
+    vllm_server = "vllm_server"  # a `vllm serve` you run; one URL per replica
+
+
+class TokenizerAlignment(_Choice):
+    none = "none"  # identical tokenizers required (the only mode today)
+
+
+class ObjectiveName(_Choice):
+    """`algorithm.objective`; the implementations are registered in `mopd.objectives.OBJECTIVES`."""
+
+    pg = "pg"
+    reverse_kl = "reverse_kl"
+    mixed = "mixed"
+    orm = "orm"
+    sft = "sft"
+
+
+class Correction(_Choice):
+    none = "none"
+    icepop = "icepop"
+    tis = "tis"
+    seq_mask = "seq_mask"
+
+
+class TrainerBackend(_Choice):
+    accelerate = "accelerate"
+    deepspeed = "deepspeed"
+
+
+class LrSchedule(_Choice):
+    constant = "constant"
+    cosine = "cosine"
+    linear = "linear"
+
+
+class ScheduleHorizon(_Choice):
+    steps = "steps"
+    wallclock = "wallclock"
+
+
+class Precision(_Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Sink(_Choice):
+    jsonl = "jsonl"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+    mlflow = "mlflow"
+
+
+class WandbMode(_Choice):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class PlacementStrategy(_Choice):
+    PACK = "PACK"
+    SPREAD = "SPREAD"
+    STRICT_PACK = "STRICT_PACK"
+    STRICT_SPREAD = "STRICT_SPREAD"
+
+
+# ---------------------------------------------------------------------------------------------- checks
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # experiment: the run dir must stay inside runs/
+_TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # addressable as teachers.<name>.key=value
+_DOMAIN = re.compile(r"[^\s/]+")  # domains appear in metric names (mopd/teacher_kl/<domain>)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
+_URL = re.compile(r"https?://[^/\s]+(/\S*)?")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': got {value!r}; allowed: {allowed}")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+class _Checker:
+    """Range checks for one section: `_Checker("trainer", self).num("lr", gt=0)`."""
+
+    def __init__(self, prefix: str, obj: Any) -> None:
+        self.prefix, self.obj = prefix, obj
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def num(self, name: str, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+            le: float | None = None, integer: bool = False, null: str | None = None, note: str = "") -> None:
+        """A finite number in the given range; `null`: what null means, if null is allowed."""
+        v = getattr(self.obj, name)
+        kind = "an integer" if integer else "a number"
+        lo = f"({_fmt(gt)}" if gt is not None else f"[{_fmt(ge)}" if ge is not None else None
+        hi = f"{_fmt(lt)})" if lt is not None else f"{_fmt(le)}]" if le is not None else None
+        if lo and hi:
+            allowed = f"{kind} in {lo}, {hi}"
+        elif lo:
+            allowed = f"{kind} {'>' if gt is not None else '>='} {lo[1:]}"
+        elif hi:
+            allowed = f"{kind} {'<' if lt is not None else '<='} {hi[:-1]}"
+        else:
+            allowed = kind
+        if null:
+            allowed += f", or null ({null})"
+        if note:
+            allowed += f" ({note})"
+        if v is None:
+            _check(null is not None, self.key(name), v, allowed)
+            return
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (not integer or isinstance(v, int))
+        ok = ok and (gt is None or v > gt) and (ge is None or v >= ge)
+        ok = ok and (lt is None or v < lt) and (le is None or v <= le)
+        _check(ok, self.key(name), v, allowed)
+
+    def count(self, name: str, ge: int, note: str = "") -> None:
+        self.num(name, ge=ge, integer=True, note=note)
+
+    def choice(self, name: str, enum: type[_Choice], nullable: str | None = None) -> None:
+        """Coerce a plain string (direct construction) to the enum member; refuse anything else."""
+        setattr(self.obj, name, _coerce(self.key(name), getattr(self.obj, name), enum, nullable))
+
+    def text(self, name: str, what: str = "a non-empty string", null: str | None = None) -> None:
+        v = getattr(self.obj, name)
+        if v is None and null is not None:
+            return
+        _check(isinstance(v, str) and bool(v.strip()), self.key(name), v,
+               what + (f", or null ({null})" if null is not None else ""))
+
+    def names(self, name: str, pattern: re.Pattern[str], what: str, nonempty: bool = True) -> None:
+        v = list(getattr(self.obj, name))
+        if nonempty:
+            _check(bool(v), self.key(name), v, f"a non-empty list of {what}")
+        for x in v:
+            _check(isinstance(x, str) and bool(pattern.fullmatch(x)), self.key(name), x, what)
+        dup = sorted({x for x in v if v.count(x) > 1})
+        _check(not dup, self.key(name), v, f"each entry once (repeated: {', '.join(map(str, dup))})")
+
+    def weights(self, name: str, what: str = "a weight >= 0") -> None:
+        for k, w in getattr(self.obj, name).items():
+            ok = isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+            _check(ok, f"{self.key(name)}.{k}", w, what)
+
+
+def _coerce(key: str, value: Any, enum: type[_Choice], nullable: str | None = None) -> Any:
+    if value is None and nullable is not None:
+        return None
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = " | ".join(enum) + (f", or null ({nullable})" if nullable is not None else "")
+        raise ConfigError(f"config key '{key}': got {value!r}; allowed: {allowed}") from None
+
+
+# ---------------------------------------------------------------------------------------------- schema
 @dataclass
 class StudentConfig:
     path: str = "${world.dir}/student"  # Hugging Face model folder
-    dtype: str = "float32"  # trainer and engine dtype
+    dtype: Dtype = Dtype.float32  # trainer and engine dtype: float32 | bfloat16 | float16
+
+    def __post_init__(self) -> None:
+        c = _Checker("student", self)
+        c.text("path", "a Hugging Face model folder or hub id")
+        c.choice("dtype", Dtype)
 
 
 @dataclass
 class TeacherConfig:
+    """One entry of `teachers.<name>`; its checks run from `MopdConfig`, which knows the name."""
+
     path: str = MISSING  # Hugging Face model folder (vllm backend)
-    domains: list[str] = field(default_factory=list)
-    backend: str = "vllm"
-    replicas: int = 1
-    dtype: str = "float32"
+    domains: list[str] = field(default_factory=list)  # non-empty; each domain served by one teacher
+    backend: TeacherBackend = TeacherBackend.vllm  # vllm | vllm_server
+    replicas: int = 1  # >= 1; vllm_server: one per URL
+    dtype: Dtype = Dtype.float32
     # Each replica's placement-group bundle; null: rollout.num_cpus_per_engine / num_gpus_per_engine.
-    num_cpus: float | None = None
-    num_gpus: float | None = None
+    num_cpus: float | None = None  # >= 0
+    num_gpus: float | None = None  # >= 0
     # backend vllm_server: a `vllm serve` you run; `path` stays the tokenizer source for the tokenizer check.
     urls: list[str] = field(default_factory=list)  # one base URL per replica, e.g. http://127.0.0.1:8100
     served_model: str | None = None  # null: the one model the server lists at /v1/models
-    timeout_s: float = 120.0  # per HTTP request
+    timeout_s: float = 120.0  # > 0; per HTTP request
+    connect_timeout_s: float = 5.0  # > 0; to open a connection to a server (a dead URL fails this fast)
     api_key_env: str | None = None  # NAME of the env var holding the server's API key (never the key)
-    max_retries: int = 3  # per request, on connection errors and 5xx, with exponential backoff
-    max_concurrency: int = 4  # requests in flight per replica
-    request_batch_size: int = 16  # sequences per /v1/completions request
+    max_retries: int = 3  # >= 0; per request, on connection errors and 5xx, with exponential backoff
+    max_concurrency: int = 4  # >= 1; requests in flight per replica
+    request_batch_size: int = 16  # >= 1; sequences per /v1/completions request
     # Alignment mode for tokenizers that differ from the student's; only "none" (identical
     # tokenizers required) exists today.
-    tokenizer_alignment: str = "none"
+    tokenizer_alignment: TokenizerAlignment = TokenizerAlignment.none
+
+    def __post_init__(self) -> None:
+        # Coerce plain strings (direct construction); the ranges need the name: see `check`.
+        self.backend = _coerce("teachers.<name>.backend", self.backend, TeacherBackend)
+        self.dtype = _coerce("teachers.<name>.dtype", self.dtype, Dtype)
+        self.tokenizer_alignment = _coerce("teachers.<name>.tokenizer_alignment", self.tokenizer_alignment,
+                                           TokenizerAlignment)
+
+    def check(self, key: str) -> None:
+        """Validate this teacher as `key` (`teachers.<name>`); a vllm_server teacher's replicas = its URLs."""
+        c = _Checker(key, self)
+        c.text("path", "a Hugging Face model folder (for vllm_server: the tokenizer source)")
+        c.names("domains", _DOMAIN, "domain names (no spaces or '/')")
+        c.count("replicas", 1)
+        c.num("num_cpus", ge=0, null="rollout.num_cpus_per_engine")
+        c.num("num_gpus", ge=0, null="rollout.num_gpus_per_engine")
+        c.text("served_model", null="the one model the server lists")
+        c.num("timeout_s", gt=0, note="seconds per HTTP request")
+        c.num("connect_timeout_s", gt=0, note="seconds to open a connection")
+        c.count("max_retries", 0)
+        c.count("max_concurrency", 1)
+        c.count("request_batch_size", 1)
+        if self.api_key_env is not None:
+            _check(bool(_ENV_NAME.fullmatch(self.api_key_env)), f"{key}.api_key_env", "<hidden>",
+                   "the NAME of an environment variable that holds the key (e.g. MATH_TEACHER_API_KEY), "
+                   "never the key")
+        if self.backend != TeacherBackend.vllm_server:
+            _check(not self.urls, f"{key}.urls", self.urls,
+                   f"no urls for backend {self.backend} (urls are for backend vllm_server)")
+            return
+        _check(bool(self.urls), f"{key}.urls", self.urls,
+               "one base URL per `vllm serve` replica, e.g. [http://127.0.0.1:8100], for backend vllm_server")
+        for u in self.urls:
+            _check(isinstance(u, str) and bool(_URL.fullmatch(u)), f"{key}.urls", u,
+                   "base URLs like http://127.0.0.1:8100 (scheme http or https, host, port)")
+        _check(len(set(self.urls)) == len(self.urls), f"{key}.urls", self.urls,
+               "distinct URLs (one per server)")
+        _check(self.replicas in (1, len(self.urls)), f"{key}.replicas", self.replicas,
+               f"{len(self.urls)} (one replica per URL) or leave it out: a vllm_server teacher has one "
+               "replica per URL")
+        self.replicas = len(self.urls)
 
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=lambda: ["${world.dir}/data/train.jsonl"])
-    eval_files: list[str] = field(default_factory=lambda: ["${world.dir}/data/eval.jsonl"])
-    # Sampling weight per domain; empty means proportional to the rows in the train files.
+    train_files: list[str] = field(default_factory=lambda: ["${world.dir}/data/train.jsonl"])  # non-empty
+    eval_files: list[str] = field(default_factory=lambda: ["${world.dir}/data/eval.jsonl"])  # non-empty
+    # Sampling weight (>= 0) per domain; empty means proportional to the rows in the train files.
     domain_mix: dict[str, float] = field(default_factory=dict)
-    max_prompt_tokens: int = 32
+    max_prompt_tokens: int = 32  # >= 1
     # Teacher name used for rows whose domain no teacher serves; null makes that an error.
     default_teacher: str | None = None
-    eval_size_per_domain: int = 200
+    eval_size_per_domain: int = 200  # >= 1
+    # add_special_tokens when encoding prompts (BOS etc.); null: the tokenizer's own default.
+    add_special_tokens: bool | None = None
+
+    def __post_init__(self) -> None:
+        c = _Checker("data", self)
+        for name in ("train_files", "eval_files"):
+            files = list(getattr(self, name))
+            _check(bool(files) and all(isinstance(f, str) and f.strip() for f in files), c.key(name), files,
+                   "a non-empty list of JSONL or Parquet file paths")
+        c.weights("domain_mix", "a sampling weight >= 0")
+        if self.domain_mix:
+            _check(any(w > 0 for w in self.domain_mix.values()), "data.domain_mix", dict(self.domain_mix),
+                   "at least one weight > 0 (or {} for proportional to the rows)")
+        c.count("max_prompt_tokens", 1)
+        c.text("default_teacher", "a configured teacher's name", null="rows of unserved domains are an error")
+        c.count("eval_size_per_domain", 1)
 
 
 @dataclass
 class RolloutConfig:
-    n: int = 4  # samples per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 16
-    num_engines: int = 1
-    kv_cache_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE (whole GiB) on CPU
-    dtype: str | None = None  # engine dtype; null = student.dtype (bf16 engines + fp32 trainer = real mismatch)
-    gpu_memory_utilization: float = 0.5
+    n: int = 4  # >= 1; samples per prompt (>= 2 when a group-normalised outcome advantage is used)
+    temperature: float = 1.0  # > 0 (on-policy samples; greedy decoding is for evaluation)
+    top_p: float = 1.0  # (0, 1]
+    max_tokens: int = 16  # >= 1
+    num_engines: int = 1  # >= 1
+    kv_cache_gb: int = 1  # >= 1; VLLM_CPU_KVCACHE_SPACE (whole GiB) on CPU
+    # Engine dtype; null = student.dtype (bf16 engines + fp32 trainer = real mismatch).
+    dtype: Dtype | None = None
+    gpu_memory_utilization: float = 0.5  # (0, 1]: share of each GPU's memory a vLLM engine may take
     enforce_eager: bool = True
-    num_cpus_per_engine: float = 1.0
-    num_gpus_per_engine: float = 0.0
-    omp_threads: int = 1
-    # Evaluation rounds: accuracy from greedy decoding, teacher KL from samples at temperature 1.
-    eval_temperature: float = 0.0
+    num_cpus_per_engine: float = 1.0  # >= 0 (with num_gpus_per_engine, not both 0)
+    num_gpus_per_engine: float = 0.0  # >= 0
+    omp_threads: int = 1  # >= 1
+    # Evaluation rounds: accuracy from greedy decoding (0), teacher KL from samples at temperature 1.
+    eval_temperature: float = 0.0  # >= 0
+
+    def __post_init__(self) -> None:
+        c = _Checker("rollout", self)
+        c.count("n", 1)
+        c.num("temperature", gt=0, note="0 (greedy) is for evaluation: rollout.eval_temperature")
+        c.num("top_p", gt=0, le=1)
+        c.count("max_tokens", 1)
+        c.count("num_engines", 1)
+        c.count("kv_cache_gb", 1, "whole GiB")
+        c.choice("dtype", Dtype, nullable="student.dtype")
+        c.num("gpu_memory_utilization", gt=0, le=1, note="a share of each GPU's memory, e.g. 0.5")
+        c.num("num_cpus_per_engine", ge=0)
+        c.num("num_gpus_per_engine", ge=0)
+        c.count("omp_threads", 1)
+        c.num("eval_temperature", ge=0, note="0: greedy")
+
+
+def _registered_objectives() -> list[str]:
+    """The built-in objectives, plus any registered in `mopd.objectives` when something imported it (reading
+    the registry only when it is already loaded keeps torch out of `mopd config show`)."""
+    names = [o.value for o in ObjectiveName]
+    registry = sys.modules.get("mopd.objectives")
+    if registry is not None:
+        names += [n for n in registry.OBJECTIVES if n not in names]
+    return names
 
 
 @dataclass
 class AlgorithmConfig:
     # pg: sampled-token MOPD advantage (MiMo Eq. 7); reverse_kl: top-k reverse KL to the teacher;
     # mixed: pg + kl_coef * reverse_kl; orm: outcome-only RL (GRPO advantages, no teacher);
-    # sft: off-policy SFT on teacher samples (baseline).
-    objective: str = "pg"
-    alpha_orm: float = 0.0  # weight of the group-normalised outcome advantage
-    kl_coef: float = 1.0
-    teacher_top_k: int = 0  # 0: sampled token only; -1: the whole vocabulary
-    correction: str = "icepop"  # none | icepop | tis | seq_mask
-    icepop_low: float = 0.5
+    # sft: off-policy SFT on teacher samples (baseline); or any name registered with
+    # `mopd.objectives.register_objective` by code imported before the config is loaded.
+    objective: str = ObjectiveName.pg.value
+    alpha_orm: float = 0.0  # >= 0; weight of the group-normalised outcome advantage
+    kl_coef: float = 1.0  # >= 0; weight of the reverse-KL term in `mixed`
+    teacher_top_k: int = 0  # 0: sampled token only; -1: the whole vocabulary; k >= 1: top-k
+    correction: Correction = Correction.icepop  # none | icepop | tis | seq_mask
+    icepop_low: float = 0.5  # 0 < icepop_low < 1 < icepop_high
     icepop_high: float = 5.0
-    tis_cap: float = 2.0
-    ppo_epochs: int = 1
-    ppo_clip: float = 0.2
+    tis_cap: float = 2.0  # > 0
+    ppo_epochs: int = 1  # >= 1
+    ppo_clip: float = 0.2  # > 0
     r3: bool = False  # replay the engine's routed experts in every trainer forward
     r3_capture: bool = False  # have the engine return routed experts even with r3 off (r3/* metrics)
+    # Clamp of the per-token k1 MOPD advantage (the teacher log-ratio) to [-c, c], like verl's +-10
+    # clamp of log-ratios; null: no clamp. > 0.
+    advantage_clip: float | None = 10.0
+
+    def __post_init__(self) -> None:
+        c = _Checker("algorithm", self)
+        registered = _registered_objectives()
+        _check(self.objective in registered, "algorithm.objective", self.objective,
+               " | ".join(registered) + " (register others with mopd.objectives.register_objective)")
+        c.num("alpha_orm", ge=0, note="0: pure on-policy distillation")
+        c.num("kl_coef", ge=0)
+        c.num("teacher_top_k", ge=-1, integer=True,
+              note="-1: whole vocabulary, 0: sampled token only, k >= 1")
+        c.choice("correction", Correction)
+        c.num("icepop_low", gt=0, lt=1)
+        c.num("icepop_high", gt=1)
+        c.num("tis_cap", gt=0)
+        c.count("ppo_epochs", 1)
+        c.num("ppo_clip", gt=0)
+        c.num("advantage_clip", gt=0, null="no clamp")
+        needs_topk = self.objective in (ObjectiveName.reverse_kl, ObjectiveName.mixed)
+        _check(not needs_topk or self.teacher_top_k != 0,
+               "algorithm.teacher_top_k", self.teacher_top_k,
+               f"-1 or k >= 1 when algorithm.objective={self.objective} (the KL needs the teacher's top-k)")
 
 
 @dataclass
 class TrainerConfig:
-    backend: str = "accelerate"  # accelerate | deepspeed
-    zero_stage: int = 2
-    steps: int = 20
-    prompts_per_step: int = 16
-    micro_batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # constant | cosine | linear
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16
-    save_every: int = 0  # 0: only at the end
-    eval_every: int = 0
-    seed: int = 0
-    max_wallclock_s: float = 0.0  # 0: no limit
+    backend: TrainerBackend = TrainerBackend.accelerate  # accelerate | deepspeed
+    zero_stage: int = 2  # 1 | 2 | 3 (deepspeed)
+    steps: int = 20  # >= 1
+    prompts_per_step: int = 16  # >= 1
+    micro_batch_size: int = 64  # >= 1
+    lr: float = 1e-3  # > 0
+    weight_decay: float = 0.0  # >= 0
+    # constant | cosine | linear, after a linear warm-up over warmup_steps: cosine and linear decay from
+    # lr to lr * lr_min_ratio over trainer.steps (`mopd.schedules.make_lr_scheduler`).
+    lr_schedule: LrSchedule = LrSchedule.constant
+    warmup_steps: int = 0  # >= 0
+    lr_min_ratio: float = 0.0  # [0, 1]: the cosine/linear decay floor as a fraction of lr
+    # steps: the schedule runs over trainer.steps; wallclock: over trainer.max_wallclock_s of step time
+    # (warm-up and decay as fractions warmup_steps/steps of it), so a run stopped by its time budget
+    # still completes its schedule: what equal-time comparisons need. The run then ends by time alone.
+    schedule_horizon: ScheduleHorizon = ScheduleHorizon.steps
+    grad_clip: float = 1.0  # > 0: max global gradient norm
+    precision: Precision = Precision.fp32  # fp32 | bf16
+    save_every: int = 0  # >= 0; 0: only at the end
+    # >= 0; 0 keeps every checkpoint; K >= 1 keeps the last K plus any marked best.
+    keep_checkpoints: int = 0
+    eval_every: int = 0  # >= 0; 0: only before and after training
+    seed: int = 0  # >= 0
+    max_wallclock_s: float = 0.0  # >= 0; 0: no limit
     # The trainer actor's placement-group bundle, and its torch threads (0: max(1, round(num_cpus))).
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    num_threads: int = 0
+    num_cpus: float = 1.0  # >= 0
+    num_gpus: float = 0.0  # >= 0
+    num_threads: int = 0  # >= 0
+
+    def __post_init__(self) -> None:
+        c = _Checker("trainer", self)
+        c.choice("backend", TrainerBackend)
+        _check(self.zero_stage in (1, 2, 3) and not isinstance(self.zero_stage, bool), "trainer.zero_stage",
+               self.zero_stage, "1 | 2 | 3")
+        c.count("steps", 1)
+        c.count("prompts_per_step", 1)
+        c.count("micro_batch_size", 1)
+        c.num("lr", gt=0)
+        c.num("weight_decay", ge=0)
+        c.choice("lr_schedule", LrSchedule)
+        c.count("warmup_steps", 0)
+        c.num("lr_min_ratio", ge=0, le=1, note="the decay floor as a fraction of trainer.lr")
+        c.num("grad_clip", gt=0, note="the max global gradient norm, e.g. 1.0")
+        c.choice("precision", Precision)
+        c.count("save_every", 0, "0: only at the end")
+        c.count("keep_checkpoints", 0, "0: keep all; K: the last K plus any marked best")
+        c.count("eval_every", 0, "0: only before and after training")
+        c.count("seed", 0)
+        c.num("max_wallclock_s", ge=0, note="seconds; 0: no limit")
+        c.num("num_cpus", ge=0)
+        c.num("num_gpus", ge=0)
+        c.count("num_threads", 0, "0: from trainer.num_cpus")
+        c.choice("schedule_horizon", ScheduleHorizon)
+        _check(self.schedule_horizon != ScheduleHorizon.wallclock or self.max_wallclock_s > 0,
+               "trainer.schedule_horizon", str(self.schedule_horizon),
+               "steps, or wallclock together with trainer.max_wallclock_s > 0 (the budget the schedule spans)")
 
 
 @dataclass
 class LoggingConfig:
     run_dir: str = "runs/${experiment}"
-    sinks: list[str] = field(default_factory=lambda: ["jsonl"])
+    sinks: list[Sink] = field(default_factory=lambda: [Sink.jsonl])  # jsonl | tensorboard | wandb | mlflow
     progress_bar: bool = True
-    dashboard_every: int = 10  # re-render RUN_DIR/dashboard.html every N steps (0: only at the end)
+    dashboard_every: int = 10  # >= 0; re-render RUN_DIR/dashboard.html every N steps (0: only at the end)
     # Optional sinks (tensorboard | wandb | mlflow in `sinks`): W&B project and MLflow experiment name.
     project: str = "mopd"
-    wandb_mode: str = "offline"  # offline (RUN_DIR/wandb, no login) | online (key from WANDB_API_KEY) | disabled
+    # offline (RUN_DIR/wandb, no login) | online (key from WANDB_API_KEY) | disabled
+    wandb_mode: WandbMode = WandbMode.offline
     wandb_entity: str | None = None
-    mlflow_tracking_uri: str | None = None  # null: SQLite store in RUN_DIR/mlflow; or e.g. http://127.0.0.1:5000
+    # null: SQLite store in RUN_DIR/mlflow; or e.g. http://127.0.0.1:5000
+    mlflow_tracking_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        c = _Checker("logging", self)
+        c.text("run_dir", "a directory path")
+        self.sinks = [_coerce("logging.sinks", s, Sink) for s in self.sinks]
+        dup = sorted({s.value for s in self.sinks if self.sinks.count(s) > 1})
+        _check(not dup, "logging.sinks", [s.value for s in self.sinks], f"each sink once (repeated: {dup})")
+        c.count("dashboard_every", 0, "0: only at the end")
+        c.text("project")
+        c.choice("wandb_mode", WandbMode)
+        c.text("wandb_entity", null="your default W&B entity")
+        c.text("mlflow_tracking_uri", "a tracking URI", null="SQLite store in RUN_DIR/mlflow")
 
 
 @dataclass
@@ -141,24 +500,43 @@ class WorldConfig:
     """The quickstart world: synthetic domains, their teachers and the warm-started student."""
 
     dir: str = ".cache/world"
-    seed: int = 0
+    seed: int = 0  # >= 0
     domains: list[str] = field(default_factory=lambda: ["add", "rev", "sort"])
-    train_rows_per_domain: int = 4000
-    eval_rows_per_domain: int = 200
-    teacher_steps: int = 250  # SFT steps per teacher ...
+    train_rows_per_domain: int = 4000  # >= 1
+    eval_rows_per_domain: int = 200  # >= 1
+    teacher_steps: int = 250  # >= 1; SFT steps per teacher ...
     # ... unless overridden here: addition has carries and needs more.
     teacher_steps_by_domain: dict[str, int] = field(default_factory=lambda: {"add": 400})
-    teacher_lr: float = 2e-3  # peak AdamW lr; linear warmup, cosine decay to 10%
-    student_steps: int = 300  # the student's short mixed warm-start
-    student_lr: float = 2e-3
-    # Share of each domain in the student's warm-start batches (missing domains: 1). Skewed to the slow
-    # domains so that the student ends weak but not hopeless everywhere, leaving MOPD room on each.
+    teacher_lr: float = 2e-3  # > 0; peak AdamW lr; linear warmup, cosine decay to 10%
+    student_steps: int = 300  # >= 1; the student's short mixed warm-start
+    student_lr: float = 2e-3  # > 0
+    # Share (>= 0) of each domain in the student's warm-start batches (missing domains: 1). Skewed to the
+    # slow domains so that the student ends weak but not hopeless everywhere, leaving MOPD room on each.
     student_mix: dict[str, float] = field(default_factory=lambda: {"add": 5.0, "rev": 2.0, "sort": 1.0})
-    batch_size: int = 64
-    warmup_steps: int = 30
+    batch_size: int = 64  # >= 1
+    warmup_steps: int = 30  # >= 0
     # Torch threads while building; the weights depend on it. One thread is no slower for models this
     # small (the whole build took 159 s with one thread, 189 s with two, both on a loaded machine).
-    num_threads: int = 1
+    num_threads: int = 1  # >= 1
+
+    def __post_init__(self) -> None:
+        c = _Checker("world", self)
+        c.text("dir", "a directory path")
+        c.count("seed", 0)
+        c.names("domains", _TEACHER_NAME, "synthetic domain names (add, rev, sort)")
+        c.count("train_rows_per_domain", 1)
+        c.count("eval_rows_per_domain", 1)
+        c.count("teacher_steps", 1)
+        for d, s in self.teacher_steps_by_domain.items():
+            _check(isinstance(s, int) and not isinstance(s, bool) and s >= 1,
+                   f"world.teacher_steps_by_domain.{d}", s, "an integer >= 1")
+        c.num("teacher_lr", gt=0)
+        c.count("student_steps", 1)
+        c.num("student_lr", gt=0)
+        c.weights("student_mix", "a share >= 0")
+        c.count("batch_size", 1)
+        c.count("warmup_steps", 0)
+        c.count("num_threads", 1)
 
 
 @dataclass
@@ -170,9 +548,24 @@ class RuntimeEnvConfig:
     excludes: list[str] = field(default_factory=lambda: [
         "/.venv", "/runs", "/.cache", "/.git", "/build", "/.whl", "/.pytest_cache", "/.ruff_cache",
         "__pycache__", "*.egg-info"])
-    env_vars: dict[str, str] = field(default_factory=dict)  # literal values; they end up in RUN_DIR/config.yaml
+    # Literal values; they end up in RUN_DIR/config.yaml.
+    env_vars: dict[str, str] = field(default_factory=dict)
     # Names whose values are copied from the submitting shell (API keys): the config holds names only.
     env_vars_from_env: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        c = _Checker("ray.runtime_env", self)
+        c.text("working_dir", "a directory path")
+        for p in self.excludes:
+            _check(isinstance(p, str) and bool(p.strip()), "ray.runtime_env.excludes", p,
+                   "gitignore-style patterns (non-empty strings)")
+        for name in [*self.env_vars, *self.env_vars_from_env]:
+            _check(bool(_ENV_NAME.fullmatch(name)), "ray.runtime_env.env_vars", name,
+                   "environment variable names (letters, digits, underscore)")
+        for name in self.env_vars:
+            _check(not _SECRET_NAME.search(name), f"ray.runtime_env.env_vars.{name}", "<value hidden>",
+                   f"no secrets here (values are written to RUN_DIR/config.yaml); list the name in "
+                   f"ray.runtime_env.env_vars_from_env instead and export {name} in the submitting shell")
 
 
 @dataclass
@@ -180,16 +573,32 @@ class RayConfig:
     # null: start a local cluster on loopback; or a running cluster's GCS address (127.0.0.1:6379, auto).
     # `mopd submit` reads a dashboard URL here (http://127.0.0.1:8265).
     address: str | None = None
-    num_cpus: int = 2
+    num_cpus: int = 2  # >= 1; the private local cluster's CPUs
     host: str = "127.0.0.1"
     log_to_driver: bool = False  # engine actors' own logs (vLLM start-up chatter); errors always propagate
-    placement_strategy: str = "PACK"  # how the placement group spreads engine and trainer bundles over nodes
-    placement_timeout_s: float = 120.0  # wait for a cluster's resources this long (a private cluster: no wait)
+    # How the placement group spreads engine and trainer bundles over nodes: PACK | SPREAD | STRICT_*.
+    placement_strategy: PlacementStrategy = PlacementStrategy.PACK
+    # > 0; wait for a cluster's resources this long (a private cluster: no wait).
+    placement_timeout_s: float = 120.0
+    # >= 0; how often Ray restarts a dead engine actor, and how often a dead trainer is rebuilt from the
+    # last checkpoint; the failed step is redone from the same inputs and seed each time.
+    max_restarts: int = 3
     runtime_env: RuntimeEnvConfig = field(default_factory=RuntimeEnvConfig)
+
+    def __post_init__(self) -> None:
+        c = _Checker("ray", self)
+        c.text("address", "a cluster address (127.0.0.1:6379, auto) or dashboard URL",
+               null="a private local cluster")
+        c.count("num_cpus", 1)
+        c.text("host", "an interface address, e.g. 127.0.0.1")
+        c.choice("placement_strategy", PlacementStrategy)
+        c.num("placement_timeout_s", gt=0, note="seconds")
+        c.count("max_restarts", 0, "0: a dead actor ends the run")
 
 
 @dataclass
 class MopdConfig:
+    # Names RUN_DIR (runs/<experiment>) and the job: letters, digits, '.', '_', '-'; no '/' or '..'.
     experiment: str = "quickstart"
     student: StudentConfig = field(default_factory=StudentConfig)
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
@@ -201,200 +610,212 @@ class MopdConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
-
-# Allowed values for string choices, checked after merging.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "student.dtype": ("float32", "bfloat16", "float16"),
-    "rollout.dtype": (None, "float32", "bfloat16", "float16"),
-    "algorithm.objective": ("pg", "reverse_kl", "mixed", "orm", "sft"),
-    "algorithm.correction": ("none", "icepop", "tis", "seq_mask"),
-    "trainer.backend": ("accelerate", "deepspeed"),
-    "trainer.lr_schedule": ("constant", "cosine", "linear"),
-    "trainer.precision": ("fp32", "bf16"),
-    "teachers.*.backend": ("vllm", "vllm_server"),
-    "teachers.*.dtype": ("float32", "bfloat16", "float16"),
-    "teachers.*.tokenizer_alignment": ("none",),
-    "logging.sinks[]": ("jsonl", "tensorboard", "wandb", "mlflow"),
-    "logging.wandb_mode": ("offline", "online", "disabled"),
-    "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-}
+    def __post_init__(self) -> None:
+        _check(isinstance(self.experiment, str) and bool(_NAME.fullmatch(self.experiment))
+               and ".." not in self.experiment, "experiment", self.experiment,
+               "a name of letters, digits, '.', '_' and '-' starting with a letter or digit, no '..' "
+               "(it names the run directory runs/<experiment>)")
+        seen: dict[str, str] = {}
+        for name, t in self.teachers.items():
+            _check(bool(_TEACHER_NAME.fullmatch(name)), f"teachers.{name}", name,
+                   "teacher names of letters, digits, '_' and '-' (e.g. math_teacher)")
+            t.check(f"teachers.{name}")
+            for d in t.domains:
+                _check(d not in seen, f"teachers.{name}.domains", d, f"each domain served by one teacher; "
+                       f"'{d}' is already served by teacher '{seen.get(d)}'")
+                seen[d] = name
 
 
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}': got {value!r}; allowed: {allowed}")
-
-
-def _validate(cfg: MopdConfig) -> None:
-    for key, allowed in CHOICES.items():
-        if key.startswith("teachers.*."):
-            attr = key.split(".")[-1]
-            for name, t in cfg.teachers.items():
-                v = getattr(t, attr)
-                _check(v in allowed, f"teachers.{name}.{attr}", v, " | ".join(allowed))
-        elif key.endswith("[]"):
-            section, attr = key[:-2].split(".")
-            for v in getattr(getattr(cfg, section), attr):
-                _check(v in allowed, key[:-2], v, " | ".join(allowed))
-        else:
-            section, attr = key.split(".")
-            v = getattr(getattr(cfg, section), attr)
-            _check(v in allowed, key, v, " | ".join(map(str, allowed)))
-
-    positive_ints = [
-        "rollout.n", "rollout.max_tokens", "rollout.num_engines", "rollout.omp_threads",
-        "trainer.steps", "trainer.prompts_per_step", "trainer.micro_batch_size",
-        "algorithm.ppo_epochs", "data.max_prompt_tokens", "data.eval_size_per_domain",
-        "ray.num_cpus",
-    ]
-    for key in positive_ints:
-        section, attr = key.split(".")
-        v = getattr(getattr(cfg, section), attr)
-        _check(v >= 1, key, v, "an integer >= 1")
-    for key in ["trainer.lr", "rollout.temperature", "rollout.kv_cache_gb", "algorithm.tis_cap"]:
-        section, attr = key.split(".")
-        v = getattr(getattr(cfg, section), attr)
-        _check(v > 0, key, v, "a number > 0")
+# ---------------------------------------------------------------------------------------------- cross-section
+def validate(cfg: MopdConfig) -> None:
+    """Checks that span sections; each section's own ranges ran in its `__post_init__`."""
     a = cfg.algorithm
-    _check(0 < a.icepop_low < 1 < a.icepop_high, "algorithm.icepop_low/icepop_high",
-           (a.icepop_low, a.icepop_high), "0 < icepop_low < 1 < icepop_high (default 0.5, 5.0)")
-    _check(0 < cfg.rollout.top_p <= 1, "rollout.top_p", cfg.rollout.top_p, "0 < top_p <= 1")
-    _check(a.teacher_top_k >= -1, "algorithm.teacher_top_k", a.teacher_top_k,
-           "-1 (whole vocabulary), 0 (sampled token only) or k >= 1")
-    _check(a.objective not in ("reverse_kl", "mixed") or a.teacher_top_k != 0, "algorithm.teacher_top_k",
-           a.teacher_top_k, f"-1 or k >= 1 when algorithm.objective={a.objective} (the KL needs the teacher's top-k)")
-    _check(cfg.trainer.zero_stage in (1, 2, 3), "trainer.zero_stage", cfg.trainer.zero_stage, "1 | 2 | 3")
-    for name, t in cfg.teachers.items():
-        _check(bool(t.domains), f"teachers.{name}.domains", t.domains, "a non-empty list of domain names")
-        _check(t.replicas >= 1, f"teachers.{name}.replicas", t.replicas, "an integer >= 1")
-        _validate_teacher_server(name, t)
-    seen: dict[str, str] = {}
-    for name, t in cfg.teachers.items():
-        for d in t.domains:
-            _check(d not in seen, f"teachers.{name}.domains", d,
-                   f"each domain served by one teacher; '{d}' is already served by teacher '{seen.get(d)}'")
-            seen[d] = name
+    if a.objective != ObjectiveName.orm:
+        _check(bool(cfg.teachers), "teachers", {},
+               f"at least one teacher (teachers.<name>.path and .domains) for "
+               f"algorithm.objective={a.objective}; only objective orm trains without teachers")
+    if a.objective == ObjectiveName.orm or a.alpha_orm > 0:
+        what = ("algorithm.objective=orm" if a.objective == ObjectiveName.orm
+                else f"algorithm.alpha_orm={a.alpha_orm}")
+        _check(cfg.rollout.n >= 2, "rollout.n", cfg.rollout.n,
+               f"an integer >= 2 with {what}: the outcome advantage is normalised within each prompt's group "
+               "of samples, so one sample per prompt gives it zero")
     if cfg.data.default_teacher is not None:
         _check(cfg.data.default_teacher in cfg.teachers, "data.default_teacher", cfg.data.default_teacher,
                f"null or one of the configured teachers: {sorted(cfg.teachers)}")
-    for d, w in cfg.data.domain_mix.items():
-        _check(w >= 0, f"data.domain_mix.{d}", w, "a weight >= 0")
     _validate_placement(cfg)
 
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
+_validate = validate  # the old private name
 
 
 def _validate_placement(cfg: MopdConfig) -> None:
-    """Bundle sizes and the job's runtime env: a bad value fails here, not after an upload."""
+    """Bundle sizes: a bad value fails here, not after an upload."""
     r, t = cfg.rollout, cfg.trainer
     bundles = [("rollout.num_cpus_per_engine", "rollout.num_gpus_per_engine", r.num_cpus_per_engine,
                 r.num_gpus_per_engine), ("trainer.num_cpus", "trainer.num_gpus", t.num_cpus, t.num_gpus)]
     for name, tc in cfg.teachers.items():
+        if tc.backend == TeacherBackend.vllm_server:
+            continue  # its replicas run elsewhere: nothing is reserved for them
         bundles.append((f"teachers.{name}.num_cpus", f"teachers.{name}.num_gpus",
                         r.num_cpus_per_engine if tc.num_cpus is None else tc.num_cpus,
                         r.num_gpus_per_engine if tc.num_gpus is None else tc.num_gpus))
     for cpu_key, gpu_key, cpus, gpus in bundles:
-        _check(cpus >= 0, cpu_key, cpus, "a number >= 0")
-        _check(gpus >= 0, gpu_key, gpus, "a number >= 0")
         _check(cpus + gpus > 0, f"{cpu_key}/{gpu_key}", (cpus, gpus),
                "at least one > 0 (a placement-group bundle cannot be empty)")
-    _check(t.num_threads >= 0, "trainer.num_threads", t.num_threads, "0 (from trainer.num_cpus) or an integer >= 1")
-    _check(cfg.ray.placement_timeout_s > 0, "ray.placement_timeout_s", cfg.ray.placement_timeout_s, "seconds > 0")
-    env = cfg.ray.runtime_env
-    for name in [*env.env_vars, *env.env_vars_from_env]:
-        _check(bool(_ENV_NAME.fullmatch(name)), "ray.runtime_env.env_vars", name,
-               "environment variable names (letters, digits, underscore)")
-    for name in env.env_vars:
-        _check(not _SECRET_NAME.search(name), f"ray.runtime_env.env_vars.{name}", "<value hidden>",
-               f"no secrets here (values are written to RUN_DIR/config.yaml); list the name in "
-               f"ray.runtime_env.env_vars_from_env instead and export {name} in the submitting shell")
 
 
-def _validate_teacher_server(name: str, t: TeacherConfig) -> None:
-    """A `vllm_server` teacher's replicas are its URLs; an in-cluster teacher has none."""
-    import re
-
-    key = f"teachers.{name}"
-    if t.backend != "vllm_server":
-        _check(not t.urls, f"{key}.urls", t.urls, f"no urls for backend {t.backend} (urls are for backend vllm_server)")
-        return
-    _check(bool(t.urls), f"{key}.urls", t.urls,
-           "one base URL per `vllm serve` replica, e.g. [http://127.0.0.1:8100], for backend vllm_server")
-    for u in t.urls:
-        _check(bool(re.fullmatch(r"https?://[^/\s]+(/\S*)?", u)), f"{key}.urls", u,
-               "base URLs like http://127.0.0.1:8100 (scheme http or https, host, port)")
-    _check(len(set(t.urls)) == len(t.urls), f"{key}.urls", t.urls, "distinct URLs (one per server)")
-    _check(t.replicas in (1, len(t.urls)), f"{key}.replicas", t.replicas,
-           f"{len(t.urls)} (one replica per URL) or leave it out: a vllm_server teacher has one replica per URL")
-    t.replicas = len(t.urls)
-    if t.api_key_env is not None:
-        _check(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t.api_key_env)), f"{key}.api_key_env", "<hidden>",
-               "the NAME of an environment variable that holds the key (e.g. MATH_TEACHER_API_KEY), never the key")
-    _check(t.timeout_s > 0, f"{key}.timeout_s", t.timeout_s, "a number of seconds > 0")
-    _check(t.max_retries >= 0, f"{key}.max_retries", t.max_retries, "an integer >= 0")
-    _check(t.max_concurrency >= 1, f"{key}.max_concurrency", t.max_concurrency, "an integer >= 1")
-    _check(t.request_batch_size >= 1, f"{key}.request_batch_size", t.request_batch_size, "an integer >= 1")
+# ---------------------------------------------------------------------------------------------- loading
+def _schema_type(key: str) -> Any:
+    """The annotated type at a dotted key (`logging.sinks[1]`: the list's element type), or None."""
+    t: Any = MopdConfig
+    parts = [p for p in key.split(".") if p]
+    for part in parts:
+        m = re.fullmatch(r"([^\[]*)((?:\[\d+\])*)", part)
+        name, index = (m.group(1), m.group(2)) if m else (part, "")
+        t = _strip_optional(t)
+        if dataclasses.is_dataclass(t):
+            hints = typing.get_type_hints(t)
+            if name not in hints:
+                return None
+            t = hints[name]
+        elif typing.get_origin(t) is dict:
+            t = typing.get_args(t)[1]
+        else:
+            return None
+        for _ in range(index.count("[")):
+            args = typing.get_args(_strip_optional(t))
+            t = args[0] if args else None
+    return t
 
 
-def _friendly(err: OmegaConfBaseException, source: str) -> ConfigError:
-    key = getattr(err, "full_key", None) or "?"
-    msg = getattr(err, "msg", str(err)).split("\n")[0]
-    hint = ""
-    if "not in struct" in msg or ("Key '" in msg and "not in" in msg):
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        allowed = _keys_at(parent)
-        hint = f"; allowed keys{' under ' + repr(parent) if parent else ''}: {', '.join(allowed)}"
-        return ConfigError(f"{source}: unknown config key '{key}'{hint}")
-    return ConfigError(f"{source}: config key '{key}': {msg}{hint}")
+def _strip_optional(t: Any) -> Any:
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return args[0] if len(args) == 1 else t
+    return t
+
+
+def _describe(t: Any) -> str:
+    """Plain words for a schema type: what a value there may be."""
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        inner = _strip_optional(t)
+        return f"{_describe(inner)}, or null" if inner is not t else "a value"
+    if isinstance(t, type) and issubclass(t, Enum):
+        return " | ".join(str(m.value) for m in t)
+    if t is bool:
+        return "true | false"
+    if t is int:
+        return "an integer"
+    if t is float:
+        return "a number"
+    if t is str:
+        return "a string"
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is list:
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin is dict:
+        return f"a mapping of names to {_describe(args[1])}" if args else "a mapping"
+    if dataclasses.is_dataclass(t):
+        return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(t))}"
+    return "a value of the schema's type"
 
 
 def _keys_at(path: str) -> list[str]:
     """Field names of the schema node at a dotted path (teacher entries under `teachers.<name>`)."""
-    node: Any = MopdConfig
-    for part in [p for p in path.split(".") if p]:
-        if node is dict:
-            node = TeacherConfig
-            continue
-        hint = typing.get_type_hints(node).get(part)
-        node = typing.get_origin(hint) or hint
+    node = _strip_optional(_schema_type(path)) if path else MopdConfig
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def _friendly(err: OmegaConfBaseException, source: str, key_hint: str = "",
+              value_hint: Any = None) -> ConfigError:
+    """`key_hint`/`value_hint`: the override's own key and value, for errors that carry none (merges)."""
+    key = getattr(err, "full_key", None) or key_hint
+    msg = " ".join(str(getattr(err, "msg", None) or err).split("\n")[0].split())
+    if isinstance(err, ConfigKeyError) or "not in struct" in msg:
+        parent, _, leaf = key.rpartition(".")
+        allowed = _keys_at(parent)
+        close = difflib.get_close_matches(leaf, allowed, n=1, cutoff=0.6)
+        hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ";"
+        where = f" under '{parent}'" if parent else ""
+        return ConfigError(f"{source}: unknown config key '{key}'{hint} allowed keys{where}: "
+                           f"{', '.join(allowed)}")
+    t = _schema_type(key) if key and isinstance(err, ValidationError) else None
+    if t is not None:
+        got = getattr(err, "value", None) if getattr(err, "full_key", None) else value_hint
+        if isinstance(got, DictConfig | ListConfig):
+            got = OmegaConf.to_container(got)
+        return ConfigError(f"{source}: config key '{key}': got {got!r} ({type(got).__name__}); "
+                           f"allowed: {_describe(t)}")
+    return ConfigError(f"{source}: config key '{key or '?'}': {msg}")
+
+
+def _yaml_error(e: Exception, source: str, positions: bool = True) -> ConfigError:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None and positions else ""
+    problem = getattr(e, "problem", None) or str(e).split("\n")[0]
+    context = getattr(e, "context", None)
+    what = f"{context}: {problem}" if context else problem
+    return ConfigError(f"{source} not valid YAML{where}: {' '.join(str(what).split())} "
+                       "(check brackets, quotes, indentation and repeated keys)")
+
+
+def _load_file(p: Path) -> DictConfig:
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (pass a YAML file, e.g. configs/quickstart.yaml)")
+    try:
+        loaded = OmegaConf.load(p)
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, f"config file {p}:") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p}: not UTF-8 text ({e.reason} at byte {e.start}); allowed: a YAML "
+                          "file") from None
+    except OmegaConfBaseException as e:
+        raise _friendly(e, f"config file {p}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {p}: the top level is a {type(loaded).__name__}; allowed: a mapping "
+                          f"of sections ({', '.join(_keys_at(''))})")
+    return loaded
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MopdConfig:
     """Merge schema <- YAML <- `key=value` overrides, validate, and return a typed, resolved config."""
     base = OmegaConf.structured(MopdConfig)
-    try:
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file not found: {p} (pass a YAML file, e.g. configs/quickstart.yaml)")
-            base = OmegaConf.merge(base, OmegaConf.load(p))
-    except OmegaConfBaseException as e:
-        raise _friendly(e, str(path)) from None
+    if path is not None:
+        try:
+            base = OmegaConf.merge(base, _load_file(Path(path)))
+        except OmegaConfBaseException as e:
+            raise _friendly(e, str(path)) from None
     for ov in overrides or []:
-        if "=" not in ov:
+        key = ov.split("=", 1)[0].strip()
+        if "=" not in ov or not key:
             raise ConfigError(f"override {ov!r} is not of the form key=value (e.g. trainer.steps=10)")
         try:
             base = OmegaConf.merge(base, OmegaConf.from_dotlist([ov]))
+        except yaml.YAMLError as e:
+            raise _yaml_error(e, f"override {ov!r}: the value is", positions=False) from None
         except OmegaConfBaseException as e:
-            raise _friendly(e, f"override {ov!r}") from None
+            raise _friendly(e, f"override {ov!r}", key, ov.split("=", 1)[1]) from None
     try:
         OmegaConf.resolve(base)
         missing = sorted(OmegaConf.missing_keys(base))
         if missing:
-            raise ConfigError(f"config keys without a value: {', '.join(missing)} (set them in the YAML or as key=value)")
+            raise ConfigError(f"config keys without a value: {', '.join(missing)} (set them in the YAML or "
+                              "as key=value)")
+        # The sections' __post_init__ checks run here and raise ConfigError (a ValueError) unwrapped.
         cfg: MopdConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise _friendly(e, str(path or "config")) from None
-    _validate(cfg)
+    validate(cfg)
     return cfg
 
 
 def to_yaml(cfg: MopdConfig) -> str:
+    """The resolved config as YAML; choices are written as their plain strings."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def to_dict(cfg: MopdConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """Plain Python values (choices as str), e.g. for a metrics sink's run config."""
+    out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    return out  # type: ignore[return-value]

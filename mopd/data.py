@@ -2,15 +2,25 @@
 
 Batch `s` is a pure function of (seed, s), so a resumed run draws exactly the batches the
 interrupted one would have, with no sampler state to save beyond the step number.
+
+Every problem with the data is a `DataError` whose message names the file and line (or the row id) and
+says how to fix it; training loads, validates and encodes all of it before any actor starts.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROW_SHAPE = '{"prompt": "...", "domain": "..."}'
+CHAT_SHAPE = '[{"role": "user", "content": "..."}]'
+MAX_LISTED = 5  # rows named in one error; the rest are counted
 
 
 class DataError(ValueError):
@@ -22,29 +32,21 @@ def load_rows(files: list[str]) -> list[dict]:
     rows: list[dict] = []
     for f in files:
         p = Path(f)
+        if p.is_dir():
+            raise DataError(f"data file {p} is a folder; list its JSONL or Parquet files in data.train_files / "
+                            "data.eval_files")
         if not p.is_file():
             raise DataError(f"data file not found: {p} (set data.train_files / data.eval_files; the quickstart "
                             "world is built by `mopd world build`)")
-        if p.suffix == ".parquet":
-            import pandas as pd
-
-            recs = pd.read_parquet(p).to_dict(orient="records")
-        else:
-            recs = []
-            with p.open() as fh:
-                for ln, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        recs.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{p}:{ln}: not valid JSON ({e.msg})") from None
+        recs = _read_parquet(p) if p.suffix == ".parquet" else _read_jsonl(p)
+        if not recs:
+            raise DataError(f"data file {p} has no rows (it is empty); give it one {ROW_SHAPE} object per line "
+                            "or remove it from data.train_files / data.eval_files")
+        parquet = p.suffix == ".parquet"
         for i, r in enumerate(recs):
-            where = f"{p} row {i + 1}"
-            if not isinstance(r.get("prompt"), str | list):
-                raise DataError(f"{where}: needs a 'prompt' (string or list of chat messages); got keys {sorted(r)}")
-            if not isinstance(r.get("domain"), str):
-                raise DataError(f"{where}: needs a 'domain' string naming the teacher's domain; got {r.get('domain')!r}")
+            where = f"{p} row {i + 1}" if parquet else f"{p} line {r[0]}"
+            r = recs[i] = r if parquet else r[1]
+            _check_row(r, where)
             r.setdefault("id", f"{p.stem}-{i}")
         rows.extend(recs)
     if not rows:
@@ -52,26 +54,126 @@ def load_rows(files: list[str]) -> list[dict]:
     return rows
 
 
-def encode_prompt(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
-    if isinstance(prompt, str):
-        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError("a chat-message prompt needs a tokenizer with a chat template; give plain-text prompts "
-                        "or use a student whose tokenizer has one")
-    return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+def _read_parquet(p: Path) -> list[dict]:
+    try:
+        return pq.read_table(p).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        first = re.sub(r"^Could not open Parquet input source '.*?': ", "", first)[:300]
+        raise DataError(f"{p}: not a readable Parquet file ({first}); write it with pyarrow / pandas "
+                        "`to_parquet`, or give JSONL rows in a file not named .parquet") from None
 
 
-def encode_rows(tokenizer: Any, rows: list[dict], max_prompt_tokens: int) -> list[list[int]]:
+def _read_jsonl(p: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line, decoded as strict UTF-8 line by line."""
     out = []
+    with p.open("rb") as fh:
+        for ln, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p} line {ln}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+            if ln == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark some editors write
+            if not line.strip():
+                continue
+            try:
+                out.append((ln, json.loads(line)))
+            except json.JSONDecodeError as e:
+                hint = (" (a JSON array or pretty-printed JSON is not JSONL: write one object per line)"
+                        if ln == 1 and line.lstrip()[:1] in "[{" else "")
+                raise DataError(f"{p} line {ln}: not valid JSON ({e.msg} at column {e.colno}){hint}; each line must be "
+                                f"one object like {ROW_SHAPE}") from None
+    return out
+
+
+def _check_row(r: Any, where: str) -> None:
+    if not isinstance(r, dict):
+        raise DataError(f"{where}: each row must be a JSON object like {ROW_SHAPE}; got a "
+                        f"{'JSON array' if isinstance(r, list) else type(r).__name__}")
+    prompt = r.get("prompt")
+    if not isinstance(prompt, str | list):
+        raise DataError(f"{where}: needs a 'prompt' (a string or a list of chat messages like {CHAT_SHAPE}); "
+                        f"got {'keys ' + str(sorted(r)) if prompt is None else repr(prompt)[:60]}")
+    if isinstance(prompt, list):
+        if not prompt:
+            raise DataError(f"{where}: 'prompt' is an empty list of chat messages; give {CHAT_SHAPE} or a string")
+        for j, m in enumerate(prompt, 1):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m):
+                raise DataError(f"{where}: chat message {j} of 'prompt' is {repr(m)[:60]}; each message needs a "
+                                f"'role' and a 'content', like {CHAT_SHAPE}")
+    if not isinstance(r.get("domain"), str) or not r["domain"]:
+        raise DataError(f"{where}: needs a 'domain' string naming the teacher's domain (teachers.<name>.domains); "
+                        f"got {r.get('domain')!r}")
+
+
+def encode_prompt(tokenizer: Any, prompt: str | list[dict], add_special_tokens: bool | None = None) -> list[int]:
+    """Prompt ids exactly as the tokenizer intends, for training, evaluation, teacher scoring and the world
+    alike: plain text with the tokenizer's own special tokens (a Llama/Gemma-style `<bos>`), chat messages
+    through the chat template with the generation prompt. `add_special_tokens` (`data.add_special_tokens`)
+    overrides the tokenizer's default for plain text."""
+    if isinstance(prompt, str):
+        special = True if add_special_tokens is None else add_special_tokens
+        return list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("a chat-message prompt needs a tokenizer with a chat template; give plain-text prompts, "
+                        "add a chat_template to the student's tokenizer_config.json, or use a student whose "
+                        "tokenizer has one")
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def encode_rows(tokenizer: Any, rows: list[dict], max_prompt_tokens: int,
+                add_special_tokens: bool | None = None) -> list[list[int]]:
+    """Every row's prompt ids. A prompt with characters the vocabulary lacks (they would silently become
+    `<unk>`) is refused naming every such row and its characters; a chat prompt without a chat template, a
+    prompt over `max_prompt_tokens` or an empty one is refused naming the row."""
+    out = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    unknown_chars: list[tuple[str, list[str]]] = []
     for r in rows:
-        ids = encode_prompt(tokenizer, r["prompt"])
+        try:
+            ids = encode_prompt(tokenizer, r["prompt"], add_special_tokens)
+        except DataError as e:
+            raise DataError(f"prompt of row '{r['id']}': {e}") from None
+        except Exception as e:  # noqa: BLE001 - a chat template that cannot render these messages
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise DataError(f"prompt of row '{r['id']}' cannot be encoded ({type(e).__name__}: {first}); fix the "
+                            "row's messages or the tokenizer's chat template") from None
+        if unk is not None and unk in ids and isinstance(r["prompt"], str):
+            bad = sorted({ch for ch in r["prompt"] if tokenizer(ch, add_special_tokens=False)["input_ids"] == [unk]})
+            unknown_chars.append((str(r["id"]), bad))
+            continue
         if len(ids) > max_prompt_tokens:
             raise DataError(f"prompt of row '{r['id']}' has {len(ids)} tokens, over data.max_prompt_tokens="
                             f"{max_prompt_tokens}; shorten it or raise data.max_prompt_tokens")
         if not ids:
-            raise DataError(f"prompt of row '{r['id']}' is empty after tokenization")
+            raise DataError(f"prompt of row '{r['id']}' is empty after tokenization; remove the row or give it "
+                            "a prompt")
         out.append(ids)
+    if unknown_chars:
+        listed = ", ".join(f"row '{i}': {chars}" for i, chars in unknown_chars[:MAX_LISTED])
+        more = f" and {len(unknown_chars) - MAX_LISTED} more row(s)" if len(unknown_chars) > MAX_LISTED else ""
+        raise DataError(f"{len(unknown_chars)} prompt(s) have characters outside the student's vocabulary (they "
+                        f"would become <unk>): {listed}{more}; remove those characters or use a tokenizer that "
+                        "covers them")
     return out
+
+
+def check_domain_mix(rows: list[dict], mix: dict[str, float] | None) -> None:
+    """`data.domain_mix` may only name domains the rows have (a typo would silently drop that domain)."""
+    if not mix:
+        return
+    present = sorted({r["domain"] for r in rows})
+    unknown = sorted(set(mix) - set(present))
+    if unknown:
+        raise DataError(f"data.domain_mix names domain(s) with no rows in data.train_files: {unknown}; the rows' "
+                        f"domains are {present}: fix the name or drop it from data.domain_mix")
+    if not any(float(mix.get(d, 0.0)) > 0 for d in present):
+        raise DataError("data.domain_mix gives every domain weight 0")
 
 
 class DomainMixSampler:
@@ -80,10 +182,8 @@ class DomainMixSampler:
         for i, r in enumerate(rows):
             self.by_domain.setdefault(r["domain"], []).append(i)
         self.domains = sorted(self.by_domain)
+        check_domain_mix(rows, mix)
         if mix:
-            unknown = sorted(set(mix) - set(self.domains))
-            if unknown:
-                raise DataError(f"data.domain_mix names domains with no rows: {unknown}; present: {self.domains}")
             w = np.array([float(mix.get(d, 0.0)) for d in self.domains])
         else:
             w = np.array([len(self.by_domain[d]) for d in self.domains], dtype=float)

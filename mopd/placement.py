@@ -11,6 +11,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
+from ray.util import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 from mopd.config import ConfigError, MopdConfig
 from mopd.ray_cluster import cluster_address
 
@@ -73,8 +77,6 @@ class Placement:
 
     def strategies(self, role: str) -> list[Any] | None:
         """Scheduling strategies for the role's actors, one per bundle; None if the role has no bundles."""
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         if role not in self.plan.roles:
             return None
         return [PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=i)
@@ -82,8 +84,6 @@ class Placement:
 
     def remove(self) -> None:
         """Frees the bundles; Ray ends any actor still running in them."""
-        from ray.util import remove_placement_group
-
         remove_placement_group(self.pg)
 
 
@@ -93,9 +93,6 @@ def reserve(cfg: MopdConfig, trainer: bool = True, fixed_cluster: bool | None = 
     A private local cluster can never grow, so a request it cannot hold fails at once; a running cluster
     may be adding nodes, so that one gets `ray.placement_timeout_s`.
     """
-    import ray
-    from ray.util import placement_group
-
     plan = plan_bundles(cfg, trainer)
     strategy = cfg.ray.placement_strategy
     if fixed_cluster is None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,13 @@ def connect(url: str) -> Any:
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(url)
+        # Ray's client lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the URL it is given; here the URL
+        # was already chosen (--address first), so hide them while it resolves the address.
+        saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+        try:
+            return JobSubmissionClient(url)
+        finally:
+            os.environ.update(saved)
     except AuthenticationError:
         raise SubmitError(
             f"the Ray cluster at {url} requires its auth token: export RAY_AUTH_MODE=token in this shell (the token "
@@ -57,6 +65,9 @@ def connect(url: str) -> Any:
     except (ConnectionError, RuntimeError) as e:
         raise SubmitError(f"no Ray job server answers at {url} ({str(e).splitlines()[0][:200]}); check the URL is the "
                           f"head's dashboard port (8265 by default, not the GCS --port), or {START_HEAD}") from None
+
+
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
 
 
 def runtime_env(cfg: MopdConfig, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -71,6 +82,11 @@ def runtime_env(cfg: MopdConfig, environ: Mapping[str, str] = os.environ) -> dic
         raise SubmitError(f"ray.runtime_env.env_vars_from_env names {', '.join(missing)} but this shell does not set "
                           "it: export it before submitting, or remove it from the list")
     env_vars = {**env.env_vars, **{n: environ[n] for n in env.env_vars_from_env}}
+    secret = [n for n in env.env_vars_from_env if _SECRET_NAME.search(n)]
+    if secret:
+        warnings.warn(f"ray.runtime_env.env_vars_from_env sends {', '.join(secret)} in the job's runtime env, which "
+                      "Ray writes in clear to its session logs on the cluster (runtime_env_agent.log); on a shared "
+                      "cluster export it on the nodes before `ray start` instead", stacklevel=2)
     return {"working_dir": str(wd.resolve()), "excludes": list(env.excludes), "env_vars": env_vars}
 
 

@@ -1,71 +1,77 @@
 """The MOPD step loop, top to bottom.
 
-sample prompts -> student engines roll out -> each domain's teacher scores the student's tokens ->
-advantages + train/inference correction -> optimizer step -> weights synced into the engines in place
--> metrics, checkpoints, evaluation.
+The batch producer samples prompts, rolls out on the student engines, verifies and has each domain's
+teacher score the student's tokens; the trainer recomputes pi_old, applies the train/inference
+correction, builds advantages and steps; the new weights are synced into the engines in place; one
+logger records the step; checkpoints and evaluations happen on their schedule.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import ray
 import torch
+from transformers import AutoTokenizer
 
 from mopd.atomic import write_text
-from mopd.batch import build_batch
 from mopd.checkpoint import latest_checkpoint
 from mopd.config import MopdConfig, to_yaml
-from mopd.data import DomainMixSampler, encode_rows, load_rows
-from mopd.engines import start_engines
-from mopd.evaluate import eval_rows, evaluate
-from mopd.loggers import check_logger_packages
-from mopd.metrics import make_sinks
+from mopd.data import check_domain_mix, encode_rows, load_rows
+from mopd.engine_group import start_engines
+from mopd.evaluate import eval_rows, evaluate, evaluate_teachers
+from mopd.logger import check_logger_packages, make_run_logger
+from mopd.memory import run_memory
 from mopd.placement import reserve
-from mopd.quickstart import prepare_world
-from mopd.ray_cluster import init_ray
+from mopd.producer import BatchProducer, StepBatch, batch_digest
+from mopd.ray_cluster import cluster_address, init_ray
 from mopd.report import result_table
-from mopd.round import domain_summary, rollout, score_with_teachers, teacher_rollout, verify_samples
+from mopd.run_dir import prepare_run_dir
+from mopd.samples import domain_summary
+from mopd.timing import timed
 from mopd.trainer_actor import RemoteTrainer
-from stability.dashboard import render_dashboard
-from teachers.preflight import require_preflight
+from teachers.preflight import check_models, require_preflight
 from teachers.registry import TeacherRegistry
 
+__all__ = ["train", "main_train", "batch_digest"]
 
-def train(cfg: MopdConfig, resume: bool = False, log=print) -> dict:
-    from transformers import AutoTokenizer
 
+def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+    """One run; `resume` continues the run dir's last checkpoint, `overwrite` replaces a run already there
+    (without either, a run dir that holds a run is refused: nothing is lost silently)."""
     t_start = time.perf_counter()
     run_dir = Path(cfg.logging.run_dir)
-    ck = latest_checkpoint(run_dir) if resume else None
-    if resume and ck is None:
-        log(f"no checkpoint under {run_dir}/checkpoints; starting from step 0")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ck = prepare_run_dir(run_dir, resume, overwrite, log)
     write_text(run_dir / "config.yaml", to_yaml(cfg))
 
     # -- data, teachers, engines: every check that can fail runs before step 1 ---------------------
     check_logger_packages(cfg.logging.sinks, cfg)
-    prepare_world(cfg)
+    check_models(cfg, student_path=str(ck / "model") if ck else None, log=log)  # folders, weights finite, top-k
     tokenizer = AutoTokenizer.from_pretrained(cfg.student.path)
     registry = TeacherRegistry.from_config(cfg, tokenizer)
     rows = load_rows(cfg.data.train_files)
     registry.group([r["domain"] for r in rows], [r["id"] for r in rows])
-    prompt_ids = encode_rows(tokenizer, rows, cfg.data.max_prompt_tokens)
-    sampler = DomainMixSampler(rows, cfg.data.domain_mix, cfg.trainer.seed)
+    check_domain_mix(rows, cfg.data.domain_mix)
+    prompt_ids = encode_rows(tokenizer, rows, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens)
     evals = eval_rows(cfg)
+    registry.group([r["domain"] for r in evals], [r["id"] for r in evals])
+    encode_rows(tokenizer, evals, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens)  # refused now, not later
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.host, log_to_driver=cfg.ray.log_to_driver)
     placement = reserve(cfg)  # every engine's and the trainer's bundle, or a clear error
     log(f"placement group ready in {placement.ready_s:.1f} s ({cfg.ray.placement_strategy}): {placement.plan.describe()}")
     trainer = RemoteTrainer(cfg, str(ck / "model") if ck else cfg.student.path, placement)  # an actor in its bundle
-    start_step = 0
-    state: dict = {}
+    state: dict = trainer.load(ck) if ck is not None else {}
     if ck is not None:
-        state = trainer.load(ck)
-        start_step = state["step"]
-        log(f"resumed from {ck} at step {start_step}")
+        log(f"resumed from {ck} at step {state['step']}")
     engines = start_engines(cfg, registry, placement)
+    stop = _StopSignals()
     try:
         trainer.ready()
         if ck is not None:
@@ -73,96 +79,171 @@ def train(cfg: MopdConfig, resume: bool = False, log=print) -> dict:
         log(f"engines up in {engines.startup_s:.1f} s")
         # The same checks as `mopd teachers check`, on the engines this run will use.
         require_preflight(cfg, engines.teachers, tokenizer, rows, log=log)
-        sinks = make_sinks(cfg.logging.sinks, run_dir, start_step if ck else None, cfg)
-
-        def record(step: int, metrics: dict) -> None:
-            for s in sinks:
-                s.log(step, metrics)
+        start_step = state.get("step", 0)
+        logger = make_run_logger(cfg, run_dir, start_step if ck else None)
+        producer = BatchProducer(cfg, engines.students, engines.teachers, registry, tokenizer, rows, prompt_ids)
+        actors = {"trainer": trainer.actor, **engines.named_actors()}
+        private = cluster_address(cfg.ray.address) is None
 
         before = state.get("eval_before")
         if before is None:
             before = evaluate(cfg, engines, registry, tokenizer, evals)
-            record(0, _eval_metrics(before))
+            logger.log(0, _eval_metrics(before))
         log("before: " + _eval_line(before))
+        teacher_acc = state.get("eval_teacher")
+        if teacher_acc is None and (producer.objective.needs_teacher_scores or producer.objective.teacher_samples):
+            teacher_acc = evaluate_teachers(cfg, engines, registry, tokenizer, evals)
 
-        a, r, t = cfg.algorithm, cfg.rollout, cfg.trainer
-        need_teacher = a.objective not in ("orm", "sft")
-        bar = _progress(cfg, start_step)
-        step = start_step
-        train_s = state.get("train_s", 0.0)
-        saved_step = start_step
-        while step < t.steps:
+        t = cfg.trainer
+        step, train_s, saved_step = start_step, state.get("train_s", 0.0), start_step
+        by_time = t.schedule_horizon == "wallclock"  # the schedule spans the time budget; the run ends by time
+        last_step = sys.maxsize if by_time else t.steps
+
+        def extra() -> dict:
+            return {"eval_before": before, "eval_teacher": teacher_acc, "train_s": train_s}
+
+        faults = dict.fromkeys(("faults/engine_restarts", "faults/trainer_restarts", "faults/redone_steps"), 0)
+        pids = engines.pids()
+
+        def recover(err: Exception, failed_step: int) -> int:
+            """An actor died during `failed_step`: wait for Ray to restart engines (and re-sync them: a restarted
+            student engine holds its initial weights), or rebuild a dead trainer from the last checkpoint.
+            Returns the last step that stands; the loop redoes the rest from the same inputs and seeds."""
+            nonlocal trainer, logger, train_s, saved_step, pids
+            restarted = engines.wait_restarted(pids)
+            pids = engines.pids()
+            done = failed_step - 1
+            if not trainer.alive():
+                if faults["faults/trainer_restarts"] >= cfg.ray.max_restarts:
+                    raise RuntimeError(f"the trainer actor died {faults['faults/trainer_restarts'] + 1} times "
+                                       f"(ray.max_restarts={cfg.ray.max_restarts}); the last checkpoint is intact: "
+                                       "continue with --resume") from err
+                faults["faults/trainer_restarts"] += 1
+                trainer.close()
+                last = latest_checkpoint(run_dir)
+                trainer = RemoteTrainer(cfg, str(last / "model") if last else cfg.student.path, placement)
+                st = trainer.load(last) if last else {}
+                done, train_s, saved_step = st.get("step", 0), st.get("train_s", 0.0), st.get("step", 0)
+                logger.close()
+                logger = make_run_logger(cfg, run_dir, done)  # drops the records of steps about to be redone
+                actors["trainer"] = trainer.actor
+            elif not restarted:
+                raise err  # every actor is alive: not a fault to recover from
+            faults["faults/engine_restarts"] += len(restarted)
+            faults["faults/redone_steps"] += failed_step - done
+            trainer.sync(engines.students)
+            log(f"step {failed_step}: {', '.join(restarted) or 'the trainer'} died and came back; continuing "
+                f"from step {done + 1} with the same data and seeds")
+            return done
+
+        while step < last_step:
             if t.max_wallclock_s and train_s >= t.max_wallclock_s:
                 log(f"stopping at step {step}: trainer.max_wallclock_s={t.max_wallclock_s} reached")
                 break
-            t0 = time.perf_counter()
-            idx = sampler.batch(step, t.prompts_per_step)
-            batch_ids, batch_rows = [prompt_ids[i] for i in idx], [rows[i] for i in idx]
-            seed = t.seed * 1_000_003 + step * 10_007
-            if a.objective == "sft":  # baseline: the teachers generate, the student imitates off-policy
-                samples = teacher_rollout(engines.teachers, registry, batch_ids, batch_rows, n=r.n,
-                                          temperature=r.temperature, max_tokens=r.max_tokens, seed=seed)
-            else:
-                samples = rollout(engines.students, batch_ids, batch_rows, n=r.n, temperature=r.temperature,
-                                  top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)
-            t_roll = time.perf_counter() - t0
-            verify_samples(samples, tokenizer)
-            t1 = time.perf_counter()
-            if need_teacher:
-                score_with_teachers(engines.teachers, registry, samples, top_k=a.teacher_top_k)
-            t_teacher = time.perf_counter() - t1
-            batch = build_batch(samples, tokenizer.pad_token_id)
-            metrics = trainer.step(batch)
-            t_sync = trainer.sync(engines.students)
+            if stop.signal is not None:  # preemption or Ctrl-C: keep every finished step, then leave
+                log(f"{stop.name} received: saving step {step} and stopping (continue with --resume)")
+                break
             step += 1
-            step_s = time.perf_counter() - t0
+            metrics: dict[str, float] = {}
+            try:
+                with timed("step", metrics):
+                    sb = producer.get(step)
+                    metrics.update(sb.metrics)
+                    metrics.update(trainer.step(sb.batch, train_s / t.max_wallclock_s if by_time else None))
+                    with timed("sync", metrics):
+                        trainer.sync(engines.students)
+            except ray.exceptions.RayActorError as e:  # an engine or the trainer died mid-step
+                step = recover(e, step)
+                continue
+            metrics.update(faults)
+            step_s = metrics["timing_s/step"]
             train_s += step_s
-            n_tok = int(batch.mask_BT.sum())
-            metrics.update({
-                "timing_s/rollout": t_roll, "timing_s/teacher": t_teacher, "timing_s/sync": t_sync,
-                "timing_s/step": step_s, "perf/tokens_per_s": n_tok / step_s, "perf/peak_rss_gb": _peak_rss_gb(),
-                "response_length/mean": n_tok / batch.size,
-                "response_length/max": float(batch.mask_BT.sum(1).max()),
-            })
-            metrics["data/batch_digest"] = batch_digest([rows[i]["id"] for i in idx])
-            for d, s in domain_summary(samples).items():
-                metrics[f"reward/{d}/acc"] = s["acc"]
-            record(step, metrics)
-            bar.update(step, metrics)
-            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                record(step, _eval_metrics(evaluate(cfg, engines, registry, tokenizer, evals)))
-            if cfg.logging.dashboard_every and step % cfg.logging.dashboard_every == 0:
-                render_dashboard([run_dir], run_dir / "dashboard.html")
-            if (t.save_every and step % t.save_every == 0) or step == t.steps:
-                trainer.save(run_dir, step, {"eval_before": before, "train_s": train_s})
+            metrics.update(_step_record(sb, step_s, metrics))
+            if step == start_step + 1 or step % MEMORY_EVERY == 0:
+                metrics.update(run_memory(actors, private))
+            logger.log(step, metrics)
+            if t.eval_every and step % t.eval_every == 0 and step < last_step:
+                logger.log(step, _eval_metrics(evaluate(cfg, engines, registry, tokenizer, evals)))
+            if (t.save_every and step % t.save_every == 0) or step == last_step:
+                trainer.save(run_dir, step, extra())
                 saved_step = step
-        bar.close()
 
+        if stop.signal is not None:
+            if saved_step != step:
+                trainer.save(run_dir, step, extra())
+            logger.close()
+            raise Interrupted(stop.signal)
         after = evaluate(cfg, engines, registry, tokenizer, evals)
-        record(step, _eval_metrics(after))
+        logger.log(step, _eval_metrics(after))
         if saved_step != step:  # stopped by the wall-clock budget between checkpoints
-            trainer.save(run_dir, step, {"eval_before": before, "train_s": train_s})
-        teachers_acc = _teacher_accuracy(cfg)
-        result = {"experiment": cfg.experiment, "objective": a.objective, "steps": step, "train_s": train_s,
-                  "total_s": time.perf_counter() - t_start, "before": before, "after": after, "teacher": teachers_acc}
+            trainer.save(run_dir, step, extra())
+        result = {"experiment": cfg.experiment, "objective": str(cfg.algorithm.objective), "steps": step,
+                  "train_s": train_s, "total_s": time.perf_counter() - t_start, "before": before, "after": after,
+                  "teacher": teacher_acc or {}}
         write_text(run_dir / "result.json", json.dumps(result, indent=2))
-        render_dashboard([run_dir], run_dir / "dashboard.html")
+        logger.close()  # also re-renders the dashboard
         table = result_table(result)
         write_text(run_dir / "result.md", table + "\n")
         log(table)
-        for s in sinks:
-            s.close()
     finally:  # an error mid-run must not leave actors or the placement group on a shared cluster
+        stop.restore()
         trainer.close()
         engines.shutdown()  # also removes the placement group
     return result
 
 
-def batch_digest(row_ids: list[str]) -> int:
-    """A short fingerprint of a step's prompts, so resumed runs can be checked for the same data order."""
-    import hashlib
+class Interrupted(Exception):
+    """SIGTERM/SIGINT stopped the run after its last finished step was checkpointed."""
 
-    return int(hashlib.sha256(",".join(row_ids).encode()).hexdigest()[:12], 16)
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopSignals:
+    """SIGTERM (preemption, `ray job stop`) and SIGINT (Ctrl-C) only set a flag: the loop finishes the step
+    it is in, saves it and stops, so a preempted job loses nothing and continues with `--resume`. A second
+    signal of the same kind gets the default behaviour (stop now)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal is not None else ""
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.signal == signum:
+            self.restore()
+            signal.raise_signal(signum)
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+# Memory of every process is read on the first step and every this many steps (a call per actor).
+MEMORY_EVERY = 10
+_STAGES = ("rollout", "teacher", "old_log_prob", "train", "sync")
+
+
+def _step_record(sb: StepBatch, step_s: float, metrics: dict[str, float]) -> dict[str, float]:
+    """Step-level figures: timings (with the unaccounted rest as timing_s/other), throughput, lengths,
+    the data digest and the verifiers' accuracy per domain."""
+    b = sb.batch
+    n_tok = int(b.mask_BT.sum())
+    out = {"timing_s/other": max(0.0, step_s - sum(metrics.get(f"timing_s/{s}", 0.0) for s in _STAGES)),
+           "perf/tokens_per_s": n_tok / step_s, "response_length/mean": n_tok / b.size,
+           "response_length/max": float(b.mask_BT.sum(1).max()), "data/batch_digest": sb.digest}
+    for d, s in domain_summary(sb.samples).items():
+        out[f"reward/{d}/acc"] = s["acc"]
+    return out
 
 
 def _eval_metrics(summary: dict) -> dict[str, float]:
@@ -177,42 +258,14 @@ def _eval_line(summary: dict) -> str:
     return ", ".join(f"{d} acc {s['acc']:.2f} kl {s['teacher_kl']:.2f}" for d, s in summary.items())
 
 
-def _teacher_accuracy(cfg: MopdConfig) -> dict[str, float]:
-    """Each domain's own teacher accuracy, from the world's build record when this is the quickstart world."""
-    p = Path(cfg.world.dir) / "world.json"
-    if not p.exists():
-        return {}
-    acc = json.loads(p.read_text()).get("accuracy", {})
-    return {k.split("/", 1)[1]: v[k.split("/", 1)[1]] for k, v in acc.items() if k.startswith("teacher/")}
-
-
-def _peak_rss_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-
-
-class _progress:
-    def __init__(self, cfg: MopdConfig, start: int) -> None:
-        self.bar = None
-        if cfg.logging.progress_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=cfg.trainer.steps, initial=start, desc="mopd", dynamic_ncols=True)
-
-    def update(self, step: int, m: dict) -> None:
-        if self.bar is None:
-            return
-        acc = " ".join(f"{k.split('/')[1]}={v:.2f}" for k, v in m.items() if k.startswith("reward/") and v == v)
-        self.bar.set_postfix_str(f"kl={m.get('mopd/teacher_kl', float('nan')):.3f} {acc}")
-        self.bar.update(step - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def main_train(cfg: MopdConfig, resume: bool) -> int:
+def main_train(cfg: MopdConfig, resume: bool, overwrite: bool = False) -> int:
+    """`mopd train`: 0 when the run finished, or when SIGTERM stopped it after saving (a preemption is not a
+    failure); 130 after Ctrl-C."""
     torch.set_num_threads(max(1, cfg.ray.num_cpus))
-    train(cfg, resume=resume)
+    try:
+        train(cfg, resume=resume, overwrite=overwrite)
+    except Interrupted as e:
+        print(f"mopd: stopped by {e}; the last finished step is checkpointed: continue with --resume",
+              file=sys.stderr)
+        return 0 if e.signum == signal.SIGTERM else 130
     return 0

@@ -8,15 +8,22 @@ moves tensors between them and the model.
 from __future__ import annotations
 
 import math
-import time
 from contextlib import nullcontext
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DeepSpeedPlugin
+from transformers import AutoModelForCausalLM
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from mopd.batch import TrainBatch
 from mopd.config import MopdConfig
-from mopd.losses import pg_loss, reverse_kl_loss, token_entropy
+from mopd.losses import token_entropy
+from mopd.objectives import LossInputs, get_objective
+from mopd.schedules import make_lr_scheduler
+from mopd.timing import timed
 from rewards.advantages import advantage_metrics, combine_advantages, grpo_outcome_advantage, mopd_advantage
 from stability.correction import correction_weights
 from stability.diagnostics import mismatch_metrics, teacher_kl
@@ -24,20 +31,6 @@ from stability.diagnostics import mismatch_metrics, teacher_kl
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-def lr_lambda(schedule: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        frac = min(1.0, (step - warmup) / max(1, total - warmup))
-        if schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * frac))
-        if schedule == "linear":
-            return 1.0 - frac
-        return 1.0
-
-    return f
 
 
 def _single_process_dist_env() -> None:
@@ -56,28 +49,20 @@ def _single_process_dist_env() -> None:
 
 class Trainer:
     def __init__(self, cfg: MopdConfig, model_path: str) -> None:
-        from accelerate import Accelerator
-        from transformers import AutoModelForCausalLM
-
         self.cfg = cfg
+        self.objective = get_objective(cfg.algorithm.objective)
         t = cfg.trainer
         torch.manual_seed(t.seed)
         plugin = None
         if t.backend == "deepspeed":
             _single_process_dist_env()
-            from accelerate.utils import DeepSpeedPlugin
-
             plugin = DeepSpeedPlugin(zero_stage=t.zero_stage, gradient_clipping=t.grad_clip,
                                      gradient_accumulation_steps=1, zero3_save_16bit_model=True)
         # One trainer per process owns accelerate's process-wide state (tests build several in a row).
-        from accelerate.state import AcceleratorState
-
         AcceleratorState._reset_state(reset_partial_state=True)
         if plugin is None:
             # A ZeRO-3 trainer earlier in this process leaves transformers partitioning every model it
             # loads afterwards; a plain trainer must not inherit that.
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
             unset_hf_deepspeed_config()
         # accelerate's cpu=True would drop the DeepSpeed plugin; without CUDA it picks the CPU anyway.
         self.acc = Accelerator(cpu=plugin is None and not torch.cuda.is_available(), deepspeed_plugin=plugin,
@@ -86,7 +71,7 @@ class Trainer:
             self.acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.micro_batch_size
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
+        sched = make_lr_scheduler(opt, t)  # before prepare: the peak lr is read from the optimizer
         self.model, self.opt, self.sched = self.acc.prepare(model, opt, sched)
         self.bad_steps = 0
         # R3: force every router to the experts the engine used (hooks sit on the inner modules, so they
@@ -146,20 +131,32 @@ class Trainer:
             self.r3_counts = None
         return torch.cat(out)
 
-    # -- one optimizer step --------------------------------------------------------------------
-    def step(self, b: TrainBatch) -> dict[str, float]:
-        a, t = self.cfg.algorithm, self.cfg.trainer
+    # -- one optimizer step: pi_old + diagnostics, advantages, optimisation --------------------
+    def step(self, b: TrainBatch, progress: float | None = None) -> dict[str, float]:
+        """One update. `progress` in [0, 1] (a wall-clock schedule horizon) sets where the LR schedule is,
+        instead of counting steps."""
         metrics: dict[str, float] = {}
-        t0 = time.perf_counter()
-        old_BT = self.logprobs(b)
-        metrics["timing_s/reference"] = time.perf_counter() - t0
-        mask = b.mask_BT
-        if a.objective == "sft":
-            return self._sft_step(b, metrics)
-        weights, corr = correction_weights(a.correction, old_BT, b.rollout_logprobs_BT, mask,
-                                           low=a.icepop_low, high=a.icepop_high, cap=a.tis_cap)
+        with timed("old_log_prob", metrics):
+            old_BT = self.logprobs(b)
+        weights_BT = self.correction(b, old_BT, metrics)
+        adv_BT = self.advantages(b, old_BT, metrics)
+        if progress is not None:  # LambdaLR.step() advances last_epoch by one, then evaluates the schedule
+            inner = getattr(self.sched, "scheduler", self.sched)  # accelerate wraps the LambdaLR
+            inner.last_epoch = round(min(max(progress, 0.0), 1.0) * self.cfg.trainer.steps) - 1
+        with timed("train", metrics):
+            self.optimize(b, old_BT, adv_BT, weights_BT, metrics)
+        return metrics
+
+    def correction(self, b: TrainBatch, old_BT: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor | None:
+        """IcePop/TIS weights from pi_old vs the engine's mu, and the mismatch and routing diagnostics."""
+        a = self.cfg.algorithm
+        if not self.objective.corrected:  # teacher samples: the student's engine never sampled them
+            return None
+        weights_BT, corr = correction_weights(str(a.correction), old_BT, b.rollout_logprobs_BT, b.mask_BT,
+                                              low=a.icepop_low, high=a.icepop_high, cap=a.tis_cap)
         metrics.update(corr)
-        metrics.update(mismatch_metrics(old_BT, b.rollout_logprobs_BT, mask, weights))
+        metrics.update(mismatch_metrics(old_BT, b.rollout_logprobs_BT, b.mask_BT, weights_BT,
+                                        low=a.icepop_low, high=a.icepop_high))
         if self.r3_counts is not None:
             # r3/router_agreement: the routing the trainer's forward used vs the engine's (1.0 on replayed
             # positions with R3 on); r3/own_router_agreement: what the router itself would have picked.
@@ -167,47 +164,47 @@ class Trainer:
             own = self.r3_counts.metrics()
             metrics["r3/own_router_agreement"] = own["r3/router_agreement"]
             metrics["r3/own_token_any_mismatch"] = own["r3/token_any_mismatch"]
-        a_mopd = mopd_advantage(b.teacher_logprobs_BT, old_BT, mask)
-        a_orm = None
-        if a.alpha_orm != 0:
-            scores = torch.nan_to_num(b.scores_B, nan=0.0)
-            a_orm = grpo_outcome_advantage(scores, b.group_B)
-        if a.objective == "orm":  # outcome-only RL baseline (GRPO advantages), no teacher term
-            a_orm = grpo_outcome_advantage(torch.nan_to_num(b.scores_B, nan=0.0), b.group_B)
-            adv = combine_advantages(torch.zeros_like(a_mopd), a_orm, 1.0, mask)
+        return weights_BT
+
+    def advantages(self, b: TrainBatch, old_BT: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor:
+        """Per-token advantages for the objective, and the teacher KL overall and per domain."""
+        a, mask = self.cfg.algorithm, b.mask_BT
+        kind = self.objective.advantage
+        if kind == "none":
+            return mask.clone()
+        scores_B = torch.nan_to_num(b.scores_B, nan=0.0)
+        if kind == "orm":
+            adv = combine_advantages(torch.zeros_like(mask), grpo_outcome_advantage(scores_B, b.group_B), 1.0, mask)
         else:
+            a_mopd = mopd_advantage(b.teacher_logprobs_BT, old_BT, mask, clip=a.advantage_clip)
+            a_orm = grpo_outcome_advantage(scores_B, b.group_B) if a.alpha_orm != 0 else None
             adv = combine_advantages(a_mopd, a_orm, a.alpha_orm, mask)
         metrics.update(advantage_metrics(adv, mask))
-        if a.objective != "orm":  # outcome-only RL never asks a teacher
+        if self.objective.needs_teacher_scores:
             metrics["mopd/teacher_kl"] = teacher_kl(old_BT, b.teacher_logprobs_BT, mask)
             for d in sorted(set(b.domains)):
                 rows = [i for i, x in enumerate(b.domains) if x == d]
                 metrics[f"mopd/teacher_kl/{d}"] = teacher_kl(old_BT[rows], b.teacher_logprobs_BT[rows], mask[rows])
+        return adv
 
-        t1 = time.perf_counter()
-        use_pg = a.objective in ("pg", "mixed", "orm")
-        use_kl = a.objective in ("reverse_kl", "mixed")
-        several = a.ppo_epochs > 1
-        if use_kl and b.teacher_topk_ids_BTK is None:
-            raise ValueError(f"algorithm.objective={a.objective} needs the teachers' top-k log-probs, but the batch "
-                             "has none; set algorithm.teacher_top_k (-1 = whole vocabulary)")
+    def optimize(self, b: TrainBatch, old_BT: torch.Tensor, adv_BT: torch.Tensor, weights_BT: torch.Tensor | None,
+                 metrics: dict[str, float]) -> None:
+        """`ppo_epochs` passes over the batch in micro-batches, gradients accumulated, one step per pass."""
+        a, t = self.cfg.algorithm, self.cfg.trainer
+        mask = b.mask_BT
+        grad_norm = float("nan")
         for _ in range(a.ppo_epochs):
-            sums = {"actor/pg_loss": 0.0, "actor/kl_loss": 0.0, "actor/entropy": 0.0}
+            sums: dict[str, float] = {"actor/loss": 0.0, "actor/entropy": 0.0}
             for idx in self._micro(b):
                 mb = b.select(idx)
                 frac = len(idx) / b.size
                 lp_BT, logp_BTV = self._forward(mb)
-                loss = torch.zeros((), dtype=torch.float32)
-                if use_pg:
-                    pg, _ = pg_loss(lp_BT, adv[idx], weights[idx], mask[idx],
-                                    old_BT[idx] if several else None, a.ppo_clip if several else None)
-                    loss = loss + pg
-                    sums["actor/pg_loss"] += pg.item() * frac
-                if use_kl:
-                    kl, _ = reverse_kl_loss(logp_BTV, mb.teacher_topk_ids_BTK, mb.teacher_topk_logprobs_BTK,
-                                            weights[idx], mask[idx])
-                    loss = loss + a.kl_coef * kl
-                    sums["actor/kl_loss"] += kl.item() * frac
+                x = LossInputs(lp_BT, logp_BTV, adv_BT[idx], None if weights_BT is None else weights_BT[idx],
+                               mask[idx], old_BT[idx], mb.teacher_topk_ids_BTK, mb.teacher_topk_logprobs_BTK)
+                loss, parts = self.objective.loss(x, a)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v * frac
+                sums["actor/loss"] += loss.item() * frac
                 with torch.no_grad():
                     sums["actor/entropy"] += token_entropy(logp_BTV, mask[idx]).item() * frac
                 if not torch.isfinite(loss):
@@ -215,7 +212,7 @@ class Trainer:
                 self.acc.backward(loss * frac)
             grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            if not math.isfinite(grad_norm) and self.cfg.trainer.backend != "deepspeed":
+            if not math.isfinite(grad_norm) and t.backend != "deepspeed":
                 self.opt.zero_grad()
                 self.bad_steps += 1
                 if self.bad_steps >= 3:
@@ -229,26 +226,6 @@ class Trainer:
         metrics.update(sums)
         metrics["actor/grad_norm"] = grad_norm
         metrics["actor/lr"] = self.sched.get_last_lr()[0]
-        metrics["timing_s/train"] = time.perf_counter() - t1
-        return metrics
-
-    def _sft_step(self, b: TrainBatch, metrics: dict[str, float]) -> dict[str, float]:
-        """Off-policy SFT baseline: token-mean NLL of teacher samples (pg_loss with A = 1, w = 1)."""
-        t1 = time.perf_counter()
-        nll = 0.0
-        for idx in self._micro(b):
-            frac = len(idx) / b.size
-            lp_BT, _ = self._forward(b.select(idx))
-            loss, _ = pg_loss(lp_BT, b.mask_BT[idx], None, b.mask_BT[idx])
-            nll += loss.item() * frac
-            self.acc.backward(loss * frac)
-        grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip))
-        self.opt.step()
-        self.opt.zero_grad()
-        self.sched.step()
-        metrics.update({"actor/sft_loss": nll, "actor/grad_norm": grad_norm, "actor/lr": self.sched.get_last_lr()[0],
-                        "timing_s/train": time.perf_counter() - t1})
-        return metrics
 
     def _nan_message(self, what: str, value: float) -> str:
         return (f"non-finite {what} ({value}) in the trainer; no update was applied and the last checkpoint is "

@@ -12,44 +12,38 @@ import os
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
+from transformers import AutoTokenizer
+
 from mopd.batch import TrainBatch
+from mopd.checkpoint import load_checkpoint, save_checkpoint
 from mopd.config import MopdConfig
 from mopd.placement import Placement
+from mopd.trainer import NonFiniteError, Trainer
 
 
 class TrainerWorker:
     def __init__(self, cfg: MopdConfig, model_path: str) -> None:
-        import torch
-        from transformers import AutoTokenizer
-
-        from mopd.trainer import Trainer
-
         torch.set_num_threads(_threads(cfg))
         self.trainer = Trainer(cfg, model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.student.path)
 
     def ready(self) -> dict[str, Any]:
-        import torch
-
         return {"pid": os.getpid(), "threads": torch.get_num_threads()}
 
-    def step(self, batch: TrainBatch) -> dict[str, float]:
-        return self.trainer.step(batch)
+    def step(self, batch: TrainBatch, progress: float | None = None) -> dict[str, float]:
+        return self.trainer.step(batch, progress)
 
     def sync(self, engines: list[Any]) -> None:
-        import ray
-
         ref = ray.put(self.trainer.state_dict())
         ray.get([e.update_weights.remote(ref) for e in engines])
 
     def save(self, run_dir: str, step: int, extra: dict) -> str:
-        from mopd.checkpoint import save_checkpoint
-
-        return str(save_checkpoint(Path(run_dir), step, self.trainer, self.tokenizer, extra))
+        return str(save_checkpoint(Path(run_dir), step, self.trainer, self.tokenizer, extra,
+                                   keep=self.trainer.cfg.trainer.keep_checkpoints))
 
     def load(self, ck: str) -> dict:
-        from mopd.checkpoint import load_checkpoint
-
         return load_checkpoint(Path(ck), self.trainer)
 
 
@@ -63,8 +57,6 @@ class RemoteTrainer:
     that needs it blocks."""
 
     def __init__(self, cfg: MopdConfig, model_path: str, placement: Placement) -> None:
-        import ray
-
         res = placement.plan.actor_resources("trainer")
         (strategy,) = placement.strategies("trainer") or [None]
         env = {"OMP_NUM_THREADS": str(_threads(cfg)), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
@@ -73,10 +65,6 @@ class RemoteTrainer:
             **res, scheduling_strategy=strategy, runtime_env={"env_vars": env}).remote(cfg, model_path)
 
     def _get(self, ref: Any) -> Any:
-        import ray
-
-        from mopd.trainer import NonFiniteError
-
         try:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as e:  # a trainer error the user can act on keeps its own message
@@ -87,16 +75,12 @@ class RemoteTrainer:
     def ready(self) -> dict[str, Any]:
         return self._get(self.actor.ready.remote())
 
-    def step(self, batch: TrainBatch) -> dict[str, float]:
-        return self._get(self.actor.step.remote(batch))
+    def step(self, batch: TrainBatch, progress: float | None = None) -> dict[str, float]:
+        return self._get(self.actor.step.remote(batch, progress))
 
-    def sync(self, engines: list[Any]) -> float:
-        """Seconds from the driver's call until every engine holds the new weights."""
-        import time
-
-        t0 = time.perf_counter()
+    def sync(self, engines: list[Any]) -> None:
+        """Returns when every engine holds the trainer's current weights."""
         self._get(self.actor.sync.remote(engines))
-        return time.perf_counter() - t0
 
     def save(self, run_dir: Path, step: int, extra: dict) -> Path:
         return Path(self._get(self.actor.save.remote(str(run_dir), step, extra)))
@@ -104,7 +88,12 @@ class RemoteTrainer:
     def load(self, ck: Path) -> dict:
         return self._get(self.actor.load.remote(str(ck)))
 
-    def close(self) -> None:
-        import ray
+    def alive(self) -> bool:
+        try:
+            ray.get(self.actor.ready.remote(), timeout=120)
+            return True
+        except ray.exceptions.RayActorError:
+            return False
 
+    def close(self) -> None:
         ray.kill(self.actor)

@@ -4,7 +4,8 @@ Two signals are combined per response token:
 
 * the dense teacher signal ``A_mopd[t] = sg(log pi_teacher(y_t) - log pi_theta(y_t))``: the per-token
   reverse-KL reward of on-policy distillation; positive where the teacher likes the student's token
-  more than the student does;
+  more than the student does; clamped to ``[-clip, clip]`` (default 10, as verl clamps its k1
+  distillation term) so that a single token the teacher finds near-impossible cannot dominate a batch;
 * an optional outcome signal ``A_orm``: a verifier score per sample, normalised within the group of
   samples drawn for the same prompt (GRPO), broadcast over that sample's tokens.
 
@@ -23,18 +24,34 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DEFAULT_ADVANTAGE_CLIP",
     "mopd_advantage",
     "grpo_outcome_advantage",
     "combine_advantages",
     "advantage_metrics",
 ]
 
+#: Default bound on the dense MOPD advantage ``|log pi_teacher - log pi_theta|`` (verl's ``loss_max_clamp``).
+DEFAULT_ADVANTAGE_CLIP = 10.0
 
-def mopd_advantage(teacher_logprobs_BT: Tensor, student_logprobs_BT: Tensor, mask_BT: Tensor) -> Tensor:
-    """Dense MOPD advantage ``sg(log pi_teacher(y_t) - log pi_theta(y_t))`` per response token.
+
+def mopd_advantage(
+    teacher_logprobs_BT: Tensor,
+    student_logprobs_BT: Tensor,
+    mask_BT: Tensor,
+    clip: float | None = DEFAULT_ADVANTAGE_CLIP,
+) -> Tensor:
+    """Dense MOPD advantage ``sg(clamp(log pi_teacher(y_t) - log pi_theta(y_t), -clip, clip))`` per token.
 
     Why detached: the advantage is a reward, not part of the objective's graph; letting gradient flow
     through ``-log pi_theta`` here would add an entropy-like term nobody asked for.
+
+    Why clipped (``clip``, config ``algorithm.advantage_clip``, default 10; ``None`` disables): one token
+    the teacher gives probability ~0 (log-prob -30, say) would otherwise carry an advantage dozens of
+    times larger than every other token's and dominate the whole batch's gradient. verl bounds the same
+    k1 term the same way: ``DistillationLossConfig.loss_max_clamp`` (dataclass default 10.0; null in its
+    YAML) clamps it to ``[-10, 10]``. The metric ``mopd/teacher_kl`` (``stability.diagnostics.teacher_kl``)
+    is never clipped.
 
     Non-finite inputs at valid positions (e.g. a teacher position the engine returned as ``None`` and
     the caller stored as NaN) give advantage 0 there: no signal is better than a NaN that poisons the
@@ -44,14 +61,19 @@ def mopd_advantage(teacher_logprobs_BT: Tensor, student_logprobs_BT: Tensor, mas
         teacher_logprobs_BT: teacher log-prob of each sampled student token, ``[B, T]``.
         student_logprobs_BT: student (trainer) log-prob of the same tokens, ``[B, T]``.
         mask_BT: 1/True at response tokens, 0/False at prompt/padding, ``[B, T]``.
+        clip: bound on ``|log pi_teacher - log pi_theta|`` (> 0), or None for no bound.
 
     Returns:
         ``[B, T]`` float tensor, detached.
     """
     _check_same_shape(teacher_logprobs_BT=teacher_logprobs_BT, student_logprobs_BT=student_logprobs_BT,
                       mask_BT=mask_BT)
+    if clip is not None and not clip > 0:
+        raise ValueError(f"advantage clip must be > 0 or None (no clipping), got {clip}")
     diff_BT = teacher_logprobs_BT.detach().float() - student_logprobs_BT.detach().float()
     keep_BT = mask_BT.bool() & torch.isfinite(diff_BT)
+    if clip is not None:
+        diff_BT = diff_BT.clamp(-clip, clip)
     return torch.where(keep_BT, diff_BT, torch.zeros_like(diff_BT))
 
 

@@ -1,43 +1,59 @@
-"""Exact outcome verifiers for the quickstart domains (the ORM signal and the eval metric).
+"""Outcome verifiers (the ORM signal and the eval accuracy) as a small registry.
 
-A response counts only if, after cutting at the end-of-sequence token and stripping whitespace, it is
-exactly the reference answer. Strict matching keeps the metric honest: a student that rambles past the
-answer without emitting eos is wrong even when the answer is a prefix of what it said.
+A verifier maps (response text, reference answer) to a score in [0, 1]. Domains get one by registration
+(`register_domain(domain, name)`: what a task suite such as the quickstart world does), a data row can
+name one in its `verifier` field, and a row that has an `answer` but neither uses `exact_match`, so a new
+domain is scored rather than silently left without an outcome.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-EOS = "<eos>"
+Verifier = Callable[[str, str], float]
+
+VERIFIERS: dict[str, Verifier] = {}
+DOMAIN_VERIFIERS: dict[str, str] = {}  # domain -> verifier name
+DEFAULT_VERIFIER = "exact_match"
 
 
-def _clean(text: str) -> str:
-    return text.split(EOS, 1)[0].strip()
+def register_verifier(name: str, fn: Verifier) -> Verifier:
+    """Add a verifier under `name` (re-registering the same function is a no-op, another one is refused)."""
+    if VERIFIERS.get(name, fn) is not fn:
+        raise ValueError(f"a different verifier is already registered as {name!r}")
+    VERIFIERS[name] = fn
+    return fn
 
 
-def verify_add(response_text: str, answer: str) -> float:
-    return float(_clean(response_text) == answer.strip())
+def register_domain(domain: str, verifier: str) -> None:
+    """Score rows of `domain` with the registered verifier `verifier`."""
+    if verifier not in VERIFIERS:
+        raise ValueError(f"no verifier named {verifier!r}; registered: {sorted(VERIFIERS)}")
+    DOMAIN_VERIFIERS[domain] = verifier
 
 
-def verify_rev(response_text: str, answer: str) -> float:
-    return float(_clean(response_text) == answer.strip())
+def exact_match(response_text: str, answer: str) -> float:
+    """1.0 iff the response, stripped of surrounding whitespace, is exactly the answer.
+
+    Strict matching keeps the metric honest: a student that rambles past the answer is wrong even when
+    the answer is a prefix of what it said.
+    """
+    return float(response_text.strip() == answer.strip())
 
 
-def verify_sort(response_text: str, answer: str) -> float:
-    return float(_clean(response_text) == answer.strip())
+register_verifier(DEFAULT_VERIFIER, exact_match)
 
 
-VERIFIERS: dict[str, Callable[[str, str], float]] = {
-    "add": verify_add,
-    "rev": verify_rev,
-    "sort": verify_sort,
-}
-
-
-def verify(domain: str, response_text: str, answer: str) -> float:
-    """1.0 if `response_text` is exactly `answer` for `domain`, else 0.0."""
-    fn = VERIFIERS.get(domain)
+def verifier_for(domain: str, name: str | None = None) -> Verifier:
+    """The verifier a row uses: its own `verifier` field, else its domain's, else `exact_match`."""
+    key = name or DOMAIN_VERIFIERS.get(domain, DEFAULT_VERIFIER)
+    fn = VERIFIERS.get(key)
     if fn is None:
-        raise ValueError(f"no verifier for domain {domain!r}; known domains: {sorted(VERIFIERS)}")
-    return fn(response_text, answer)
+        raise ValueError(f"row of domain {domain!r} names verifier {key!r}, which is not registered; "
+                         f"registered: {sorted(VERIFIERS)}")
+    return fn
+
+
+def verify(domain: str, response_text: str, answer: str, name: str | None = None) -> float:
+    """Score `response_text` against `answer` with the verifier of `domain` (or the one named)."""
+    return verifier_for(domain, name)(response_text, answer)

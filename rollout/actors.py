@@ -8,47 +8,33 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
+
+from rollout.types import EngineSpec
+from rollout.vllm_engine import StudentEngine
 from rollout.vllm_env import vllm_env
 
 
-def _actor(cls: type, num_cpus: float, num_gpus: float, omp_threads: int, kv_cache_gb: int,
-           scheduling: Any = None) -> Any:
-    """`scheduling`: where the actor runs (a placement-group bundle); None lets Ray pick any node."""
-    import ray
-
+def engine_actor(cls: type, spec: EngineSpec, scheduling: Any = None) -> Any:
+    """`cls` as a Ray actor sized by `spec`; `scheduling`: where it runs (a placement-group bundle), None
+    lets Ray pick any node."""
     return ray.remote(cls).options(
-        num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=scheduling,
-        runtime_env={"env_vars": vllm_env(omp_threads, kv_cache_gb)},
+        num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, scheduling_strategy=scheduling,
+        max_restarts=spec.max_restarts, max_task_retries=0,  # a student must be re-synced before it samples again
+        runtime_env={"env_vars": vllm_env(spec.omp_threads, spec.kv_cache_gb)},
     )
 
 
-def _at(scheduling: list[Any] | None, i: int) -> Any:
+def at(scheduling: list[Any] | None, i: int) -> Any:
     return scheduling[i] if scheduling else None
 
 
-def start_student_engines(model_path: str, *, num_engines: int, max_model_len: int, dtype: str, seed: int,
-                          enforce_eager: bool, num_cpus: float, num_gpus: float, omp_threads: int,
-                          kv_cache_gb: int, gpu_memory_utilization: float, capture_routing: bool = False,
-                          scheduling: list[Any] | None = None) -> list[Any]:
-    """`scheduling`: one placement strategy per engine (see `mopd.placement`), or None."""
-    from rollout.vllm_engine import StudentEngine
-
-    return [_actor(StudentEngine, num_cpus, num_gpus, omp_threads, kv_cache_gb, _at(scheduling, i)).remote(
-        model_path, dtype=dtype, max_model_len=max_model_len, seed=seed + i, enforce_eager=enforce_eager,
-        gpu_memory_utilization=gpu_memory_utilization, omp_threads=omp_threads, kv_cache_gb=kv_cache_gb,
-        capture_routing=capture_routing)
+def start_student_engines(spec: EngineSpec, num_engines: int, scheduling: list[Any] | None = None) -> list[Any]:
+    """`num_engines` student engines, engine i seeded `spec.seed + i`; `scheduling`: one placement strategy
+    per engine (see `mopd.placement`), or None. Not waited on: call `ready` on them."""
+    return [engine_actor(StudentEngine, spec, at(scheduling, i)).remote(
+        spec.model_path, **{**spec.engine_kwargs(), "seed": spec.seed + i}, capture_routing=spec.capture_routing)
             for i in range(num_engines)]
-
-
-def start_teacher(model_path: str, *, replicas: int, max_model_len: int, dtype: str, max_top_k: int,
-                  enforce_eager: bool, num_cpus: float, num_gpus: float, omp_threads: int, kv_cache_gb: int,
-                  gpu_memory_utilization: float, scheduling: list[Any] | None = None) -> list[Any]:
-    from teachers.vllm_teacher import TeacherEngine
-
-    return [_actor(TeacherEngine, num_cpus, num_gpus, omp_threads, kv_cache_gb, _at(scheduling, i)).remote(
-        model_path, dtype=dtype, max_model_len=max_model_len, max_top_k=max_top_k, enforce_eager=enforce_eager,
-        gpu_memory_utilization=gpu_memory_utilization, omp_threads=omp_threads, kv_cache_gb=kv_cache_gb)
-            for i in range(replicas)]
 
 
 def split_evenly(items: list, parts: int) -> list[list]:

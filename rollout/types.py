@@ -17,3 +17,29 @@ class Sample:
     # R3: routed experts per token, int array [prompt+response tokens, layers, top_k]; None when off.
     routed_experts: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class EngineSpec:
+    """Everything that shapes one vLLM engine actor, built once from the config and passed whole, so a new
+    engine setting is one field here rather than an argument threaded through three layers."""
+
+    model_path: str
+    dtype: str = "float32"
+    max_model_len: int = 128
+    seed: int = 0
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.5
+    omp_threads: int = 1  # OpenMP threads of the engine's process (CPU)
+    kv_cache_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
+    num_cpus: float = 1.0  # the actor's Ray resources (its placement-group bundle)
+    num_gpus: float = 0.0
+    capture_routing: bool = False  # students: return routed experts (R3)
+    max_top_k: int = 0  # teachers: the top-k log-probs they must return (-1: the whole vocabulary)
+    max_restarts: int = 0  # Ray restarts a dead engine this often (its in-flight calls fail; the caller redoes)
+
+    def engine_kwargs(self) -> dict:
+        """Keyword arguments of the engine classes' constructors (besides the model path)."""
+        return {"dtype": self.dtype, "max_model_len": self.max_model_len, "seed": self.seed,
+                "enforce_eager": self.enforce_eager, "gpu_memory_utilization": self.gpu_memory_utilization,
+                "omp_threads": self.omp_threads, "kv_cache_gb": self.kv_cache_gb}

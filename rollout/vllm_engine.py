@@ -10,6 +10,9 @@ from typing import Any
 
 import torch
 
+from rollout.moe_sync import repack_cpu_moe_experts
+from rollout.routing_capture import routing_llm_kwargs
+from rollout.scoring import prompt_logprobs_of
 from rollout.types import Sample
 from rollout.vllm_env import apply_vllm_env
 
@@ -103,8 +106,6 @@ class VllmEngine:
 
     def score_tokens(self, sequences: list[list[int]], prompt_lens: list[int]) -> list[list[float]]:
         """The engine's own log-prob of each response token of given sequences (sync checks, diagnostics)."""
-        from teachers.vllm_teacher import prompt_logprobs_of
-
         return [s.logprobs for s in prompt_logprobs_of(self.llm, sequences, prompt_lens, top_k=0)]
 
 
@@ -127,8 +128,6 @@ class StudentEngine(VllmEngine):
         return time.perf_counter() - t0
 
     def _after_reload(self) -> None:
-        from rollout.moe_sync import repack_cpu_moe_experts
-
         self.llm.apply_model(repack_cpu_moe_experts)
         self.weight_version += 1
 
@@ -136,8 +135,6 @@ class StudentEngine(VllmEngine):
 def _with_routing_kwargs(llm_kwargs: Mapping[str, Any] | None, capture_routing: bool) -> dict[str, Any]:
     extra = dict(llm_kwargs or {})
     if capture_routing:
-        from rollout.routing_capture import routing_llm_kwargs
-
         for key, value in routing_llm_kwargs().items():
             extra.setdefault(key, value)  # a caller's own worker_extension_cls wins
     return extra

@@ -4,7 +4,8 @@ One definition serves both readers: the dashboard shades a band behind its metri
 points outside it, and the gates (`stability.gates`) fail a run whose logged values leave it. Keeping
 the numbers here, not in two places, is what stops "green on the dashboard" and "passes the gate" from
 drifting apart. The defaults are the design reference's (verl's rollout-correction docs): IS mean in
-[0.5, 2], effective sample size >= 0.3, |rollout KL| <= 0.1.
+[0.5, 2], effective sample size >= 0.3, |rollout KL| <= 0.1, keyed by verl's metric names
+(`rollout_corr/rollout_is_mean`, `rollout_corr/rollout_is_eff_sample_size`, `rollout_corr/kl`).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Band:
 
 #: The design reference's health bands, drawn on the dashboard and used as the default gate rules.
 DEFAULT_BANDS: dict[str, Band] = {
-    "is/mean": Band(min=0.5, max=2.0),
-    "is/eff_sample_size": Band(min=0.3),
+    "rollout_corr/rollout_is_mean": Band(min=0.5, max=2.0),
+    "rollout_corr/rollout_is_eff_sample_size": Band(min=0.3),
     "rollout_corr/kl": Band(abs_max=0.1),
 }

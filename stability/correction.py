@@ -10,7 +10,8 @@ that multiplies that token's loss term:
   engine and trainer disagree too much get no gradient at all;
 * ``tis``: truncated importance sampling, ``w = min(k, cap)``;
 * ``seq_mask``: geometric-mean rejection -- a sequence whose geometric mean of ``k`` over its valid
-  tokens falls outside ``[low, high]`` is dropped (``w = 0`` on all its tokens), otherwise ``w = 1``;
+  tokens falls outside ``[low, high]`` is dropped (``w = 0`` on all its tokens), otherwise ``w = 1``
+  (verl's ``seq_mean_k1`` rejection with the band inverted: see :func:`sequence_mask_weights`);
 * ``none``: ``w = 1`` on valid tokens.
 
 Weights are always detached (they change the measure, not the objective) and 0 at masked positions.
@@ -116,11 +117,17 @@ def sequence_mask_weights(
     """Geometric-mean sequence rejection: drop a whole sequence whose ``exp(mean_t log k)`` is out of band.
 
     Design choice: kept sequences get weight **1**, not ``k`` nor the geometric mean. This mode is a
-    rejection filter (the same decision as verl's ``rollout_rs="seq_mean_k1"``); combining a filter
-    with a per-token reweighting is a separate choice, and a length-normalised geometric-mean weight is
-    not an importance weight of anything. Why per sequence: a sequence whose tokens drift from the
-    engine on average was likely generated under a different routing/numerics regime as a whole, even
-    if no single token crosses a token-level band.
+    rejection filter; combining a filter with a per-token reweighting is a separate choice, and a
+    length-normalised geometric-mean weight is not an importance weight of anything. Why per sequence:
+    a sequence whose tokens drift from the engine on average was likely generated under a different
+    routing/numerics regime as a whole, even if no single token crosses a token-level band.
+
+    Relation to verl: this is the decision of verl's ``rollout_rs="seq_mean_k1"`` with the band
+    **inverted**, ``rollout_rs_threshold=f"{1/high}_{1/low}"``. verl's k1 statistic is
+    ``log mu - log pi_old = -log k``, so its band bounds the geometric mean of ``1/k``: keeping
+    ``exp(mean_t -log k)`` in ``[1/high, 1/low]`` is keeping ``exp(mean_t log k)`` in ``[low, high]``.
+    With the same string ``f"{low}_{high}"`` the two agree only for a band symmetric in log space
+    (``low * high == 1``). Both clamp each token's log-ratio to ``+-20`` first.
 
     The geometric mean is taken over the sequence's valid, finite tokens; a non-finite token gets
     weight 0 and is left out of the mean. A sequence with no such token gets 0 everywhere.

@@ -5,8 +5,8 @@ reject a run whose importance-sampling weights collapsed or whose rollout/traine
 without anyone looking at a plot. Rules are YAML, one entry per metric name (or glob such as
 `eval/*/acc`):
 
-    is/mean: {min: 0.5, max: 2.0}
-    is/eff_sample_size: {min: 0.3}
+    rollout_corr/rollout_is_mean: {min: 0.5, max: 2.0}
+    rollout_corr/rollout_is_eff_sample_size: {min: 0.3}
     rollout_corr/kl: {abs_max: 0.1}
     mopd/teacher_kl: {max: 5, after_step: 10}
     actor/grad_norm: {}            # no bounds: only "finite wherever logged"
@@ -20,6 +20,7 @@ ones, so a typo such as `abs_min` cannot silently disable a gate.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import json
 import math
@@ -34,7 +35,7 @@ from stability.bands import BAND_KEYS, DEFAULT_BANDS, Band
 GATE_KEYS = ("allow_nan", "required")
 RULE_KEYS = (*BAND_KEYS, *GATE_KEYS)
 
-#: `mopd.metrics` writes +-inf as +-1e308 (JSON has no infinity); read those back as infinite.
+#: `mopd.jsonl` writes +-inf as +-1e308 (JSON has no infinity); read those back as infinite.
 _INF_SENTINEL = 1e308
 
 Series = dict[str, list[tuple[int, float]]]
@@ -103,7 +104,11 @@ def read_series(run_dir: str | Path) -> Series:
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a run directory?)")
+        if not Path(run_dir).is_dir():
+            raise FileNotFoundError(f"run dir {run_dir} does not exist (no metrics.jsonl): pass the folder a run "
+                                    "wrote, e.g. runs/<experiment>")
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl, so it is not a run directory (a run writes "
+                                f"{path} from its first step): pass the run's folder")
     by_metric: dict[str, dict[int, float]] = {}
     with path.open() as f:
         for line in f:
@@ -159,8 +164,9 @@ def parse_rule(metric: str, spec: Any) -> Rule:
         raise RulesError(f"rule {metric!r} must be a mapping of {', '.join(RULE_KEYS)}, got {spec!r}")
     unknown = [k for k in spec if k not in RULE_KEYS]
     if unknown:
-        raise RulesError(f"rule {metric!r}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                         f"allowed: {', '.join(RULE_KEYS)}")
+        close = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), RULE_KEYS, 1, 0.6))
+                 else repr(k) for k in unknown]
+        raise RulesError(f"rule {metric!r}: unknown key(s) {', '.join(close)}; allowed: {', '.join(RULE_KEYS)}")
     band_kw: dict[str, Any] = {}
     for k in ("min", "max", "abs_max"):
         if spec.get(k) is not None:
@@ -198,10 +204,15 @@ def load_rules(source: str | Path | Mapping[str, Any] | list[Rule] | None) -> li
         path = Path(source)
         if not path.is_file():
             raise RulesError(f"rules file {path} not found")
+        if path.is_dir():
+            raise RulesError(f"rules file {path} is a folder; pass a YAML file (e.g. configs/gates/default.yaml)")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise RulesError(f"rules file {path} is not valid YAML: {e}") from None
+            raise RulesError(f"rules file {path} is not valid YAML{_yaml_where(e)} (check brackets, quotes, "
+                             "indentation and colons)") from None
+        except UnicodeDecodeError as e:
+            raise RulesError(f"rules file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         if data is None:
             raise RulesError(f"rules file {path} is empty")
         if not isinstance(data, Mapping):
@@ -211,6 +222,16 @@ def load_rules(source: str | Path | Mapping[str, Any] | list[Rule] | None) -> li
     if not isinstance(source, Mapping):
         raise RulesError(f"rules must be a mapping of metric name -> band, got {type(source).__name__}")
     return [parse_rule(m, spec) for m, spec in source.items()]
+
+
+def _yaml_where(e: Exception) -> str:
+    """` at line L, column C: problem` from a PyYAML error, on one line."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or (str(e).splitlines() or [""])[0]
+    context = getattr(e, "context", None)
+    what = " ".join((f"{context}: {problem}" if context else str(problem)).split())
+    return f"{where}: {what}" if what else where
 
 
 def default_rules() -> list[Rule]:

@@ -8,13 +8,23 @@ figure and, on failure, how to fix it.
 
 Works on Ray actor handles (training) and on plain in-process objects (`ServerTeacher` in the CLI)
 alike: both expose `ready()`, `score()` and, for servers, `tokenize()`.
+
+`check_models` runs before any engine starts (training and `mopd teachers check`): every local model folder
+(the student, or the checkpoint a resume loads, and each in-cluster teacher) must hold a `config.json` and
+weights whose every tensor is finite, and `algorithm.teacher_top_k` must fit the vocabulary. A NaN weight
+would otherwise pass as a teacher that "is not deterministic" or a student that diverges at step 3.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from teachers.tokenizer_check import tokenizer_mismatch
@@ -28,6 +38,11 @@ PROBE_ROWS = 4
 
 class PreflightError(RuntimeError):
     """At least one teacher failed its preflight; the message is the whole report."""
+
+
+class ModelCheckError(ValueError):
+    """A student or teacher model folder that cannot be used (missing, no config or weights, a non-finite
+    weight, a teacher_top_k over its vocabulary); the message is one line naming the key and the fix."""
 
 
 @dataclass
@@ -50,13 +65,9 @@ class Probe:
 def run_preflight(cfg: Any, teachers: dict[str, list[Any]], student_tokenizer: Any,
                   rows: list[dict] | None = None) -> list[Check]:
     """All checks for every teacher in `teachers` (name -> replica handles, in config order)."""
-    from mopd.engines import max_model_len
-
+    # The engines' context: the longest prompt, the longest response and the one token a scoring request
+    # generates (the same figure the engines are started with).
     need_len = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens + 1
-    try:
-        need_len = max_model_len(cfg)
-    except Exception:  # noqa: BLE001 - a model that cannot hold it is reported by training itself
-        pass
     out: list[Check] = []
     for name, handles in teachers.items():
         tcfg = cfg.teachers[name]
@@ -98,6 +109,12 @@ def check_teacher(name: str, tcfg: Any, handles: list[Any], student_tokenizer: A
         out.append(Check(name, "reachable", True,
                          f"{model}{ms:.1f} ms per probe request of {len(probe.sequences)} sequences "
                          f"(first request {first_ms:.1f} ms)", "", where))
+        nonfinite = sum(not math.isfinite(x) for x in a + b)
+        if nonfinite:  # determinism and normalisation mean nothing on NaN scores: their advice would mislead
+            out.append(Check(name, "finite", False, f"non-finite log-probs: {nonfinite} of {len(a) + len(b)} "
+                             "probe token log-probs are NaN or infinite", _nonfinite_hint(name, tcfg), where))
+            continue
+        out.append(Check(name, "finite", True, f"all {len(a) + len(b)} probe token log-probs finite", "", where))
         if server:
             out.append(_context_check(name, info, need_len, tcfg, where))
             out.append(_server_tokenization_check(name, h, student_tokenizer, probe.texts, tcfg, where))
@@ -143,6 +160,231 @@ def format_report(checks: list[Check]) -> str:
     lines.append(f"teacher preflight: {len(checks) - failed} of {len(checks)} checks ok"
                  + (f", {failed} FAILED" if failed else ""))
     return "\n".join(lines)
+
+
+# -- model folders and weights (before any engine starts) --------------------------------------------
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+_CHUNK = 1 << 24  # elements per isfinite pass: bounded memory on a multi-GB embedding
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # `org/name`; absolute, ./ and deeper paths are local
+
+
+def check_models(cfg: Any, student_path: str | None = None, log: Callable[[str], None] | None = None, *,
+                 weights: bool = True) -> list[str]:
+    """Refuse unusable model folders before Ray or any engine starts; returns one line per folder checked.
+
+    The student (or `student_path`: the checkpoint's `model` folder a resume loads) and every in-cluster
+    (`backend: vllm`) teacher must be a folder with `config.json` and weights (`*.safetensors`, or
+    `pytorch_model*.bin`; every shard a `*.index.json` lists); with `weights` every floating tensor must be
+    finite (this reads each checkpoint once); `algorithm.teacher_top_k` must not exceed the vocabulary.
+    A `vllm_server` teacher's path is only its tokenizer source: its weights live with the server.
+    Raises `ModelCheckError` with every problem found, in one line.
+    """
+    resumed = student_path is not None and str(student_path) != str(cfg.student.path)
+    folders = [("checkpoint" if resumed else "student.path", str(student_path or cfg.student.path), "student")]
+    if resumed:  # the tokenizer still comes from student.path
+        folders.append(("student.path", str(cfg.student.path), "student tokenizer source"))
+    folders += [(f"teachers.{n}.path", t.path, f"teacher '{n}'") for n, t in cfg.teachers.items()
+                if t.backend == "vllm"]
+    problems: list[str] = []
+    lines: list[str] = []
+    vocab: list[tuple[int, str, str]] = []
+    t0 = time.perf_counter()
+    for key, path, who in folders:
+        folder, note = _local_folder(path)
+        if folder is None:
+            if note:
+                problems.append(f"{key}={path!r} {note}")
+            else:
+                lines.append(f"{who}: {path} is not a local folder; treated as a Hugging Face hub id (not checked)")
+            continue
+        if who == "student tokenizer source":
+            if not folder.is_dir():
+                problems.append(f"{key}={path!r} is a file, not the student's model folder (its tokenizer is "
+                                "loaded from there)")
+            continue
+        problem = model_folder_problem(folder)
+        if problem:
+            problems.append(f"{key}={path!r} {problem}")
+            continue
+        size = config_vocab_size(folder)
+        if size is not None:
+            vocab.append((size, who, path))
+        if weights:
+            try:
+                bad = first_nonfinite_weight(folder)
+            except WeightReadError as e:
+                problems.append(f"{key}={path!r}: {e}: the checkpoint is corrupt or truncated; re-export it"
+                                + (" or resume from an earlier checkpoint" if who == "student" else ""))
+                continue
+            if bad:
+                problems.append(_nonfinite_weight_message(who, key, path, *bad, resumed=resumed))
+                continue
+        lines.append(f"{who}: {path}: config.json and weights present" + (", every weight finite" if weights else ""))
+    top_k = int(cfg.algorithm.teacher_top_k)
+    if vocab and top_k > 0:
+        size, who, path = min(vocab)
+        if top_k > size:
+            problems.append(f"algorithm.teacher_top_k={top_k} is above the vocabulary size {size} ({who}, {path}): "
+                            f"give at most {size}, or -1 for the whole vocabulary")
+    if problems:
+        raise ModelCheckError("; ".join(problems))
+    lines.append(f"models checked in {time.perf_counter() - t0:.1f} s")
+    if log is not None:
+        log("model check: " + "; ".join(lines))
+    return lines
+
+
+def _local_folder(path: str) -> tuple[Path | None, str]:
+    """(folder to check, "") for a local folder or a cached hub id; (None, problem) for a missing local path;
+    (None, "") for a hub id that is not cached here (transformers/vLLM download it; nothing to check)."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p, ""
+    if _HUB_ID.fullmatch(path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, "config.json")
+        except Exception:  # noqa: BLE001 - not a valid repo id after all
+            cached = None
+        if isinstance(cached, str):
+            return Path(cached).parent, ""
+        offline = any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        if not offline:
+            return None, ""
+        return None, ("does not exist and is not in the Hugging Face cache (HF_HUB_OFFLINE is set): point it at "
+                      "a model folder or download it first")
+    return None, ("does not exist: point it at a Hugging Face model folder (config.json, tokenizer files and "
+                  "*.safetensors weights)")
+
+
+def model_folder_problem(folder: str | Path) -> str | None:
+    """What keeps `folder` from being a loadable Hugging Face model folder, or None."""
+    p = Path(folder)
+    if not p.is_dir():
+        return "is a file, not a Hugging Face model folder (config.json, tokenizer files, *.safetensors)"
+    if not (p / "config.json").is_file():
+        return ("has no config.json, so it is not a Hugging Face model folder: save the model there with "
+                "`save_pretrained` (config, weights and tokenizer)")
+    try:
+        json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        return f"has a config.json that is not valid JSON ({e}): re-save the model with `save_pretrained`"
+    if not weight_files(p):
+        return ("holds no weights (no *.safetensors or pytorch_model*.bin): a tokenizer or config alone cannot "
+                "score or generate; save the model's weights there with `save_pretrained`")
+    for index in sorted(p.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        except (ValueError, OSError, AttributeError) as e:
+            return f"has an unreadable {index.name} ({e}): re-save the model with `save_pretrained`"
+        missing = sorted(s for s in shards if not (p / s).is_file())
+        if missing:
+            return (f"lacks {len(missing)} weight shard(s) that {index.name} lists ({', '.join(missing[:3])}): "
+                    "the copy is incomplete; copy the missing files")
+    return None
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    return sorted(f for pat in WEIGHT_PATTERNS for f in Path(folder).glob(pat) if f.is_file())
+
+
+def config_vocab_size(folder: str | Path) -> int | None:
+    """`vocab_size` from a model folder's config.json (or its `text_config`), None if it has none."""
+    try:
+        c = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return None
+    v = c.get("vocab_size") or (c.get("text_config") or {}).get("vocab_size")
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+class WeightReadError(ValueError):
+    """A weight file that cannot be read (truncated, not safetensors)."""
+
+
+def first_nonfinite_weight(folder: str | Path) -> tuple[str, str, str] | None:
+    """(file name, tensor name, "NaN" | "inf") of the first floating tensor with a non-finite value in a
+    model folder's weight files, or None when every weight is finite. Reads every tensor once (lazily,
+    one tensor at a time, in chunks)."""
+    import torch
+    from safetensors import safe_open
+
+    files = weight_files(folder)
+    if any(f.suffix == ".safetensors" for f in files):  # what transformers and vLLM load when both are there
+        files = [f for f in files if f.suffix == ".safetensors"]
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                        kind = _nonfinite_kind(sf.get_tensor(name))
+                        if kind:
+                            return f.name, name, kind
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for bad files
+                raise WeightReadError(f"cannot read {f.name} ({_short(e)})") from None
+        else:
+            try:
+                try:
+                    state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+                    state = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise WeightReadError(f"cannot read {f.name} ({_short(e)})") from None
+            for name, t in state.items():
+                kind = _nonfinite_kind(t) if isinstance(t, torch.Tensor) else None
+                if kind:
+                    return f.name, name, kind
+    return None
+
+
+def _nonfinite_kind(t: Any) -> str | None:
+    import torch
+
+    if not t.is_floating_point():
+        return None
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), _CHUNK):
+        c = flat[i:i + _CHUNK]
+        if c.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            c = c.float()  # fp8 and friends: isfinite needs a standard float type
+        if not bool(torch.isfinite(c).all()):
+            return "NaN" if bool(torch.isnan(c).any()) else "inf"
+    return None
+
+
+def _nonfinite_weight_message(who: str, key: str, path: str, file: str, tensor: str, kind: str, *,
+                              resumed: bool) -> str:
+    if who == "student" and resumed:
+        return (f"checkpoint weight {tensor} has {kind} ({path}/{file}): the run diverged before this save or the "
+                "save is corrupt; resume from an earlier checkpoint (put its step_N name into checkpoints/latest) "
+                "or start over with --overwrite")
+    if who == "student":
+        return (f"student weight {tensor} has {kind} ({key}={path}, {file}): the checkpoint is corrupt; re-export "
+                "it or resume from an earlier checkpoint")
+    return (f"{who} weight {tensor} has {kind} ({key}={path}, {file}): the checkpoint is corrupt; re-export it "
+            "or point the key at a good copy")
+
+
+def _nonfinite_hint(name: str, tcfg: Any) -> str:
+    """Why a teacher returns NaN/inf log-probs: a non-finite weight in its folder, or else overflow."""
+    server = tcfg.backend == "vllm_server"
+    bad = None
+    folder = Path(tcfg.path)
+    if folder.is_dir() and weight_files(folder):
+        try:
+            bad = first_nonfinite_weight(folder)
+        except WeightReadError:
+            bad = None
+    if bad is not None:
+        file, tensor, kind = bad
+        return (f"check the weights: teacher weight {tensor} has {kind} ({tcfg.path}/{file}): the checkpoint is "
+                "corrupt; re-export it" + (" and restart the server on the fixed copy" if server else ""))
+    if server:
+        return ("check the served model's weights for NaN/inf (re-export a corrupt checkpoint), and serve it in "
+                "bfloat16 or float32 rather than float16, which can overflow")
+    return (f"check the weights: those in teachers.{name}.path are finite, so the forward overflows; score in "
+            f"float32 (teachers.{name}.dtype=float32)")
 
 
 # -- probes -----------------------------------------------------------------------------------------
@@ -271,7 +513,7 @@ def _reach_hint(name: str, tcfg: Any, where: str, top_k: int) -> str:
     if tcfg.backend != "vllm_server":
         return (f"the in-cluster engine did not start: check teachers.{name}.path (a model folder vLLM can load) "
                 "and memory (rollout.kv_cache_gb, rollout.gpu_memory_utilization)")
-    from teachers.openai_server import serve_command
+    from teachers.http_teacher import serve_command
 
     return (f"start it with `{serve_command(tcfg.path, where, _vocab_size(tcfg.path) or 'VOCAB')}` "
             f"or fix teachers.{name}.urls")

@@ -13,6 +13,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+# Fixtures that start engines, build worlds or run a Ray cluster: a test that uses one is `slow`, so the
+# fast lane (`make test-fast`, `-m "not slow"`) holds only pure and in-process tests.
+SLOW_FIXTURES = {"tiny_world", "ray_local", "ray_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """A small world: same code path as the quickstart, far fewer steps (accuracy is not the point)."""

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.advantages import advantage_metrics, combine_advantages, grpo_outcome_advantage, mopd_advantage
+from rewards.advantages import (
+    DEFAULT_ADVANTAGE_CLIP,
+    advantage_metrics,
+    combine_advantages,
+    grpo_outcome_advantage,
+    mopd_advantage,
+)
 
 
 def test_mopd_advantage_hand_values_and_mask():
@@ -33,6 +39,38 @@ def test_mopd_advantage_nonfinite_inputs_give_zero():
     mask = torch.tensor([[1, 1, 0, 1]])
     a = mopd_advantage(teacher, student, mask)
     torch.testing.assert_close(a, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+
+
+def test_mopd_advantage_clipped_at_ten_by_default():
+    teacher = torch.tensor([[-31.0, -1.0, -0.5, -40.0, -2.0]])
+    student = torch.tensor([[-1.0, -12.0, -0.25, -1.0, -9.5]])
+    mask = torch.tensor([[1, 1, 1, 0, 1]])
+    a = mopd_advantage(teacher, student, mask)
+    torch.testing.assert_close(a, torch.tensor([[-10.0, 10.0, -0.25, 0.0, 7.5]]))
+    torch.testing.assert_close(mopd_advantage(teacher, student, mask, clip=2.0),
+                               torch.tensor([[-2.0, 2.0, -0.25, 0.0, 2.0]]))
+    torch.testing.assert_close(mopd_advantage(teacher, student, mask, clip=None),
+                               torch.tensor([[-30.0, 11.0, -0.25, 0.0, 7.5]]))
+    assert DEFAULT_ADVANTAGE_CLIP == 10.0
+
+
+def test_mopd_advantage_clip_matches_verl_k1_clamp():
+    """verl's on-policy distillation reward is -clamp(k1, -10, 10) with k1 = log pi_student - log pi_teacher."""
+    core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl (test oracle) not importable")
+    g = torch.Generator().manual_seed(0)
+    student = -torch.rand(4, 7, generator=g) * 3
+    teacher = -torch.rand(4, 7, generator=g) * 30  # many beyond the clamp
+    mask = torch.ones(4, 7)
+    k1 = core_algos.kl_penalty(student, teacher, "k1").clamp(min=-10.0, max=10.0)
+    a = mopd_advantage(teacher, student, mask)
+    assert (a == -10.0).any()
+    torch.testing.assert_close(a, -k1)
+
+
+@pytest.mark.parametrize("clip", [0.0, -1.0, float("nan")])
+def test_mopd_advantage_bad_clip_raises(clip):
+    with pytest.raises(ValueError, match="clip"):
+        mopd_advantage(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), clip=clip)
 
 
 def test_mopd_advantage_shape_mismatch_raises():

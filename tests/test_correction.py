@@ -180,13 +180,20 @@ def test_tis_agrees_with_verl():
     torch.testing.assert_close(tis_weights(old, mu, mask, cap=2.0), w_verl)
 
 
-def test_sequence_mask_agrees_with_verl_geometric_rejection():
+def _verl_seq_mean_k1(rc, old, mu, mask, spec: str) -> torch.Tensor:
+    kept, _ = rc.compute_rollout_rejection_mask(old - mu, mask, rollout_rs="seq_mean_k1", rollout_rs_threshold=spec)
+    return kept.float()
+
+
+def test_sequence_mask_agrees_with_verl_only_with_the_band_inverted():
+    """The docstring's claim: seq_mask [low, high] == verl seq_mean_k1 with threshold "1/high_1/low"
+    (verl's k1 is -log k), and with the same string only for a band symmetric in log space."""
     rc = _verl_rc()
-    old, mu, mask = _random_batch(13, B=32, scale=0.6)
-    low, high = 0.8, 1.25
-    # verl's seq_mean_k1 bounds the geometric mean of mu/pi_old, i.e. 1/k: the band inverts.
-    mask_verl, _ = rc.compute_rollout_rejection_mask(old - mu, mask, rollout_rs="seq_mean_k1",
-                                                     rollout_rs_threshold=f"{1 / high}_{1 / low}")
+    old, mu, mask = _random_batch(13, B=64, scale=0.6)
+    low, high = 0.7, 1.6  # asymmetric: low * high != 1
     w = sequence_mask_weights(old, mu, mask, low=low, high=high)
     assert 0 < w.sum() < mask.sum()  # the test exercises both outcomes
-    torch.testing.assert_close(w, mask_verl.float())
+    torch.testing.assert_close(w, _verl_seq_mean_k1(rc, old, mu, mask, f"{1 / high}_{1 / low}"))
+    assert not torch.equal(w, _verl_seq_mean_k1(rc, old, mu, mask, f"{low}_{high}"))  # not inverted: differs
+    sym = sequence_mask_weights(old, mu, mask, low=0.8, high=1.25)  # symmetric band: both spellings agree
+    torch.testing.assert_close(sym, _verl_seq_mean_k1(rc, old, mu, mask, "0.8_1.25"))

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from mopd.data import DataError, DomainMixSampler, encode_rows, load_rows
+from mopd.data import DataError, DomainMixSampler, check_domain_mix, encode_prompt, encode_rows, load_rows
 from mopd.world.tokenizer import build_tokenizer
 
 
@@ -18,7 +18,7 @@ def rows_file(tmp_path, rows):
 def test_load_and_validate(tmp_path):
     rows = load_rows([rows_file(tmp_path, [{"prompt": "a", "domain": "x"}])])
     assert rows[0]["id"] == "d-0"
-    with pytest.raises(DataError, match="row 2: needs a 'domain'"):
+    with pytest.raises(DataError, match="d.jsonl line 2: needs a 'domain'"):
         load_rows([rows_file(tmp_path, [{"prompt": "a", "domain": "x"}, {"prompt": "b"}])])
     with pytest.raises(DataError, match="not found"):
         load_rows([str(tmp_path / "missing.jsonl")])
@@ -40,3 +40,55 @@ def test_prompt_too_long_is_an_error():
     with pytest.raises(DataError, match=r"row 'r1' has 10 tokens, over data.max_prompt_tokens=5"):
         encode_rows(tok, [{"id": "r1", "prompt": "abcdefghij"}], max_prompt_tokens=5)
     assert encode_rows(tok, [{"id": "r1", "prompt": "ab"}], 5) == [tok.encode("ab", add_special_tokens=False)]
+
+
+def test_jsonl_line_numbers_count_blank_lines_and_a_bom_is_accepted(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "domain": "x"}\n\n{"prompt": "b", "domain": "x"}\n\n{"prompt": 3}\n')
+    with pytest.raises(DataError, match=r"d.jsonl line 5: needs a 'prompt'.*got 3"):
+        load_rows([str(p)])
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "domain": "x"}\n\n{"prompt": "b", "domain": "x"}\n')
+    assert [r["prompt"] for r in load_rows([str(p)])] == ["a", "b"]
+
+
+def test_one_empty_file_among_good_ones_is_named(tmp_path):
+    good = rows_file(tmp_path, [{"prompt": "a", "domain": "x"}])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"empty.jsonl has no rows"):
+        load_rows([good, str(tmp_path / "empty.jsonl")])
+
+
+def test_chat_prompts_encode_through_the_template():
+    """transformers 5 returns a BatchEncoding from apply_chat_template: the ids, not its keys, are the prompt."""
+    tok = build_tokenizer()
+    msgs = [{"role": "user", "content": "rev:abc="}]
+    with pytest.raises(DataError, match="row 'c1': a chat-message prompt needs a tokenizer with a chat template"):
+        encode_rows(tok, [{"id": "c1", "prompt": msgs}], 32)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    want = tok.encode("rev:abc=", add_special_tokens=False)
+    assert encode_prompt(tok, msgs) == want
+    assert encode_rows(tok, [{"id": "c1", "prompt": msgs}], 32) == [want]
+    tok.chat_template = "{{ raise_exception('only one user turn') }}"
+    with pytest.raises(DataError, match=r"row 'c1' cannot be encoded.*only one user turn"):
+        encode_rows(tok, [{"id": "c1", "prompt": msgs}], 32)
+
+
+def test_unknown_characters_are_listed_per_row_up_to_a_limit():
+    tok = build_tokenizer()
+    rows = [{"id": f"r{i}", "prompt": f"ab{chr(ord('A') + i)}"} for i in range(7)] + [{"id": "ok", "prompt": "ab"}]
+    with pytest.raises(DataError) as e:
+        encode_rows(tok, rows, 32)
+    msg = str(e.value)
+    assert msg.startswith("7 prompt(s) have characters outside the student's vocabulary")
+    assert "row 'r0': ['A'], row 'r1': ['B']" in msg and "row 'r4': ['E']" in msg and "'r5'" not in msg
+    assert "and 2 more row(s)" in msg and "'ok'" not in msg
+
+
+def test_domain_mix_must_name_present_domains():
+    rows = [{"domain": "a"}, {"domain": "b"}]
+    check_domain_mix(rows, {})
+    check_domain_mix(rows, {"a": 1.0})
+    with pytest.raises(DataError, match=r"data.domain_mix names domain\(s\) with no rows.*\['c'\].*\['a', 'b'\]"):
+        check_domain_mix(rows, {"a": 1.0, "c": 1.0})
+    with pytest.raises(DataError, match="every domain weight 0"):
+        check_domain_mix(rows, {"a": 0.0})

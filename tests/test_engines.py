@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mopd.data import encode_rows
 from mopd.world.tasks import read_jsonl
-from rollout.actors import start_student_engines, start_teacher
+from rollout.actors import start_student_engines
+from rollout.types import EngineSpec
+from teachers.vllm_teacher import start_teacher
 
 pytestmark = pytest.mark.slow
 MML = 64
@@ -35,8 +37,8 @@ def actors(tiny_world, ray_local):
     d = tiny_world["dir"]
     kw = dict(max_model_len=MML, dtype="float32", enforce_eager=True, num_cpus=0.5, num_gpus=0, omp_threads=1,
               kv_cache_gb=1, gpu_memory_utilization=0.3)
-    student = start_student_engines(f"{d}/student", num_engines=1, seed=0, **kw)[0]
-    teacher = start_teacher(f"{d}/teachers/rev", replicas=1, max_top_k=-1, **kw)[0]
+    student = start_student_engines(EngineSpec(f"{d}/student", seed=0, **kw), num_engines=1)[0]
+    teacher = start_teacher(EngineSpec(f"{d}/teachers/rev", max_top_k=-1, **kw), replicas=1)[0]
     ray_local.get([student.ready.remote(), teacher.ready.remote()])
     yield student, teacher
     ray_local.kill(student)

@@ -11,7 +11,8 @@ import pytest
 from test_train_loop import world_overrides
 
 from mopd.config import ConfigError, load_config
-from mopd.metrics import make_sinks, read_metrics
+from mopd.jsonl import read_metrics
+from mopd.logger import make_sinks
 
 NAN, INF = float("nan"), float("inf")
 # Real-looking step records, including what external sinks must survive: NaN, inf, a string, an int
@@ -161,11 +162,11 @@ def test_mlflow_local_store_round_trip_params_and_resume(tmp_path):
 
 
 def test_missing_logger_package_fails_before_anything_starts(tmp_path, monkeypatch, capsys):
-    import mopd.loggers
+    import mopd.logger
     from mopd.cli import main
 
-    real = mopd.loggers.importlib.util.find_spec
-    monkeypatch.setattr(mopd.loggers.importlib.util, "find_spec", lambda n: None if n == "wandb" else real(n))
+    real = mopd.logger.importlib.util.find_spec
+    monkeypatch.setattr(mopd.logger.importlib.util, "find_spec", lambda n: None if n == "wandb" else real(n))
     code = main(["train", "configs/quickstart.yaml", f"logging.run_dir={tmp_path}/run", "ray.num_cpus=1",
                  "world.dir=/nonexistent/world", "logging.sinks=[jsonl,wandb]"])
     err = capsys.readouterr().err

@@ -12,12 +12,12 @@ from tiny_config import write_config as write_tiny_config
 from transformers import AutoTokenizer
 
 from mopd.cli import main
+from mopd.cli.teachers import _teacher_handles
 from mopd.config import ConfigError, load_config
 from mopd.data import encode_rows, load_rows
-from mopd.round import ScoredSample, score_with_teachers
+from mopd.producer import ScoredSample, score_with_teachers
 from mopd.world.tasks import read_jsonl
 from rollout.types import Sample
-from teachers.cli_commands import _teacher_handles
 from teachers.preflight import format_report, run_preflight
 from teachers.registry import TeacherRegistry
 
@@ -136,3 +136,162 @@ def test_in_cluster_replicas_check_and_split_scoring(tiny_world, ray_local, tmp_
         assert len(a.teacher_logprobs) == len(a.sample.response_ids) > 0
         assert a.teacher_logprobs == b.teacher_logprobs
         assert a.teacher_topk_ids == b.teacher_topk_ids and a.teacher_topk_logprobs == b.teacher_topk_logprobs
+
+
+# -- model folders and weights: checked before any engine starts (no Ray here) ----------------------------
+class TransformersTeacher:
+    """A teacher handle (`ready`/`score`, the interface the preflight checks) backed by a real transformers
+    forward of the model folder, so a NaN weight gives the NaN log-probs a real engine would."""
+
+    def __init__(self, path: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(path).eval()
+        self.vocab = self.model.config.vocab_size
+
+    def ready(self) -> dict:
+        return {"max_logprobs": self.vocab, "vocab_size": self.vocab}
+
+    def score(self, sequences, prompt_lens, top_k=0):
+        from rollout.scoring import TokenScores
+
+        out = []
+        for seq, plen in zip(sequences, prompt_lens, strict=True):
+            with self.torch.no_grad():
+                lp = self.model(self.torch.tensor([seq])).logits[0].float().log_softmax(-1)
+            rows = range(plen - 1, len(seq) - 1)
+            s = TokenScores([lp[i, seq[i + 1]].item() for i in rows])
+            if top_k:
+                top = [lp[i].topk(self.vocab if top_k < 0 else top_k) for i in rows]
+                s.topk_ids = [t.indices.tolist() for t in top]
+                s.topk_logprobs = [t.values.tolist() for t in top]
+            out.append(s)
+        return out
+
+
+def _set_nan(folder: Path, name: str, value: float = float("nan")) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "model.safetensors"
+    state = load_file(str(f))
+    state[name] = state[name].clone()
+    state[name].view(-1)[5] = value
+    save_file(state, str(f), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Path:
+    import shutil
+
+    from mopd.world.models import build_student, build_teacher, save_model
+    from mopd.world.tokenizer import build_tokenizer
+
+    d = tmp_path_factory.mktemp("preflight_models")
+    tok = build_tokenizer()
+    save_model(build_student(tok, seed=0), tok, d / "student")
+    save_model(build_teacher(tok, seed=1), tok, d / "teacher")
+    shutil.copytree(d / "teacher", d / "nan_teacher")
+    _set_nan(d / "nan_teacher", "model.layers.1.mlp.down_proj.weight")
+    shutil.copytree(d / "student", d / "inf_student")
+    _set_nan(d / "inf_student", "model.layers.2.mlp.experts.3.up_proj.weight", float("inf"))
+    return d
+
+
+def test_first_nonfinite_weight_names_the_tensor(folders):
+    from teachers.preflight import first_nonfinite_weight
+
+    assert first_nonfinite_weight(folders / "teacher") is None
+    assert first_nonfinite_weight(folders / "student") is None
+    assert first_nonfinite_weight(folders / "nan_teacher") == (
+        "model.safetensors", "model.layers.1.mlp.down_proj.weight", "NaN")
+    assert first_nonfinite_weight(folders / "inf_student") == (
+        "model.safetensors", "model.layers.2.mlp.experts.3.up_proj.weight", "inf")
+
+
+def test_truncated_or_sharded_weights_are_refused(folders, tmp_path):
+    import json
+    import shutil
+
+    from teachers.preflight import WeightReadError, first_nonfinite_weight, model_folder_problem
+
+    cut = tmp_path / "cut"
+    shutil.copytree(folders / "teacher", cut)
+    w = cut / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    with pytest.raises(WeightReadError, match="cannot read model.safetensors"):
+        first_nonfinite_weight(cut)
+    (cut / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert "lacks 1 weight shard(s)" in model_folder_problem(cut) and "model-00002-of-00002" in model_folder_problem(cut)
+    assert model_folder_problem(folders / "teacher") is None
+
+
+def test_check_models_on_resume_names_the_checkpoint(folders):
+    from teachers.preflight import ModelCheckError, check_models
+
+    cfg = load_config(None, [f"student.path={folders}/student", f"teachers.t.path={folders}/teacher",
+                             "teachers.t.domains=[rev]"])
+    assert check_models(cfg, weights=False)[0].endswith("config.json and weights present")
+    ck = str(folders / "inf_student")  # as if checkpoints/step_N/model held it
+    with pytest.raises(ModelCheckError, match=r"checkpoint weight model\.layers\.2\.mlp\.experts\.3\.up_proj\.weight "
+                                              r"has inf.*resume from an earlier checkpoint.*--overwrite"):
+        check_models(cfg, student_path=ck)
+    check_models(cfg, student_path=ck, weights=False)  # the folder itself is fine
+    cfg.student.path = str(folders / "gone")  # the tokenizer source of a resumed run must still exist
+    with pytest.raises(ModelCheckError, match=r"student.path='.*gone' does not exist"):
+        check_models(cfg, student_path=ck, weights=False)
+
+
+def test_hub_ids_are_left_to_the_hub_unless_offline(folders, monkeypatch):
+    from teachers.preflight import ModelCheckError, check_models
+
+    cfg = load_config(None, ["student.path=no-such-org/no-such-model", f"teachers.t.path={folders}/teacher",
+                             "teachers.t.domains=[rev]"])
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert "treated as a Hugging Face hub id" in check_models(cfg, weights=False)[0]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelCheckError, match="not in the Hugging Face cache"):
+        check_models(cfg, weights=False)
+
+
+def test_nonfinite_teacher_logprobs_say_so_first_and_point_at_the_weight(folders):
+    """A NaN weight used to fail as "not deterministic" (speculative decoding advice) and "not normalised"
+    (raw log-probs advice); the preflight now reports non-finite log-probs and the bad weight instead."""
+    from mopd.world.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    rows = [{"prompt": "rev:abc=", "answer": "cba", "domain": "rev", "id": "r0"}]
+    for folder, ok in [("teacher", True), ("nan_teacher", False)]:
+        cfg = load_config(None, [f"teachers.t.path={folders}/{folder}", "teachers.t.domains=[rev]",
+                                 "algorithm.teacher_top_k=-1"])
+        checks = run_preflight(cfg, {"t": [TransformersTeacher(folders / folder)]}, tok, rows)
+        report = format_report(checks)
+        if ok:
+            assert all(c.ok for c in checks), report
+            assert "ok    finite         [replica 0] all " in report and "ok    normalised" in report
+            continue
+        failed = [c for c in checks if not c.ok]
+        assert [c.name for c in failed] == ["finite"], report  # nothing about determinism or normalisation
+        assert failed[0].figure.startswith("non-finite log-probs: ")
+        assert failed[0].hint.startswith("check the weights: teacher weight model.layers.1.mlp.down_proj.weight "
+                                         "has NaN"), failed[0].hint
+        assert "speculative" not in report and "raw_logprobs" not in report
+
+
+def test_pytorch_bin_weights_are_checked_too(tmp_path):
+    import torch
+
+    from teachers.preflight import first_nonfinite_weight
+
+    (tmp_path / "config.json").write_text("{}")
+    state = {"a.weight": torch.ones(3, 4), "b.weight": torch.ones(5), "steps": torch.tensor([1, 2])}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert first_nonfinite_weight(tmp_path) is None
+    state["b.weight"][2] = float("-inf")
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert first_nonfinite_weight(tmp_path) == ("pytorch_model.bin", "b.weight", "inf")
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)  # legacy format
+    assert first_nonfinite_weight(tmp_path) == ("pytorch_model.bin", "b.weight", "inf")

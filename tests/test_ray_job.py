@@ -25,7 +25,7 @@ import pytest
 from test_train_loop import world_overrides
 
 from mopd.config import ConfigError, load_config, to_yaml
-from mopd.metrics import read_metrics
+from mopd.jsonl import read_metrics
 from mopd.placement import plan_bundles, reserve
 from mopd.ray_cluster import cluster_address
 from mopd.submit import SubmitError, dashboard_url, entrypoint, runtime_env

@@ -21,15 +21,19 @@ from transformers import AutoConfig, AutoTokenizer
 
 from mopd.cli import main
 from mopd.data import encode_rows
-from mopd.metrics import read_metrics
+from mopd.jsonl import read_metrics
 from mopd.world.tasks import read_jsonl
-from rollout.actors import start_teacher
-from teachers.openai_server import ServerTeacher, start_server_teacher
+from rollout.types import EngineSpec
+from teachers.http_teacher import ServerTeacher, start_server_teacher
+from teachers.vllm_teacher import start_teacher
 
 pytestmark = pytest.mark.slow
 KEY_ENV = "MOPD_TEST_TEACHER_KEY"
 KEY = "test-key-4f1c9e"  # the server's key; the config only ever names KEY_ENV
 MML = 64
+# Set at collection, before the suite's shared Ray cluster starts: the key is never carried by Ray, so
+# server-teacher actors find it only in the environment their workers inherited when Ray started.
+os.environ[KEY_ENV] = KEY
 
 
 def free_port() -> int:
@@ -104,9 +108,9 @@ def test_server_scores_equal_in_cluster_engine(server, tiny_world, ray_local, pr
         max_retries, max_concurrency, request_batch_size = 2, 3, 5  # several concurrent batched requests
 
     remote = start_server_teacher("rev_teacher", Cfg)[0]
-    engine = start_teacher(server["path"], replicas=1, max_model_len=MML, dtype="float32", max_top_k=-1,
-                           enforce_eager=True, num_cpus=0.25, num_gpus=0, omp_threads=1, kv_cache_gb=1,
-                           gpu_memory_utilization=0.3)[0]
+    engine = start_teacher(EngineSpec(server["path"], max_model_len=MML, dtype="float32", max_top_k=-1,
+                                      enforce_eager=True, num_cpus=0.25, num_gpus=0, omp_threads=1, kv_cache_gb=1,
+                                      gpu_memory_utilization=0.3), replicas=1)[0]
     try:
         info = ray_local.get(remote.ready.remote())
         assert "error" not in info, info

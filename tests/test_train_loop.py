@@ -15,7 +15,7 @@ import pytest
 
 from mopd.config import load_config
 from mopd.data import DomainMixSampler, load_rows
-from mopd.metrics import read_metrics
+from mopd.jsonl import read_metrics
 from mopd.train import batch_digest, train
 
 pytestmark = pytest.mark.slow
@@ -37,16 +37,19 @@ def test_mopd_steps_lower_teacher_kl_and_engines_track_trainer(tiny_world, ray_l
     assert [m["step"] for m in steps] == list(range(1, 7))
     # After every sync the engine samples with the trainer's weights: pi_old == mu up to fp32 noise.
     for m in steps:
-        assert m["rollout_corr/probs_diff_max"] < 1e-3, m
+        assert m["training/rollout_probs_diff_max"] < 1e-3, m
         assert m["icepop/masked_frac"] == 0.0
     first, last = steps[0], steps[-1]
     assert last["mopd/teacher_kl"] < first["mopd/teacher_kl"]
     before = sum(v["teacher_kl"] for v in result["before"].values())
     after = sum(v["teacher_kl"] for v in result["after"].values())
     assert after < before
-    for key in ["timing_s/rollout", "timing_s/teacher", "timing_s/train", "timing_s/sync", "mopd/teacher_kl/add",
-                "rollout_corr/k3_kl", "is/eff_sample_size", "actor/entropy", "reward/rev/acc"]:
+    for key in ["timing_s/rollout", "timing_s/teacher", "timing_s/train", "timing_s/sync", "timing_s/old_log_prob", "timing_s/other", "actor/loss", "mopd/teacher_kl/add",
+                "rollout_corr/k3_kl", "rollout_corr/rollout_is_eff_sample_size", "actor/entropy", "reward/rev/acc"]:
         assert key in last
+    for key in ["perf/mem_gb/trainer", "perf/mem_gb/student[0]", "perf/mem_gb/teacher:add_teacher[0]",
+                "perf/mem_gb/total", "perf/pss_gb/total"]:  # memory of every process, on the first step
+        assert steps[0][key] > 0, key
     assert (tmp_path / "run" / "result.md").read_text().count("|") > 10
 
 
@@ -77,3 +80,37 @@ def test_killed_run_resumes_with_same_data_order(tiny_world, ray_local, tmp_path
     expected = [batch_digest([rows[i]["id"] for i in sampler.batch(s, cfg.trainer.prompts_per_step)]) for s in range(5)]
     assert [m["data/batch_digest"] for m in metrics] == expected
     assert Path(run / "checkpoints" / "latest").read_text().strip() == "step_5"
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, ck: Path, timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    while not (ck / "state.json").exists():
+        assert proc.poll() is None, "training process died before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.5)
+
+
+def test_sigterm_saves_the_last_finished_step_and_resume_continues(tiny_world, ray_local, tmp_path):
+    run = tmp_path / "run"
+    over = world_overrides(tiny_world) + [f"logging.run_dir={run}", "trainer.save_every=3", "ray.num_cpus=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "mopd.cli", "train", "configs/quickstart.yaml", *over,
+                             "trainer.steps=40"], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, text=True)
+    try:
+        _wait_for_checkpoint(proc, run / "checkpoints" / "step_3")
+        os.kill(proc.pid, signal.SIGTERM)  # what a preempting scheduler sends the job's driver
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err and "--resume" in err
+    steps = [m["step"] for m in read_metrics(run / "metrics.jsonl") if "data/batch_digest" in m]
+    last = max(steps)
+    assert steps == list(range(1, last + 1))
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{last}"  # nothing finished is lost
+    cfg = load_config("configs/quickstart.yaml", over + [f"trainer.steps={last + 2}"])
+    train(cfg, resume=True, log=lambda *_: None)
+    steps = [m["step"] for m in read_metrics(run / "metrics.jsonl") if "data/batch_digest" in m]
+    assert steps == list(range(1, last + 3))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 
 from mopd.batch import build_batch
 from mopd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mopd.config import load_config
-from mopd.round import ScoredSample
+from mopd.producer import ScoredSample
 from mopd.trainer import NonFiniteError, Trainer
 from mopd.world.models import build_student, build_teacher, save_model
 from mopd.world.tokenizer import build_tokenizer
@@ -56,6 +59,11 @@ def make_samples(tok, teacher, n=8, top_k=0):
     return out
 
 
+def weights(tr):
+    """A copy of the trainer's weights (`state_dict` may share storage with the live parameters)."""
+    return {k: v.clone() for k, v in tr.state_dict().items()}
+
+
 def cfg_for(d, *over):
     return load_config("configs/quickstart.yaml", [f"student.path={d}/student", "trainer.lr=1e-2",
                                                     "trainer.micro_batch_size=3", "trainer.warmup_steps=0",
@@ -72,12 +80,12 @@ def test_reverse_kl_steps_move_student_toward_teacher(models):
         last = tr.step(batch)
     # The exact reverse KL is what the step minimises. (The sampled-token estimate mopd/teacher_kl on these
     # fixed samples is no such guarantee: with two near-uniform fresh models it starts at ~0 and may rise.)
-    assert last["actor/kl_loss"] < 0.7 * first["actor/kl_loss"]
+    assert last["distillation/loss"] < 0.7 * first["distillation/loss"]
     assert first["actor/grad_norm"] > 0
     # Micro-batching is an implementation detail: the first-step loss is the same with one micro-batch.
     tr1 = Trainer(cfg_for(d, "algorithm.objective=reverse_kl", "algorithm.teacher_top_k=-1", "trainer.lr=1e-3",
                           "trainer.micro_batch_size=64"), cfg.student.path)
-    assert tr1.step(batch)["actor/kl_loss"] == pytest.approx(first["actor/kl_loss"], rel=1e-5)
+    assert tr1.step(batch)["distillation/loss"] == pytest.approx(first["distillation/loss"], rel=1e-5)
 
 
 def test_pg_step_raises_teacher_preferred_tokens(models):
@@ -96,20 +104,56 @@ def test_pg_step_raises_teacher_preferred_tokens(models):
 
 
 def test_nan_teacher_logprobs_do_not_reach_weights(models):
+    """A teacher that returns NaN gives those tokens no signal (advantage 0): a finite step, finite weights."""
     tok, d = models
-    cfg = cfg_for(d)
     samples = make_samples(tok, d / "teacher", n=4)
     for s in samples:
         s.teacher_logprobs = [float("nan")] * len(s.teacher_logprobs)
-    tr = Trainer(cfg, cfg.student.path)
-    before = {k: v.clone() for k, v in tr.state_dict().items()}
-    try:
-        tr.step(build_batch(samples, tok.pad_token_id))
-    except NonFiniteError as e:
-        assert "non-finite" in str(e)
-    after = tr.state_dict()
-    assert all(torch.isfinite(v).all() for v in after.values())
-    assert before.keys() == after.keys()
+    tr = Trainer(cfg_for(d), str(d / "student"))
+    m = tr.step(build_batch(samples, tok.pad_token_id))
+    assert m["mopd/advantage/min"] == m["mopd/advantage/max"] == 0.0
+    assert m["actor/pg_loss"] == 0.0 and "actor/skipped_step" not in m
+    assert all(torch.isfinite(v).all() for v in tr.state_dict().values())
+
+
+def test_non_finite_gradient_skips_the_step_and_three_in_a_row_raise(models):
+    """With the advantage clamp off, a teacher log-prob of -1e30 on one token (finite, but absurd) gives a
+    finite loss (~1e29) whose gradient norm overflows: the guard must skip the update, not apply it."""
+    tok, d = models
+    good = make_samples(tok, d / "teacher", n=4)
+    bad = [copy.deepcopy(s) for s in good]
+    bad[0].teacher_logprobs[2] = -1e30
+    good_b, bad_b = build_batch(good, tok.pad_token_id), build_batch(bad, tok.pad_token_id)
+    tr = Trainer(cfg_for(d, "algorithm.advantage_clip=null"), str(d / "student"))
+
+    def skipped_unchanged() -> dict[str, float]:
+        before = weights(tr)
+        m = tr.step(bad_b)
+        assert math.isfinite(m["actor/loss"]) and abs(m["actor/loss"]) > 1e20  # the loss itself passes the check
+        assert not math.isfinite(m["actor/grad_norm"]) and m["actor/skipped_step"] == 1.0
+        after = tr.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)  # no update at all
+        return m
+
+    skipped_unchanged()
+    skipped_unchanged()
+    # A good step in between updates the weights, with nothing left over from the skipped ones: its loss and
+    # gradient are a fresh trainer's on the same weights.
+    before = weights(tr)
+    m = tr.step(good_b)
+    fresh = Trainer(cfg_for(d, "algorithm.advantage_clip=null"), str(d / "student")).step(good_b)
+    assert "actor/skipped_step" not in m
+    assert m["actor/grad_norm"] == pytest.approx(fresh["actor/grad_norm"], rel=1e-5)
+    assert m["actor/loss"] == pytest.approx(fresh["actor/loss"], rel=1e-5)
+    assert any(not torch.equal(before[k], v) for k, v in tr.state_dict().items())
+    # It also reset the count: two more bad steps are only skipped ...
+    skipped_unchanged()
+    skipped_unchanged()
+    # ... and the third in a row raises, still without touching the weights.
+    before = weights(tr)
+    with pytest.raises(NonFiniteError, match="non-finite gradient norm"):
+        tr.step(bad_b)
+    assert all(torch.equal(before[k], v) for k, v in tr.state_dict().items())
 
 
 def test_checkpoint_roundtrip(models, tmp_path):
@@ -137,7 +181,7 @@ def test_deepspeed_zero_takes_a_real_step(models, stage):
     batch = build_batch(make_samples(tok, d / "teacher", n=4), tok.pad_token_id)
     tr = Trainer(cfg, cfg.student.path)
     assert type(tr.model).__name__ == "DeepSpeedEngine"
-    before = tr.state_dict()
+    before = weights(tr)
     m = tr.step(batch)
     after = tr.state_dict()
     assert m["actor/grad_norm"] > 0
@@ -162,7 +206,7 @@ def test_sft_objective_fits_the_given_samples(models):
 
 def test_orm_objective_follows_verifier_scores(models):
     tok, d = models
-    cfg = cfg_for(d, "algorithm.objective=orm", "trainer.lr=3e-3")
+    cfg = cfg_for(d, "algorithm.objective=orm", "trainer.lr=3e-3", "rollout.n=2")
     samples = make_samples(tok, d / "teacher", n=8)
     for i, s in enumerate(samples):  # groups of two: the first of each pair is "correct"
         s.score = 1.0 if i % 2 == 0 else 0.0

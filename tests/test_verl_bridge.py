@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import mopd.verl_bridge as bridge
 from mopd.losses import pg_loss
@@ -68,7 +70,7 @@ def test_adv_estimator_through_verl_lookup_equals_mopd_advantage():
 def test_icepop_loss_through_verl_lookup_matches_mopd_and_masks_gradient(threshold):
     mask, old, rollout, _, adv = _batch(1)
     w = _verl_is_weights(old, rollout, mask, threshold)
-    logp = (old + 0.01 * torch.randn(B, T)).requires_grad_(True)
+    logp = (old + 0.001 * torch.randn(B, T)).requires_grad_(True)  # first step: pi_theta ~ pi_old
     loss, metrics = core_algos.get_policy_loss_fn("mopd_icepop")(
         old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
         loss_agg_mode="seq-mean-token-mean", config=_actor_config(), rollout_is_weights=w)
@@ -92,6 +94,51 @@ def test_icepop_loss_through_verl_lookup_matches_mopd_and_masks_gradient(thresho
     assert bool((logp.grad[out_of_band] == 0).all()) and bool((logp.grad[~valid] == 0).all())
     assert bool((logp.grad[in_band] != 0).all())  # gradient flows through every kept token
     assert metrics["icepop/masked_frac"] == pytest.approx(float(out_of_band.sum() / valid.sum()))
+
+
+def test_adv_estimator_clips_dense_reward():
+    mask, _, _, _, _ = _batch()
+    rewards = torch.linspace(-25, 25, B * T).reshape(B, T)
+    fn = core_algos.get_adv_estimator_fn("mopd")
+    adv, _ = fn(token_level_rewards=rewards, response_mask=mask, config=AlgoConfig())  # mopd's default: 10
+    torch.testing.assert_close(adv, rewards.clamp(-10, 10) * mask)
+    adv, _ = fn(token_level_rewards=rewards, response_mask=mask, config=OmegaConf.create({"advantage_clip": 3.0}))
+    torch.testing.assert_close(adv, rewards.clamp(-3, 3) * mask)
+    adv, _ = fn(token_level_rewards=rewards, response_mask=mask, config=OmegaConf.create({"advantage_clip": None}))
+    torch.testing.assert_close(adv, rewards * mask)
+    adv, _ = fn(token_level_rewards=rewards, response_mask=mask, config=AlgoConfig(), advantage_clip=5.0)
+    torch.testing.assert_close(adv, rewards.clamp(-5, 5) * mask)
+
+
+def test_loss_refuses_several_ppo_epochs():
+    mask, old, rollout, _, adv = _batch()
+    fn = core_algos.get_policy_loss_fn("mopd_icepop")
+    with pytest.raises(ValueError, match="ppo_epochs=1"):
+        fn(old, old, adv, mask, "seq-mean-token-mean", _actor_config(ppo_epochs=2),
+           _verl_is_weights(old, rollout, mask, "0.5_5.0"))
+
+
+def test_loss_warns_once_when_policy_moved_since_old_log_prob():
+    """A second mini-batch (or epoch) sees log_prob != old_log_prob: the REINFORCE form is then off."""
+    mask, old, rollout, _, adv = _batch(4)
+    w = _verl_is_weights(old, rollout, mask, "0.5_5.0")
+    fn = bridge.make_policy_losses()["mopd_icepop"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on-policy (and recompute noise below the tolerance): silent
+        _, m = fn(old, old + 1e-3, adv, mask, "seq-mean-token-mean", _actor_config(), w)
+    assert m["actor/ppo_kl"] == pytest.approx(-1e-3, rel=1e-3)
+    moved = old - 0.05
+    with pytest.warns(bridge.OffPolicyWarning, match="ppo_mini_batch_size"):
+        loss, m = fn(old, moved, adv, mask, "seq-mean-token-mean", _actor_config(), w)
+    assert m["actor/ppo_kl"] == pytest.approx(0.05, rel=1e-4)  # verl's sign: mean(old_log_prob - log_prob)
+    ref, _ = pg_loss(moved, adv, icepop_weights(old, rollout, mask), mask)
+    torch.testing.assert_close(loss, ref)  # the loss itself is unchanged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per loss function, not every micro-batch
+        fn(old, moved, adv, mask, "seq-mean-token-mean", _actor_config(), w)
+    strict = bridge.make_policy_losses(offpolicy_tol=1e-4)["mopd_tis"]
+    with pytest.warns(bridge.OffPolicyWarning):
+        strict(old, old + 1e-3, adv, mask, "seq-mean-token-mean", _actor_config(), w)
 
 
 def test_tis_loss_matches_mopd():

@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mopd.config import WorldConfig
-from mopd.sft import _batches, collate, encode_rows, lr_factor
 from mopd.world.build import MANIFEST, build_world, config_hash
+from mopd.world.sft import _batches, collate, encode_sft_examples, lr_factor
 from mopd.world.tasks import GENERATORS, gen_add, gen_rev, gen_sort, make_splits, read_jsonl
 from mopd.world.tokenizer import CHARS, EOS, build_tokenizer, encode_answer, encode_prompt, padded_vocab_size
-from rewards.verifiers import VERIFIERS, verify
+from rewards.verifiers import DOMAIN_VERIFIERS, verify
 
 # ---------------------------------------------------------------- domains and verifiers
 
@@ -31,7 +31,7 @@ def test_generators_produce_correct_short_rows():
         assert p.startswith("rev:") and p.endswith("=") and a == p[4:-1][::-1]
         p, a = gen_sort(rng)
         assert p.startswith("sort:") and a == "".join(sorted(p[5:-1])) and len(p) <= 20
-    assert set(GENERATORS) == set(VERIFIERS) == {"add", "rev", "sort"}
+    assert set(GENERATORS) == {"add", "rev", "sort"} <= set(DOMAIN_VERIFIERS)
 
 
 def test_splits_are_disjoint_deterministic_and_well_formed():
@@ -66,9 +66,10 @@ def test_verify_hand_examples(domain, text, answer, score):
     assert verify(domain, text, answer) == score
 
 
-def test_verify_unknown_domain_names_known_ones():
-    with pytest.raises(ValueError, match=r"'chess'.*\['add', 'rev', 'sort'\]"):
-        verify("chess", "e4", "e4")
+def test_other_domains_get_exact_match_and_unknown_verifier_names_known_ones():
+    assert verify("chess", " e4 ", "e4") == 1.0 and verify("chess", "e4 e5", "e4") == 0.0
+    with pytest.raises(ValueError, match=r"'regex'.*'exact_match'"):
+        verify("chess", "e4", "e4", name="regex")
 
 
 # ---------------------------------------------------------------- tokenizer and SFT batching
@@ -92,7 +93,7 @@ def test_tokenizer_roundtrip_and_reload(tmp_path):
 
 def test_sft_labels_cover_only_answer_and_eos():
     tok = build_tokenizer()
-    batch = collate(encode_rows(tok, [{"prompt": "rev:ab=", "answer": "ba"},
+    batch = collate(encode_sft_examples(tok, [{"prompt": "rev:ab=", "answer": "ba"},
                                       {"prompt": "add:1+1=", "answer": "2"}]), tok.pad_token_id)
     labels = batch["labels"]
     assert tok.decode(labels[0][labels[0] != -100], skip_special_tokens=True) == "ba"

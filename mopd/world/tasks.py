@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from rewards.verifiers import exact_match, register_domain, register_verifier
+
 Generator = Callable[[random.Random], tuple[str, str]]
 
 DIGITS = 2  # addition operands are zero-padded to DIGITS digits, the sum to DIGITS + 1
@@ -56,6 +58,20 @@ def gen_sort(rng: random.Random) -> tuple[str, str]:
 
 
 GENERATORS: dict[str, Generator] = {"add": gen_add, "rev": gen_rev, "sort": gen_sort}
+
+EOS = "<eos>"
+
+
+def answer_before_eos(response_text: str, answer: str) -> float:
+    """Exact match of what comes before the first `<eos>`: transformers' `generate` (used while building
+    the world) keeps writing after it, the engines stop there."""
+    return exact_match(response_text.split(EOS, 1)[0], answer)
+
+
+# The world's domains are scored by its own verifier wherever rows of them are verified.
+register_verifier("world_exact", answer_before_eos)
+for _domain in GENERATORS:
+    register_domain(_domain, "world_exact")
 
 
 def get_generator(domain: str) -> Generator:

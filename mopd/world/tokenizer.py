@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from mopd import data
+
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = [PAD, EOS, UNK]  # ids 0, 1, 2
 CHARS = string.digits + string.ascii_lowercase + "+-*=:,.|() "
@@ -45,8 +47,9 @@ def padded_vocab_size(tok: PreTrainedTokenizerFast, multiple: int = 64) -> int:
 
 
 def encode_prompt(tok: PreTrainedTokenizerFast, prompt: str) -> list[int]:
-    """Token ids of a prompt exactly as SFT saw it: characters only, no BOS/EOS added."""
-    return tok.encode(prompt, add_special_tokens=False)
+    """Token ids of a prompt, through the one encoder training, evaluation and scoring use (this tokenizer
+    adds no special tokens, so: its characters)."""
+    return data.encode_prompt(tok, prompt)
 
 
 def encode_answer(tok: PreTrainedTokenizerFast, answer: str) -> list[int]:

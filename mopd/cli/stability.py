@@ -1,7 +1,7 @@
 """`mopd dashboard` and `mopd check`: the dashboard and the health gates from the command line.
 
 Kept apart from `mopd/cli.py` so that the CLI only registers them (`add_parsers(sub)`); both commands
-import nothing heavier than PyYAML, so they start instantly and work on a laptop that only copied a
+import nothing heavier than PyYAML and Plotly, so they start instantly and work on a laptop that only copied a
 run directory.
 
 Exit codes of `check`: 0 no violation, 1 violations (the report lists them), 2 unusable input (bad
@@ -12,6 +12,7 @@ rules file, run without metrics) — the usual "usage error" code, so CI can tel
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ def _rules_source(arg: str | None) -> str | Path | None:
     built-in bands are used (None)."""
     if arg and arg != DEFAULT_RULES:
         return arg
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
         if (base / DEFAULT_RULES).is_file():
             return base / DEFAULT_RULES
     return None
@@ -62,6 +63,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 2
     violations = check_series(series, rules)
     print(format_report(args.run_dir, rules, violations, series, max_per_metric=args.max_per_metric))
+    missing = [r.metric for r in rules if not r.required and not r.matches(sorted(series))]
+    if missing and args.strict:
+        # A misspelt metric would otherwise turn its gate off and still PASS.
+        hints = []
+        for m in missing:
+            close = difflib.get_close_matches(m, sorted(series), n=1, cutoff=0.6)
+            hints.append(f"{m} (did you mean {close[0]}?)" if close else m)
+        print(f"mopd check: error: the rules name metric(s) this run never logged: {', '.join(hints)}; fix the "
+              "name, or pass --no-strict when the run is not meant to log them (e.g. teacher KL in an orm run)",
+              file=sys.stderr)
+        return 2
     return 1 if violations else 0
 
 
@@ -79,4 +91,6 @@ def add_parsers(subparsers: Any) -> None:
                     help=f"YAML rules: metric -> {{min, max, abs_max, after_step, allow_nan, required}} "
                          f"(default: {DEFAULT_RULES})")
     sp.add_argument("--max-per-metric", type=int, default=5, help="violations listed per metric (default 5)")
+    sp.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
+                    help="exit 2 when a rule names a metric the run never logged (default; --no-strict skips it)")
     sp.set_defaults(fn=cmd_check)

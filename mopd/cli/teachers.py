@@ -2,7 +2,9 @@
 teacher is fit to score before a run spends hours on it.
 
 `check` exit codes: 0 every check ok, 1 a check failed (the report says which and how to fix it),
-2 the config itself is unusable (printed by the CLI as `mopd: error: ...`).
+2 the config itself is unusable, or a model folder is (missing, no weights, a NaN weight, teacher_top_k
+over the vocabulary: `teachers.preflight.check_models`, run before any engine starts), printed by the CLI as
+one line `mopd: error: ...`.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import argparse
 from collections import Counter
 from typing import Any
 
+from mopd.cli.common import config_from_args as _cfg
+
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from mopd.cli import _cfg
-
     cfg = _cfg(args)
     print(teachers_table(cfg))
     print()
@@ -26,12 +28,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Start (or connect to) every teacher, run the preflight, print the report."""
     from transformers import AutoTokenizer
 
-    from mopd.cli import _cfg
-    from mopd.quickstart import prepare_world
-    from teachers.preflight import format_report, run_preflight
+    from mopd.world.prepare import prepare_world
+    from teachers.preflight import check_models, format_report, run_preflight
 
     cfg = _cfg(args)
     prepare_world(cfg)
+    # Folders, weights (every tensor finite) and teacher_top_k vs the vocabulary, before any engine starts:
+    # an unusable model is an input error (exit 2, one line), not a report of engines that failed to start.
+    check_models(cfg, log=print)
     student_tokenizer = AutoTokenizer.from_pretrained(cfg.student.path)
     rows = _rows_or_empty(cfg)
     with _teacher_handles(cfg) as teachers:
@@ -59,7 +63,7 @@ class _teacher_handles:
             raise
 
     def _start(self) -> dict[str, list[Any]]:
-        from teachers.openai_server import ServerTeacher, client_kwargs
+        from teachers.http_teacher import ServerTeacher, client_kwargs
         from teachers.registry import TeacherRegistry
 
         cfg = self.cfg
@@ -71,7 +75,7 @@ class _teacher_handles:
         if local.teachers:
             import ray
 
-            from mopd.engines import start_teachers
+            from mopd.engine_group import start_teachers
             from mopd.placement import reserve
             from mopd.ray_cluster import init_ray
 

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from mopd.world.tokenizer import encode_answer, encode_prompt
+
 IGNORE = -100
 
 
-def encode_rows(tok: PreTrainedTokenizerFast, rows: Sequence[dict[str, Any]]) -> list[tuple[list[int], int]]:
+def encode_sft_examples(tok: PreTrainedTokenizerFast, rows: Sequence[dict[str, Any]]) -> list[tuple[list[int], int]]:
     """(prompt + answer + eos ids, prompt length) per row, with the same encoding inference uses."""
-    from mopd.world.tokenizer import encode_answer, encode_prompt
-
     out = []
     for r in rows:
         p = encode_prompt(tok, r["prompt"])
@@ -102,7 +102,7 @@ def sft(
         raise ValueError(f"sft: {len(weights)} weights for {len(rows)} rows")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    data = encode_rows(tokenizer, rows)
+    data = encode_sft_examples(tokenizer, rows)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup_steps, schedule))
     model.train()

@@ -1,4 +1,6 @@
-"""Optional metric sinks beside `metrics.jsonl`: TensorBoard, Weights & Biases, MLflow.
+"""One logger for a run: `MultiplexLogger` fans each step record out to the JSONL file (the source of
+truth), the optional TensorBoard / Weights & Biases / MLflow sinks, the progress bar and the dashboard
+re-render, so the loop makes one `log(step, metrics)` call (tinker-cookbook's `ml_log` shape).
 
 JSONL stays the source of truth (every value, NaN included, as written); these sinks are views for the
 tools people already watch, so they only ever receive finite numbers -- a NaN or a string would crash
@@ -17,10 +19,14 @@ import secrets
 import string
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from tqdm import tqdm
 
 from mopd.atomic import write_text
 from mopd.config import ConfigError, LoggingConfig, MopdConfig, to_dict, to_yaml
+from mopd.jsonl import JsonlSink
+from stability.dashboard import render_dashboard
 
 # sink name -> (modules it imports, pip install command)
 PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -28,6 +34,78 @@ PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
     "wandb": (("wandb",), "wandb"),
     "mlflow": (("mlflow", "sqlalchemy", "alembic"), "mlflow-skinny sqlalchemy alembic"),
 }
+
+
+class Logger(Protocol):
+    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MultiplexLogger:
+    """Every logger of a run behind one `log` / `close`."""
+
+    def __init__(self, loggers: list[Logger]) -> None:
+        self.loggers = loggers
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        for lg in self.loggers:
+            lg.log(step, metrics)
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.close()
+
+
+class ProgressLogger:
+    """tqdm bar over the run's steps; the postfix shows teacher KL and per-domain verifier accuracy."""
+
+    def __init__(self, total: int, start: int) -> None:
+        self.bar = tqdm(total=total, initial=start, desc="mopd", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if "mopd/teacher_kl" not in metrics and not any(k.startswith("reward/") for k in metrics):
+            return  # an eval record: the bar follows training steps
+        acc = " ".join(f"{k.split('/')[1]}={v:.2f}" for k, v in metrics.items()
+                       if k.startswith("reward/") and isinstance(v, float) and v == v)
+        self.bar.set_postfix_str(f"kl={metrics.get('mopd/teacher_kl', float('nan')):.3f} {acc}")
+        self.bar.update(max(0, step - self.bar.n))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class DashboardLogger:
+    """Re-renders RUN_DIR/dashboard.html every `every` steps (and at close), after the JSONL line is written."""
+
+    def __init__(self, run_dir: Path, every: int) -> None:
+        self.run_dir, self.every = run_dir, every
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.every and step % self.every == 0 and "timing_s/step" in metrics:  # training records only
+            self.render()
+
+    def render(self) -> None:
+        render_dashboard([self.run_dir], self.run_dir / "dashboard.html")
+
+    def close(self) -> None:
+        self.render()
+
+
+def make_run_logger(cfg: MopdConfig, run_dir: Path, resume_step: int | None) -> MultiplexLogger:
+    """JSONL first (the record of truth), then the configured sinks, the progress bar and the dashboard."""
+    loggers: list[Logger] = make_sinks([str(getattr(n, "value", n)) for n in cfg.logging.sinks], run_dir,
+                                       resume_step, cfg)
+    if cfg.logging.progress_bar:
+        loggers.append(ProgressLogger(cfg.trainer.steps, resume_step or 0))
+    loggers.append(DashboardLogger(run_dir, cfg.logging.dashboard_every))
+    return MultiplexLogger(loggers)
+
+
+def make_sinks(names: list[str], run_dir: Path, resume_step: int | None, cfg: MopdConfig | None = None) -> list[Logger]:
+    """One sink per name; `cfg` (the resolved MopdConfig) gives W&B/MLflow their settings and run params."""
+    return [JsonlSink(run_dir / "metrics.jsonl", resume_step) if n == "jsonl" else make_logger(n, run_dir, cfg, resume_step)
+            for n in names]
 
 
 class MissingLoggerPackage(ConfigError):

@@ -1,20 +1,19 @@
-"""`mopd` command line: config inspection, the quickstart world, evaluation and training."""
+"""`mopd` command line: config inspection, the quickstart world, evaluation and training.
+
+Command modules are imported when their command runs: importing the training stack (torch, Ray,
+transformers) costs about 3 s here, which `mopd config show`, `mopd check` and `mopd dashboard` should not pay.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
-from mopd.config import ConfigError, load_config, to_yaml
-
-DEFAULT_CONFIG = "configs/quickstart.yaml"
-
-
-def _cfg(args: argparse.Namespace):
-    # `mopd config show key=value` (no YAML) means the default config with overrides.
-    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        args.overrides, args.config = [args.config, *args.overrides], DEFAULT_CONFIG
-    return load_config(args.config, args.overrides)
+from mopd.cli.common import DEFAULT_CONFIG
+from mopd.cli.common import config_from_args as _cfg
+from mopd.config import to_yaml
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -33,16 +32,31 @@ def cmd_world_build(args: argparse.Namespace) -> int:
 
 
 def cmd_round(args: argparse.Namespace) -> int:
-    from mopd.quickstart import run_round
+    from mopd.evaluate import run_round
+    from mopd.world.prepare import prepare_world
+    from teachers.preflight import check_models
 
-    run_round(_cfg(args))
+    cfg = _cfg(args)
+    prepare_world(cfg)
+    check_models(cfg, log=print)
+    run_round(cfg)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mopd.train import main_train
+    from pathlib import Path
 
-    return main_train(_cfg(args), resume=args.resume)
+    from mopd.logger import check_logger_packages
+    from mopd.run_dir import prepare_run_dir
+    from mopd.train import main_train
+    from mopd.world.prepare import prepare_world
+
+    cfg = _cfg(args)
+    # Cheap checks before a world build that takes minutes (train repeats the run-dir one: it is idempotent).
+    check_logger_packages(cfg.logging.sinks, cfg)
+    prepare_run_dir(Path(cfg.logging.run_dir), args.resume, args.overwrite, log=print)
+    prepare_world(cfg)
+    return main_train(cfg, resume=args.resume, overwrite=False)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -58,13 +72,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from mopd.compare import compare
+    from mopd.world.prepare import prepare_world
 
-    compare(args.spec, args.overrides, args.only.split(",") if args.only else None)
+    compare(args.spec, args.overrides, args.only.split(",") if args.only else None, prepare=prepare_world,
+            overwrite=args.overwrite)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mopd", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (or MOPD_DEBUG=1)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
@@ -89,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("train", help="MOPD training: rollout, teacher scoring, update, sync, metrics")
     with_config(sp)
     sp.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace the run already in the run dir (its metrics, checkpoints and results)")
     sp.set_defaults(fn=cmd_train)
 
     sp = sub.add_parser("submit", help="run `mopd train` on a running Ray cluster as a Ray job")
@@ -105,27 +124,47 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("spec", nargs="?", default="configs/compare.yaml")
     sp.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     sp.add_argument("--only", help="comma-separated run names")
+    sp.add_argument("--overwrite", action="store_true", help="replace earlier runs of the same names")
     sp.set_defaults(fn=cmd_compare)
 
-    from stability.cli_commands import add_parsers as add_stability_parsers
+    from mopd.cli.stability import add_parsers as add_stability_parsers
 
     add_stability_parsers(sub)
-    from teachers.cli_commands import add_parsers as add_teacher_parsers
+    from mopd.cli.teachers import add_parsers as add_teacher_parsers
 
     add_teacher_parsers(sub)
 
     args = p.parse_args(argv)
-    from mopd.data import DataError
-    from mopd.submit import SubmitError
-    from mopd.trainer import NonFiniteError
-    from teachers.preflight import PreflightError
-    from teachers.registry import TeacherRegistryError
-
+    debug = args.debug or os.environ.get("MOPD_DEBUG", "") not in ("", "0")
     try:
         return args.fn(args)
-    except (ConfigError, DataError, TeacherRegistryError, NonFiniteError, PreflightError, SubmitError) as e:
-        print(f"mopd: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - every failure a user sees is one line; --debug shows the traceback
+        if debug:
+            raise
+        print(f"mopd: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if _user_error(e) else 1
+
+
+# Errors the project raises itself (bad config, data, rows, teachers, run dirs, rules, a diverged run) say
+# what to fix: exit 2. Everything else (a crashed actor, a full disk) is exit 1, still one line.
+_PROJECT = ("mopd", "teachers", "rollout", "rewards", "stability")
+
+
+def _user_error(e: BaseException) -> bool:
+    return type(e).__module__.split(".")[0] in _PROJECT
+
+
+def _one_line(e: BaseException) -> str:
+    if _user_error(e):
+        msg = str(e)
+    elif isinstance(e, OSError) and e.strerror:
+        msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        if e.errno == errno.ENOSPC:
+            msg += " (free some space; finished steps and checkpoints already written are intact)"
+    else:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        msg = f"{type(e).__name__}: {first} (run with --debug for the traceback)"
+    return msg
 
 
 if __name__ == "__main__":

@@ -1,0 +1,16 @@
+"""What every `mopd` command shares: reading CONFIG plus `key=value` overrides from its arguments."""
+
+from __future__ import annotations
+
+import argparse
+
+from mopd.config import MopdConfig, load_config
+
+DEFAULT_CONFIG = "configs/quickstart.yaml"
+
+
+def config_from_args(args: argparse.Namespace) -> MopdConfig:
+    """The resolved config; `mopd config show key=value` (no YAML) means the default config with overrides."""
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], DEFAULT_CONFIG
+    return load_config(args.config, args.overrides)

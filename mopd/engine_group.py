@@ -1,0 +1,134 @@
+"""Start the engine actors a run needs (student rollout engines and one actor group per teacher)
+from the config, and wait until every engine is up so start-up failures surface before step 1."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from transformers import AutoConfig
+
+from mopd.config import ConfigError, MopdConfig
+from mopd.placement import Placement, reserve
+from rollout.actors import start_student_engines
+from rollout.types import EngineSpec
+from teachers.http_teacher import start_server_teacher
+from teachers.registry import TeacherRegistry
+from teachers.vllm_teacher import start_teacher
+
+
+@dataclass
+class EngineGroup:
+    students: list[Any]
+    teachers: dict[str, list[Any]]
+    startup_s: float
+    engine_startup_s: dict[str, float]
+    placement: Placement | None = None  # the run's placement group, removed at shutdown
+
+    def named_actors(self) -> dict[str, Any]:
+        """Every engine actor by a readable name: student[i], teacher:<name>[i]."""
+        out = {f"student[{i}]": a for i, a in enumerate(self.students)}
+        out.update({f"teacher:{n}[{i}]": a for n, reps in self.teachers.items() for i, a in enumerate(reps)})
+        return out
+
+    def pids(self) -> dict[str, int]:
+        """Each engine actor's process id (a new one after Ray restarted it)."""
+        named = self.named_actors()
+        return dict(zip(named, ray.get([a.__ray_call__.remote(_pid) for a in named.values()]), strict=True))
+
+    def wait_restarted(self, before: dict[str, int], timeout_s: float = 900.0) -> list[str]:
+        """Wait until every engine answers again; the names of those Ray restarted since `before` was taken.
+        An engine that stays dead (its restarts used up) is an error naming it."""
+        deadline = time.monotonic() + timeout_s
+        now = {name: answer_when_alive(a, _pid, deadline, name) for name, a in self.named_actors().items()}
+        return [n for n in now if now[n] != before.get(n)]
+
+    def shutdown(self) -> None:
+        for a in self.students + [a for reps in self.teachers.values() for a in reps]:
+            ray.kill(a)
+        if self.placement is not None:
+            self.placement.remove()
+
+
+def _pid(_self: Any) -> int:
+    return os.getpid()
+
+
+def answer_when_alive(actor: Any, fn: Any, deadline: float, name: str) -> Any:
+    """`fn(actor)` run in the actor, retried while Ray restarts it (calls fail while it is down)."""
+    while True:
+        try:
+            return ray.get(actor.__ray_call__.remote(fn), timeout=max(1.0, deadline - time.monotonic()))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{name} died and did not come back (ray.max_restarts used up, or its node is "
+                                   f"gone): {str(e).splitlines()[0]}") from None
+            time.sleep(1.0)
+
+
+def max_model_len(cfg: MopdConfig) -> int:
+    """Engine context: the longest prompt plus the longest response plus the one token a teacher's
+    scoring request generates; refused up front if a model cannot hold it."""
+    need = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens + 1
+    # A server teacher's context is its server's (checked by the teacher preflight), not its `path`'s.
+    local = [(f"teacher '{n}'", t.path) for n, t in cfg.teachers.items() if t.backend != "vllm_server"]
+    for name, path in [("student", cfg.student.path), *local]:
+        limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+        if limit is not None and need > limit:
+            raise ConfigError(
+                f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) + rollout.max_tokens ({cfg.rollout.max_tokens}) "
+                f"+ 1 = {need} exceeds the {name}'s max_position_embeddings={limit}; lower one of them")
+    return need
+
+
+def engine_spec(cfg: MopdConfig, model_path: str, **fields: Any) -> EngineSpec:
+    """An engine's spec from the rollout section, with per-engine `fields` (dtype, resources, top-k ...)."""
+    r = cfg.rollout
+    dtype = fields.pop("dtype")
+    return EngineSpec(model_path=model_path, dtype=str(getattr(dtype, "value", dtype)), seed=cfg.trainer.seed,
+                      enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
+                      omp_threads=r.omp_threads, kv_cache_gb=r.kv_cache_gb, max_restarts=cfg.ray.max_restarts,
+                      **fields)
+
+
+def start_engines(cfg: MopdConfig, registry: TeacherRegistry, placement: Placement | None = None) -> EngineGroup:
+    """Engines in their placement-group bundles; without `placement` (no trainer in this run) a group
+    holding only the engines' bundles is reserved here."""
+    t0 = time.perf_counter()
+    r = cfg.rollout
+    mml = max_model_len(cfg)
+    placement = placement or reserve(cfg, trainer=False)
+    students = start_student_engines(
+        engine_spec(cfg, cfg.student.path, dtype=r.dtype or cfg.student.dtype, max_model_len=mml,
+                    capture_routing=cfg.algorithm.r3 or cfg.algorithm.r3_capture,
+                    **placement.plan.actor_resources("student")),
+        r.num_engines, placement.strategies("student"))
+    teachers = start_teachers(cfg, registry, placement, mml)
+    names = [f"student[{i}]" for i in range(len(students))] + [
+        f"{n}[{i}]" for n, reps in teachers.items() for i in range(len(reps))]
+    actors = students + [a for reps in teachers.values() for a in reps]
+    try:
+        info = ray.get([a.ready.remote() for a in actors])
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"an engine failed to start: {e}") from e
+    return EngineGroup(students, teachers, time.perf_counter() - t0,
+                       {n: round(i["startup_s"], 2) for n, i in zip(names, info, strict=True)}, placement)
+
+
+def start_teachers(cfg: MopdConfig, registry: TeacherRegistry, placement: Placement,
+                   mml: int | None = None) -> dict[str, list[Any]]:
+    """One actor per replica and teacher: a vLLM engine in its bundle (backend vllm), or a client of
+    one `vllm serve` URL that reserves nothing (backend vllm_server). Not waited on here."""
+    mml = mml or max_model_len(cfg)
+    out: dict[str, list[Any]] = {}
+    for name, spec in registry.teachers.items():
+        if cfg.teachers[name].backend == "vllm_server":
+            out[name] = start_server_teacher(name, cfg.teachers[name], cfg.ray.max_restarts)
+            continue
+        spec_t = engine_spec(cfg, spec.path, dtype=spec.dtype, max_model_len=mml,
+                             max_top_k=cfg.algorithm.teacher_top_k, **placement.plan.actor_resources(f"teacher:{name}"))
+        out[name] = start_teacher(spec_t, spec.replicas, placement.strategies(f"teacher:{name}"))
+    return out

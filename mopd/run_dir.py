@@ -1,0 +1,162 @@
+"""The run directory's contract with `mopd train`: never silently lose a run.
+
+`prepare_run_dir` runs before anything else starts and decides, from what is on disk, between a fresh run
+and a resume:
+
+- a fresh run refuses a folder that already holds a run (`metrics.jsonl`, or a checkpoints folder with
+  anything in it) unless `--overwrite` is given, which deletes that run's metrics, checkpoints, result
+  files, dashboard and TensorBoard events (and says so); W&B / MLflow stores are kept (they keep runs apart);
+- `--resume` needs something to resume from: `checkpoints/latest` naming a complete folder (one with
+  `state.json`), or else the newest complete `step_N` (logged). Finding neither is an error saying what was
+  found, never a silent fresh start over the old metrics;
+- temporaries a crash left under `checkpoints/` (`.step_N.tmp*`, `.*.old`, `.latest.*`) are removed, and a
+  `.step_N.old` whose `step_N` is gone (a crash mid-swap) is put back;
+- a run dir that is a file, cannot be created or is not writable is a `RunDirError` with a clear message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from mopd.checkpoint import STEP_RE, checkpoints_dir, is_complete, resolve_latest
+
+# What a run writes and `--overwrite` deletes (config.yaml is rewritten by every start anyway).
+RUN_FILES = ("metrics.jsonl", "result.json", "result.md", "dashboard.html")
+RUN_DIRS = ("checkpoints", "tensorboard")
+
+_TMP_RE = re.compile(r"\.step_\d+\.tmp.*")  # write_dir's temporaries and prune's renames
+_OLD_RE = re.compile(r"\.(.+)\.old")  # write_dir's previous version during a swap
+_LATEST_TMP_RE = re.compile(r"\.latest\..+")  # write_text's temporary for `latest`
+
+
+class RunDirError(ValueError):
+    """The run dir cannot be used as asked; the message says what was found and what to do."""
+
+
+def _is_stale(name: str) -> bool:
+    return bool(_TMP_RE.fullmatch(name) or _OLD_RE.fullmatch(name) or _LATEST_TMP_RE.fullmatch(name))
+
+
+def holds_run(run_dir: Path) -> list[str]:
+    """What in `run_dir` shows that a run already wrote there (empty: nothing)."""
+    run_dir = Path(run_dir)
+    found = []
+    if (run_dir / "metrics.jsonl").exists():
+        found.append("metrics.jsonl")
+    ckdir = checkpoints_dir(run_dir)
+    if ckdir.is_dir():
+        if any(not _is_stale(p.name) for p in ckdir.iterdir()):
+            found.append("checkpoints/")
+    elif ckdir.exists():
+        found.append("checkpoints")
+    return found
+
+
+def clean_stale(run_dir: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Remove what an interrupted save or prune left under checkpoints/; returns the removed paths."""
+    ckdir = checkpoints_dir(Path(run_dir))
+    if not ckdir.is_dir():
+        return []
+    removed = []
+    for p in sorted(ckdir.iterdir()):
+        if not _is_stale(p.name):
+            continue
+        old = _OLD_RE.fullmatch(p.name)
+        if old and STEP_RE.fullmatch(old.group(1)) and p.is_dir() and is_complete(p) \
+                and not (ckdir / old.group(1)).exists():
+            os.replace(p, ckdir / old.group(1))
+            log(f"restored {ckdir / old.group(1)} from {p.name} (a save was interrupted while swapping it)")
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError as e:
+            raise RunDirError(f"cannot remove the stale temporary {p} left by an interrupted save: "
+                              f"{e.strerror or e}") from e
+        removed.append(p)
+    if removed:
+        log(f"removed {len(removed)} stale temporar{'y' if len(removed) == 1 else 'ies'} left by an interrupted "
+            f"checkpoint save under {ckdir}: {', '.join(p.name for p in removed)}")
+    return removed
+
+
+def _require_writable(d: Path, what: str) -> None:
+    try:
+        fd, probe = tempfile.mkstemp(dir=d, prefix=".mopd-write-test.")
+    except OSError as e:
+        raise RunDirError(f"{what} {d} is not writable ({e.strerror or e}): fix its permissions or choose "
+                          "another logging.run_dir") from e
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _require_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run dir {run_dir} is a file, not a folder: move it away or choose another "
+                          "logging.run_dir")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool,
+                    log: Callable[[str], None] = print) -> Path | None:
+    """Make `run_dir` ready for a run; returns the checkpoint to resume from, or None for a fresh run.
+
+    Raises RunDirError (a ValueError) when the folder cannot be used as asked. See the module docstring.
+    """
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise RunDirError("--resume continues the run in the run dir and --overwrite discards it: give one")
+    _require_dir(run_dir)
+    if resume:
+        if not run_dir.exists():
+            raise RunDirError(f"--resume: run dir {run_dir} does not exist, so there is no run to resume "
+                              "(drop --resume to start one)")
+        _require_writable(run_dir, "run dir")
+        ckdir = checkpoints_dir(run_dir)
+        if ckdir.is_dir():
+            _require_writable(ckdir, "checkpoints folder")
+            clean_stale(run_dir, log)
+        found = resolve_latest(run_dir)
+        if found.path is None:
+            has = holds_run(run_dir)
+            seen = f" (it holds {', '.join(has)})" if has else ""
+            raise RunDirError(f"--resume: nothing to resume in {run_dir}{seen}: {found.note}. Start over with "
+                              "--overwrite (deletes that run) or choose another logging.run_dir")
+        if found.fallback:
+            log(f"--resume: {found.note}")
+        return found.path
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create run dir {run_dir}: {e.strerror or e}") from e
+    _require_writable(run_dir, "run dir")
+    present = holds_run(run_dir)
+    if present and not overwrite:
+        raise RunDirError(f"run dir {run_dir} already holds a run ({', '.join(present)}): continue it with "
+                          "--resume, or delete it and start over with --overwrite (or choose another "
+                          "logging.run_dir)")
+    if overwrite:
+        deleted = []
+        for name in RUN_FILES + RUN_DIRS:
+            p = run_dir / name
+            if not (p.exists() or p.is_symlink()):
+                continue
+            try:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+            except OSError as e:
+                raise RunDirError(f"--overwrite: cannot delete {p}: {e.strerror or e}") from e
+            deleted.append(name + ("/" if name in RUN_DIRS else ""))
+        if deleted:
+            log(f"--overwrite: deleted the previous run's {', '.join(deleted)} from {run_dir}")
+    clean_stale(run_dir, log)
+    return None

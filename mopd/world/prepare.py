@@ -1,0 +1,16 @@
+"""Build (or reuse) the quickstart world before a command that uses it; the core never builds worlds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mopd.config import MopdConfig
+from mopd.world.build import build_world
+
+
+def prepare_world(cfg: MopdConfig) -> dict | None:
+    """Build the quickstart world when the config points into it (cached after the first build)."""
+    paths = [cfg.student.path, *(t.path for t in cfg.teachers.values())]
+    if not any(Path(p).resolve().is_relative_to(Path(cfg.world.dir).resolve()) for p in paths):
+        return None
+    return build_world(cfg.world)

@@ -1,0 +1,332 @@
+"""Bad inputs outside the config, through the real CLI in-process: data files and rows, model folders (student
+and teachers: missing, without weights, a NaN weight, teacher_top_k over the vocabulary), rules files of
+`mopd check`, run dirs and the command line itself. Each is refused with exit code 2 and one line on stderr
+(`mopd: error: ...`, or `mopd check: error: ...`) that names the file, row or key and the fix; never a
+traceback. Every input is refused before Ray starts: `init_ray` is a tripwire here (reaching it fails the
+test), so none of these starts a cluster or an engine.
+
+The models are tiny real ones (`mopd.world.models`) in folders outside `world.dir`, so `mopd train` never
+builds the quickstart world.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import mopd.ray_cluster
+import mopd.train
+from mopd.cli import main
+from mopd.world.models import build_student, build_teacher, save_model
+from mopd.world.tokenizer import build_tokenizer
+
+NAN_STUDENT_WEIGHT = "model.layers.0.mlp.gate.weight"  # the first MoE router
+NAN_TEACHER_WEIGHT = "model.layers.0.mlp.down_proj.weight"
+GOOD_ROWS = [{"prompt": "rev:abc=", "domain": "rev", "answer": "cba"},
+             {"prompt": "rev:hello=", "domain": "rev", "answer": "olleh"}]
+
+
+def _reached_ray(*args, **kwargs):
+    raise AssertionError("the bad input reached init_ray: it must be refused before Ray starts")
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    """A tripwire, not a stand-in: every case here must fail before the run needs Ray."""
+    monkeypatch.setattr(mopd.train, "init_ray", _reached_ray)
+    monkeypatch.setattr(mopd.ray_cluster, "init_ray", _reached_ray)
+
+
+def set_weight_nan(folder: Path, name: str) -> None:
+    f = folder / "model.safetensors"
+    state = load_file(str(f))
+    state[name] = state[name].clone()
+    state[name].view(-1)[3] = float("nan")
+    save_file(state, str(f), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """student/ and teacher/ (real tiny models), their broken variants, all outside any world.dir."""
+    d = tmp_path_factory.mktemp("models")
+    tok = build_tokenizer()
+    save_model(build_student(tok, seed=0), tok, d / "student")
+    save_model(build_teacher(tok, seed=1), tok, d / "teacher")
+    for src, dst in [("student", "nan_student"), ("teacher", "nan_teacher"), ("student", "student_no_weights"),
+                     ("teacher", "teacher_no_weights"), ("teacher", "teacher_no_config")]:
+        shutil.copytree(d / src, d / dst)
+    set_weight_nan(d / "nan_student", NAN_STUDENT_WEIGHT)
+    set_weight_nan(d / "nan_teacher", NAN_TEACHER_WEIGHT)
+    (d / "student_no_weights" / "model.safetensors").unlink()
+    (d / "teacher_no_weights" / "model.safetensors").unlink()
+    (d / "teacher_no_config" / "config.json").unlink()
+    (d / "weights_file.bin").write_bytes(b"not a folder")
+    return d
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def write_config(tmp_path: Path, models: Path, *, train: str | None = None, eval_: str | None = None,
+                 **sections) -> str:
+    train = train or write_jsonl(tmp_path / "train.jsonl", GOOD_ROWS)
+    cfg = {"experiment": "bad_io", "world": {"dir": str(tmp_path / "world")},
+           "student": {"path": str(models / "student")},
+           "teachers": {"t": {"path": str(models / "teacher"), "domains": ["rev"]}},
+           "data": {"train_files": [train], "eval_files": [eval_ or train]},
+           "algorithm": {"objective": "reverse_kl", "teacher_top_k": -1},
+           "logging": {"run_dir": str(tmp_path / "run"), "progress_bar": False, "dashboard_every": 0}}
+    for key, values in sections.items():
+        cfg.setdefault(key, {}).update(values)
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)
+
+
+def assert_one_line_error(code: int, err: str, fragments: list[str], prefix: str = "mopd: error: ") -> None:
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert err.startswith(prefix), err
+    assert err.endswith("\n") and err.count("\n") == 1, err  # exactly one line
+    for f in fragments:
+        assert f in err, (f, err)
+
+
+def run(capsys, argv: list[str]) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+# -- data: (file name, bytes, fragments) for train files through `mopd train` -------------------------------
+def _lines(*rows) -> bytes:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()
+
+
+DATA_FILES: list[tuple[str, str, bytes, list[str]]] = [
+    ("row is a JSON array", "train.jsonl", _lines(GOOD_ROWS[0], ["rev:abc=", "rev"]),
+     ["train.jsonl line 2", "each row must be a JSON object", '{"prompt": "...", "domain": "..."}',
+      "got a JSON array"]),
+    ("Latin-1 byte", "train.jsonl", _lines(GOOD_ROWS[0]) + '{"prompt": "caf\xe9", "domain": "rev"}\n'.encode("latin-1"),
+     ["train.jsonl line 2", "not UTF-8", "0xe9", "save the file as UTF-8"]),
+    ("invalid JSON line", "train.jsonl", _lines(GOOD_ROWS[0], '{"prompt": "abc", "domain": rev}'),
+     ["train.jsonl line 2", "not valid JSON", "column", "one object like"]),
+    ("pretty-printed JSON array", "train.jsonl", json.dumps(GOOD_ROWS, indent=1).encode(),
+     ["train.jsonl line 1", "not valid JSON", "is not JSONL: write one object per line"]),
+    ("missing prompt", "train.jsonl", _lines(GOOD_ROWS[0], {"question": "abc", "domain": "rev"}),
+     ["train.jsonl line 2", "needs a 'prompt'", "'question'", "chat messages"]),
+    ("missing domain", "train.jsonl", _lines({"prompt": "rev:abc=", "answer": "cba"}),
+     ["train.jsonl line 1", "needs a 'domain'", "teachers.<name>.domains"]),
+    ("chat message without role", "train.jsonl", _lines({"prompt": [{"content": "hi"}], "domain": "rev"}),
+     ["train.jsonl line 1", "chat message 1", "'role' and a 'content'"]),
+    ("empty file", "train.jsonl", b"", ["train.jsonl has no rows", "one {\"prompt\""]),
+    ("blank lines only", "train.jsonl", b"\n\n  \n", ["train.jsonl has no rows"]),
+    ("Parquet that is not Parquet", "train.parquet", _lines(GOOD_ROWS[0]),
+     ["train.parquet: not a readable Parquet file", "to_parquet"]),
+    ("prompt characters outside the vocabulary", "train.jsonl",
+     _lines(GOOD_ROWS[0], {"prompt": "rev:ABC=", "domain": "rev"}, {"prompt": "rev:caf\xe9=", "domain": "rev"}),
+     ["2 prompt(s) have characters outside the student's vocabulary", "row 'train-1': ['A', 'B', 'C']",
+      "row 'train-2': ['\xe9']", "<unk>"]),
+    ("prompt over data.max_prompt_tokens", "train.jsonl", _lines({"prompt": "rev:" + "a" * 40 + "=", "domain": "rev"}),
+     ["row 'train-0' has 45 tokens", "data.max_prompt_tokens=32", "raise data.max_prompt_tokens"]),
+    ("chat messages without a chat template", "train.jsonl",
+     _lines({"prompt": [{"role": "user", "content": "rev:abc="}], "domain": "rev"}),
+     ["row 'train-0'", "needs a tokenizer with a chat template", "chat_template"]),
+    ("domain no teacher serves", "train.jsonl", _lines(GOOD_ROWS[0], {"prompt": "sort:cab=", "domain": "sort"}),
+     ["row 'train-1' has domain 'sort'", "registered domains: rev", "data.default_teacher"]),
+]
+
+
+@pytest.mark.parametrize("name, fname, content, fragments", DATA_FILES, ids=[c[0] for c in DATA_FILES])
+def test_bad_train_file(capsys, tmp_path, models, name, fname, content, fragments):
+    f = tmp_path / fname
+    f.write_bytes(content)
+    eval_ = write_jsonl(tmp_path / "eval.jsonl", GOOD_ROWS)
+    assert_one_line_error(*run(capsys, ["train", write_config(tmp_path, models, train=str(f), eval_=eval_)]),
+                          fragments)
+
+
+def test_bad_eval_rows_are_refused_before_ray(capsys, tmp_path, models):
+    """Evaluation rows are encoded only after the engines start unless training checks them up front."""
+    eval_ = write_jsonl(tmp_path / "eval.jsonl", [GOOD_ROWS[0], {"prompt": "rev:XY=", "domain": "rev"}])
+    assert_one_line_error(*run(capsys, ["train", write_config(tmp_path, models, eval_=eval_)]),
+                          ["row 'eval-1': ['X', 'Y']", "outside the student's vocabulary"])
+
+
+def test_missing_and_folder_data_files(capsys, tmp_path, models):
+    missing = tmp_path / "nope.jsonl"
+    assert_one_line_error(*run(capsys, ["train", write_config(tmp_path, models, train=str(missing))]),
+                          ["data file not found", str(missing), "data.train_files"])
+    (tmp_path / "data_dir").mkdir()
+    assert_one_line_error(*run(capsys, ["train", write_config(tmp_path, models, train=str(tmp_path / "data_dir"))]),
+                          ["data_dir is a folder", "JSONL or Parquet files"])
+
+
+def test_domain_mix_naming_an_absent_domain(capsys, tmp_path, models):
+    cfg = write_config(tmp_path, models, data={"domain_mix": {"rev": 1.0, "revv": 2.0}})
+    assert_one_line_error(*run(capsys, ["train", cfg]), ["data.domain_mix", "['revv']", "['rev']", "fix the name"])
+
+
+def test_working_parquet_file_loads(capsys, tmp_path, models):
+    """pyarrow is a dependency: a real Parquet train file (plain and chat prompts) loads like its JSONL twin."""
+    from mopd.data import load_rows
+
+    rows = [*GOOD_ROWS, {"prompt": "sort:cba=", "domain": "sort", "answer": "abc"}]
+    p = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), p)
+    loaded = load_rows([str(p)])
+    assert [{k: r[k] for k in ("prompt", "domain", "answer")} for r in loaded] == rows
+    assert [r["id"] for r in loaded] == ["train-0", "train-1", "train-2"]
+    assert main(["teachers", "list", write_config(tmp_path, models, train=str(p))]) == 0
+    out = capsys.readouterr().out
+    assert f"train data ({p}): 3 rows" in out
+    assert next(ln for ln in out.splitlines() if ln.startswith("rev ")).split() == ["rev", "2", "t"]
+
+
+# -- model folders: through `mopd train` and `mopd teachers check`, both before any engine -------------------
+MODELS: list[tuple[str, list[str], list[str]]] = [
+    ("student path does not exist", ["student.path={m}/no_such_student"],
+     ["student.path=", "no_such_student", "does not exist", "Hugging Face model folder"]),
+    ("student path is a file", ["student.path={m}/weights_file.bin"], ["student.path=", "is a file"]),
+    ("student folder without weights", ["student.path={m}/student_no_weights"],
+     ["student_no_weights", "holds no weights", "save_pretrained"]),
+    ("teacher folder without weights", ["teachers.t.path={m}/teacher_no_weights"],
+     ["teachers.t.path=", "teacher_no_weights", "holds no weights"]),
+    ("teacher folder without config.json", ["teachers.t.path={m}/teacher_no_config"],
+     ["teachers.t.path=", "has no config.json", "save_pretrained"]),
+    ("teacher_top_k above the vocabulary", ["algorithm.teacher_top_k=1000"],
+     ["algorithm.teacher_top_k=1000", "above the vocabulary size 64", "at most 64", "-1 for the whole vocabulary"]),
+    ("student weight is NaN", ["student.path={m}/nan_student"],
+     [f"student weight {NAN_STUDENT_WEIGHT} has NaN", "model.safetensors", "the checkpoint is corrupt",
+      "re-export it or resume from an earlier checkpoint"]),
+    ("teacher weight is NaN", ["teachers.t.path={m}/nan_teacher"],
+     [f"teacher 't' weight {NAN_TEACHER_WEIGHT} has NaN", "teachers.t.path=", "re-export it"]),
+]
+
+
+@pytest.mark.parametrize("command", [["train"], ["teachers", "check"]], ids=["train", "teachers-check"])
+@pytest.mark.parametrize("name, overrides, fragments", MODELS, ids=[c[0] for c in MODELS])
+def test_bad_model_folder(capsys, tmp_path, models, command, name, overrides, fragments):
+    cfg = write_config(tmp_path, models)
+    code, err = run(capsys, [*command, cfg, *(o.format(m=models) for o in overrides)])
+    assert_one_line_error(code, err, fragments)
+
+
+def test_good_models_pass_the_model_check(tmp_path, models):
+    from mopd.config import load_config
+    from teachers.preflight import check_models
+
+    lines = check_models(load_config(write_config(tmp_path, models), ["algorithm.teacher_top_k=64"]))
+    assert any(ln.startswith("student: ") and "every weight finite" in ln for ln in lines), lines
+    assert any(ln.startswith("teacher 't': ") and "every weight finite" in ln for ln in lines), lines
+
+
+# -- rules of `mopd check` ----------------------------------------------------------------------------------
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    d = tmp_path / "done_run"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": s, "rollout_corr/kl": 0.01, "rollout_corr/rollout_is_mean": 1.0, "actor/grad_norm": 0.5}) + "\n"
+        for s in (1, 2, 3)))
+    return d
+
+
+def check(capsys, run_dir: Path, rules_text: str | None, tmp_path: Path) -> tuple[int, str]:
+    rules = tmp_path / "rules.yaml"
+    if rules_text is not None:
+        rules.write_text(rules_text)
+    return run(capsys, ["check", str(run_dir), "--rules", str(rules)])
+
+
+RULES: list[tuple[str, str | None, list[str]]] = [
+    ("misspelt metric", "rollout_corr/kll: {abs_max: 0.1}\nactor/grad_norm: {}\n",
+     ["never logged", "rollout_corr/kll (did you mean rollout_corr/kl?)", "--no-strict"]),
+    ("malformed YAML", "rollout_corr/kl: {abs_max: 0.1\nactor/grad_norm: {}\n",
+     ["rules.yaml is not valid YAML at line", "column", "check brackets"]),
+    ("rule key typo abs_min", "rollout_corr/kl: {abs_min: 0.1}\n",
+     ["rule 'rollout_corr/kl'", "unknown key(s) 'abs_min' (did you mean 'abs_max'?)", "allowed: min, max, abs_max"]),
+    ("bound that is not a number", "rollout_corr/kl: {abs_max: small}\n",
+     ["rule 'rollout_corr/kl'", "abs_max must be a number", "'small'"]),
+    ("rules file missing", None, ["rules file", "rules.yaml not found"]),
+]
+
+
+@pytest.mark.parametrize("name, text, fragments", RULES, ids=[c[0] for c in RULES])
+def test_bad_rules(capsys, tmp_path, run_dir, name, text, fragments):
+    assert_one_line_error(*check(capsys, run_dir, text, tmp_path), fragments, prefix="mopd check: error: ")
+
+
+def test_good_rules_still_pass(capsys, tmp_path, run_dir):
+    assert check(capsys, run_dir, "rollout_corr/kl: {abs_max: 0.1}\n", tmp_path)[0] == 0
+    assert check(capsys, run_dir, "rollout_corr/kl: {abs_max: 0.001}\n", tmp_path)[0] == 1  # a violation
+
+
+def test_check_of_a_folder_without_metrics(capsys, tmp_path):
+    (tmp_path / "empty_run").mkdir()
+    assert_one_line_error(*check(capsys, tmp_path / "empty_run", "rollout_corr/kl: {}\n", tmp_path),
+                          ["empty_run has no metrics.jsonl", "not a run directory"], prefix="mopd check: error: ")
+    assert_one_line_error(*check(capsys, tmp_path / "no_run", "rollout_corr/kl: {}\n", tmp_path),
+                          ["run dir", "no_run does not exist", "runs/<experiment>"], prefix="mopd check: error: ")
+
+
+# -- run dirs through `mopd train` ---------------------------------------------------------------------------
+def test_run_dir_that_holds_a_run(capsys, tmp_path, models):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert_one_line_error(*run(capsys, ["train", write_config(tmp_path, models)]),
+                          ["already holds a run (metrics.jsonl)", "--resume", "--overwrite"])
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing lost
+
+
+def test_resume_with_nothing_to_resume(capsys, tmp_path, models):
+    cfg = write_config(tmp_path, models)
+    assert_one_line_error(*run(capsys, ["train", cfg, "--resume"]), ["--resume", "does not exist", "drop --resume"])
+    (tmp_path / "run").mkdir()
+    assert_one_line_error(*run(capsys, ["train", cfg, "--resume"]), ["--resume: nothing to resume", "--overwrite"])
+
+
+def test_run_dir_that_is_a_file(capsys, tmp_path, models):
+    (tmp_path / "run").write_text("x")
+    assert_one_line_error(*run(capsys, ["train", write_config(tmp_path, models)]),
+                          ["is a file, not a folder", "logging.run_dir"])
+
+
+def test_resume_and_overwrite_together(capsys, tmp_path, models):
+    assert_one_line_error(*run(capsys, ["train", write_config(tmp_path, models), "--resume", "--overwrite"]),
+                          ["--resume", "--overwrite", "give one"])
+
+
+# -- the command line ----------------------------------------------------------------------------------------
+def test_unknown_subcommand_is_argparse_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["trian", "configs/quickstart.yaml"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'trian'" in err and "Traceback" not in err
+
+
+def test_config_file_that_is_a_folder(capsys, tmp_path):
+    d = tmp_path / "conf.yaml"
+    d.mkdir()
+    assert_one_line_error(*run(capsys, ["train", str(d)]), ["config file", str(d)])
+
+
+def test_at_least_twenty_five_cases():
+    n = len(DATA_FILES) + len(MODELS) + len(RULES) + 12  # + the single tests above
+    assert n >= 25, n
+
+
+def test_nan_helper_really_writes_nan(models):
+    """The broken folders are what the cases claim (else a passing case proves nothing)."""
+    assert torch.isnan(load_file(str(models / "nan_student" / "model.safetensors"))[NAN_STUDENT_WEIGHT]).any()
+    assert torch.isfinite(load_file(str(models / "student" / "model.safetensors"))[NAN_STUDENT_WEIGHT]).all()

@@ -1,0 +1,80 @@
+"""A run survives its actors dying: SIGKILL of a teacher engine, of the student engine or of the trainer
+mid-run, and the run still finishes every step, once each, on the same batches, counting the fault."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from test_train_loop import world_overrides
+
+from mopd.config import load_config
+from mopd.data import DomainMixSampler, load_rows
+from mopd.jsonl import read_metrics
+from mopd.train import batch_digest, train
+
+pytestmark = pytest.mark.slow
+STEPS = 6
+
+
+def _actor_pids(cls: str) -> list[int]:
+    """Ray names an actor's worker process `ray::<Class>` (`ray::<Class>.<method>` while it runs one)."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith(f"ray::{cls}"):
+            out.append(p.pid)
+    return out
+
+
+def _logged_steps(path) -> list[int]:
+    try:
+        return [m["step"] for m in read_metrics(path) if "data/batch_digest" in m]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.parametrize("victim,key", [("TeacherEngine", "faults/engine_restarts"),
+                                        ("StudentEngine", "faults/engine_restarts"),
+                                        ("TrainerWorker", "faults/trainer_restarts")])
+def test_killed_actor_is_restarted_and_the_run_finishes_every_step(tiny_world, ray_local, tmp_path, victim, key):
+    run = tmp_path / "run"
+    cfg = load_config("configs/quickstart.yaml", world_overrides(tiny_world) + [
+        f"logging.run_dir={run}", f"trainer.steps={STEPS}", "trainer.save_every=2", "ray.max_restarts=2",
+        f"experiment=fault_{victim}"])
+    errors: list[BaseException] = []
+
+    def run_train() -> None:
+        try:
+            train(cfg, log=lambda *_: None)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    before = set(_actor_pids(victim))
+    th = threading.Thread(target=run_train)
+    th.start()
+    try:
+        deadline = time.time() + 600
+        while max(_logged_steps(run / "metrics.jsonl"), default=0) < 3:  # past the step-2 checkpoint
+            assert th.is_alive() and time.time() < deadline, errors
+            time.sleep(0.2)
+        pids = [p for p in _actor_pids(victim) if p not in before]  # this run's (one of its three teachers)
+        assert pids, victim
+        os.kill(pids[0], signal.SIGKILL)
+    finally:
+        th.join(timeout=900)
+    assert not th.is_alive() and not errors, errors
+
+    records = [m for m in read_metrics(run / "metrics.jsonl") if "data/batch_digest" in m]
+    assert [m["step"] for m in records] == list(range(1, STEPS + 1))  # every step once: redone ones replaced
+    rows = load_rows(cfg.data.train_files)
+    sampler = DomainMixSampler(rows, cfg.data.domain_mix, cfg.trainer.seed)
+    expected = [batch_digest([rows[i]["id"] for i in sampler.batch(s, cfg.trainer.prompts_per_step)])
+                for s in range(STEPS)]
+    assert [m["data/batch_digest"] for m in records] == expected  # the same batches as an uninterrupted run
+    assert records[-1][key] == 1 and records[-1]["faults/redone_steps"] >= 1
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS}"
