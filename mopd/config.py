@@ -55,6 +55,7 @@ class Dtype(_Choice):
 class TeacherBackend(_Choice):
     vllm = "vllm"  # an in-cluster vLLM engine actor per replica
     vllm_server = "vllm_server"  # a `vllm serve` you run; one URL per replica
+    hf = "hf"  # a transformers forward in a Ray actor per replica (several teachers may share one: actor_group)
 
 
 class TokenizerAlignment(_Choice):
@@ -231,7 +232,7 @@ class TeacherConfig:
 
     path: str = MISSING  # Hugging Face model folder (vllm backend)
     domains: list[str] = field(default_factory=list)  # non-empty; each domain served by one teacher
-    backend: TeacherBackend = TeacherBackend.vllm  # vllm | vllm_server
+    backend: TeacherBackend = TeacherBackend.vllm  # vllm | vllm_server | hf
     replicas: int = 1  # >= 1; vllm_server: one per URL
     dtype: Dtype = Dtype.float32
     # Each replica's placement-group bundle; null: rollout.num_cpus_per_engine / num_gpus_per_engine.
@@ -246,6 +247,9 @@ class TeacherConfig:
     max_retries: int = 3  # >= 0; per request, on connection errors and 5xx, with exponential backoff
     max_concurrency: int = 4  # >= 1; requests in flight per replica
     request_batch_size: int = 16  # >= 1; sequences per /v1/completions request
+    # backend hf: teachers naming the same group share one actor per replica (one process, models side by side);
+    # null: an actor of its own. A group's bundle is the largest of its teachers' num_cpus/num_gpus.
+    actor_group: str | None = None
     # Alignment mode for tokenizers that differ from the student's; only "none" (identical
     # tokenizers required) exists today.
     tokenizer_alignment: TokenizerAlignment = TokenizerAlignment.none
@@ -271,6 +275,11 @@ class TeacherConfig:
         c.count("max_retries", 0)
         c.count("max_concurrency", 1)
         c.count("request_batch_size", 1)
+        if self.actor_group is not None:
+            _check(self.backend == TeacherBackend.hf and isinstance(self.actor_group, str)
+                   and bool(_TEACHER_NAME.fullmatch(self.actor_group)), f"{key}.actor_group", self.actor_group,
+                   "null, or with backend hf a group name of letters, digits, '_' and '-' (teachers naming the "
+                   "same group share one actor)")
         if self.api_key_env is not None:
             _check(bool(_ENV_NAME.fullmatch(self.api_key_env)), f"{key}.api_key_env", "<hidden>",
                    "the NAME of an environment variable that holds the key (e.g. MATH_TEACHER_API_KEY), "
@@ -624,6 +633,13 @@ class MopdConfig:
                 _check(d not in seen, f"teachers.{name}.domains", d, f"each domain served by one teacher; "
                        f"'{d}' is already served by teacher '{seen.get(d)}'")
                 seen[d] = name
+        groups: dict[str, tuple[str, int]] = {}
+        for name, t in self.teachers.items():  # a shared hf actor has one replica count for all its teachers
+            if t.actor_group is not None:
+                first, reps = groups.setdefault(t.actor_group, (name, t.replicas))
+                _check(t.replicas == reps, f"teachers.{name}.replicas", t.replicas,
+                       f"{reps}, as teachers.{first}.replicas: teachers in actor_group '{t.actor_group}' share "
+                       "one actor per replica")
 
 
 # ---------------------------------------------------------------------------------------------- cross-section

@@ -12,9 +12,10 @@ import ray
 from transformers import AutoConfig
 
 from mopd.config import ConfigError, MopdConfig
-from mopd.placement import Placement, reserve
+from mopd.placement import Placement, reserve, teacher_role
 from rollout.actors import start_student_engines
 from rollout.types import EngineSpec
+from teachers.hf_teacher import start_hf_group
 from teachers.http_teacher import start_server_teacher
 from teachers.registry import TeacherRegistry
 from teachers.vllm_teacher import start_teacher
@@ -120,15 +121,23 @@ def start_engines(cfg: MopdConfig, registry: TeacherRegistry, placement: Placeme
 
 def start_teachers(cfg: MopdConfig, registry: TeacherRegistry, placement: Placement,
                    mml: int | None = None) -> dict[str, list[Any]]:
-    """One actor per replica and teacher: a vLLM engine in its bundle (backend vllm), or a client of
-    one `vllm serve` URL that reserves nothing (backend vllm_server). Not waited on here."""
+    """One actor per replica and teacher: a vLLM engine in its bundle (backend vllm), a transformers
+    forward in its bundle (backend hf; teachers of one `actor_group` share one actor per replica), or a
+    client of one `vllm serve` URL that reserves nothing (backend vllm_server). Not waited on here."""
     mml = mml or max_model_len(cfg)
     out: dict[str, list[Any]] = {}
+    hf: dict[str, dict[str, EngineSpec]] = {}  # bundle role -> its hf teachers' specs
     for name, spec in registry.teachers.items():
         if cfg.teachers[name].backend == "vllm_server":
             out[name] = start_server_teacher(name, cfg.teachers[name], cfg.ray.max_restarts)
             continue
+        role = teacher_role(cfg, name)
         spec_t = engine_spec(cfg, spec.path, dtype=spec.dtype, max_model_len=mml,
-                             max_top_k=cfg.algorithm.teacher_top_k, **placement.plan.actor_resources(f"teacher:{name}"))
-        out[name] = start_teacher(spec_t, spec.replicas, placement.strategies(f"teacher:{name}"))
-    return out
+                             max_top_k=cfg.algorithm.teacher_top_k, **placement.plan.actor_resources(role))
+        if cfg.teachers[name].backend == "hf":
+            hf.setdefault(role, {})[name] = spec_t
+            continue
+        out[name] = start_teacher(spec_t, spec.replicas, placement.strategies(role))
+    for role, specs in hf.items():
+        out.update(start_hf_group(specs, registry.teachers[next(iter(specs))].replicas, placement.strategies(role)))
+    return {name: out[name] for name in registry.teachers}

@@ -39,7 +39,10 @@ def _actor_memory(_self: Any) -> dict[str, float]:
 def run_memory(actors: dict[str, Any], private_cluster: bool) -> dict[str, float]:
     """`perf/mem_gb/<name>` for the driver and each named actor, their sum, and the run's summed PSS."""
     mine = process_memory()
-    names = list(actors)
+    unique: dict[Any, str] = {}  # teachers sharing one actor (an hf actor group) are one process
+    for n, a in actors.items():
+        unique.setdefault(a._actor_id, n)
+    names = list(unique.values())
     # __ray_call__ runs a function in any actor without a method of its own for it.
     got = ray.get([actors[n].__ray_call__.remote(_actor_memory) for n in names])
     out = {"perf/mem_gb/driver": mine["peak_rss_gb"]}

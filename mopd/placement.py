@@ -2,7 +2,7 @@
 trainer, sized from the config, so that a run either gets every resource it needs before step 1 or
 stops with a message that says what was asked for and what the cluster has.
 
-Roles name the bundles: "student", "teacher:<name>", "trainer".
+Roles name the bundles: "student", "teacher:<name>", "hf_group:<group>" (hf teachers sharing one actor), "trainer".
 """
 
 from __future__ import annotations
@@ -57,16 +57,34 @@ def plan_bundles(cfg: MopdConfig, trainer: bool = True) -> BundlePlan:
     plan = BundlePlan()
     plan.add("student", r.num_engines, r.num_cpus_per_engine, r.num_gpus_per_engine,
              "rollout.num_engines x rollout.num_cpus_per_engine/num_gpus_per_engine")
-    for name, t in cfg.teachers.items():
-        if t.backend != "vllm":  # engines elsewhere (a remote server): nothing to reserve here
-            continue
-        cpus = r.num_cpus_per_engine if t.num_cpus is None else t.num_cpus
-        gpus = r.num_gpus_per_engine if t.num_gpus is None else t.num_gpus
-        plan.add(f"teacher:{name}", t.replicas, cpus, gpus,
-                 f"teachers.{name}.replicas x teachers.{name}.num_cpus/num_gpus (default: rollout.num_*_per_engine)")
+    for role, names in teacher_roles(cfg).items():
+        ts = [cfg.teachers[n] for n in names]  # one teacher, or an hf actor group: its largest bundle
+        cpus = max(r.num_cpus_per_engine if t.num_cpus is None else t.num_cpus for t in ts)
+        gpus = max(r.num_gpus_per_engine if t.num_gpus is None else t.num_gpus for t in ts)
+        keys = "/".join(f"teachers.{n}" for n in names)
+        plan.add(role, ts[0].replicas, cpus, gpus,
+                 f"{keys}.replicas x {keys}.num_cpus/num_gpus (default: rollout.num_*_per_engine)")
     if trainer:
         plan.add("trainer", 1, cfg.trainer.num_cpus, cfg.trainer.num_gpus, "trainer.num_cpus/num_gpus")
     return plan
+
+
+def teacher_roles(cfg: MopdConfig) -> dict[str, list[str]]:
+    """Bundle role -> the teachers whose actors fill it, in config order: "teacher:<name>" for a vLLM or hf
+    teacher of its own, "hf_group:<group>" for hf teachers sharing one actor; a vllm_server teacher runs
+    elsewhere, so it has none."""
+    roles: dict[str, list[str]] = {}
+    for name, t in cfg.teachers.items():
+        if t.backend == "vllm_server":
+            continue
+        group = t.actor_group if t.backend == "hf" else None
+        roles.setdefault(f"teacher:{name}" if group is None else f"hf_group:{group}", []).append(name)
+    return roles
+
+
+def teacher_role(cfg: MopdConfig, name: str) -> str:
+    """The bundle role of teacher `name` (see `teacher_roles`)."""
+    return next(role for role, names in teacher_roles(cfg).items() if name in names)
 
 
 @dataclass

@@ -42,6 +42,14 @@ def _is_stale(name: str) -> bool:
     return bool(_TMP_RE.fullmatch(name) or _OLD_RE.fullmatch(name) or _LATEST_TMP_RE.fullmatch(name))
 
 
+def _remove(p: Path) -> None:
+    """A folder with its contents, or a file or link (a link's target is left alone)."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink()
+
+
 def holds_run(run_dir: Path) -> list[str]:
     """What in `run_dir` shows that a run already wrote there (empty: nothing)."""
     run_dir = Path(run_dir)
@@ -73,10 +81,7 @@ def clean_stale(run_dir: Path, log: Callable[[str], None] = print) -> list[Path]
             log(f"restored {ckdir / old.group(1)} from {p.name} (a save was interrupted while swapping it)")
             continue
         try:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+            _remove(p)
         except OSError as e:
             raise RunDirError(f"cannot remove the stale temporary {p} left by an interrupted save: "
                               f"{e.strerror or e}") from e
@@ -149,10 +154,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool,
             if not (p.exists() or p.is_symlink()):
                 continue
             try:
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
+                _remove(p)
             except OSError as e:
                 raise RunDirError(f"--overwrite: cannot delete {p}: {e.strerror or e}") from e
             deleted.append(name + ("/" if name in RUN_DIRS else ""))

@@ -173,7 +173,7 @@ def check_models(cfg: Any, student_path: str | None = None, log: Callable[[str],
     """Refuse unusable model folders before Ray or any engine starts; returns one line per folder checked.
 
     The student (or `student_path`: the checkpoint's `model` folder a resume loads) and every in-cluster
-    (`backend: vllm`) teacher must be a folder with `config.json` and weights (`*.safetensors`, or
+    (`backend: vllm` or `hf`) teacher must be a folder with `config.json` and weights (`*.safetensors`, or
     `pytorch_model*.bin`; every shard a `*.index.json` lists); with `weights` every floating tensor must be
     finite (this reads each checkpoint once); `algorithm.teacher_top_k` must not exceed the vocabulary.
     A `vllm_server` teacher's path is only its tokenizer source: its weights live with the server.
@@ -184,7 +184,7 @@ def check_models(cfg: Any, student_path: str | None = None, log: Callable[[str],
     if resumed:  # the tokenizer still comes from student.path
         folders.append(("student.path", str(cfg.student.path), "student tokenizer source"))
     folders += [(f"teachers.{n}.path", t.path, f"teacher '{n}'") for n, t in cfg.teachers.items()
-                if t.backend == "vllm"]
+                if t.backend != "vllm_server"]
     problems: list[str] = []
     lines: list[str] = []
     vocab: list[tuple[int, str, str]] = []
@@ -510,6 +510,9 @@ def _call(handle: Any, method: str, *args: Any) -> Any:
 
 
 def _reach_hint(name: str, tcfg: Any, where: str, top_k: int) -> str:
+    if tcfg.backend == "hf":
+        return (f"the hf teacher actor did not start: check teachers.{name}.path (a model folder transformers "
+                f"can load with AutoModelForCausalLM) and memory (teachers.{name}.dtype, the bundle's CPUs/GPUs)")
     if tcfg.backend != "vllm_server":
         return (f"the in-cluster engine did not start: check teachers.{name}.path (a model folder vLLM can load) "
                 "and memory (rollout.kv_cache_gb, rollout.gpu_memory_utilization)")

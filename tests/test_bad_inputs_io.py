@@ -20,13 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from tiny_models import save_tiny_models, set_weight
 
 import mopd.ray_cluster
 import mopd.train
 from mopd.cli import main
-from mopd.world.models import build_student, build_teacher, save_model
-from mopd.world.tokenizer import build_tokenizer
 
 NAN_STUDENT_WEIGHT = "model.layers.0.mlp.gate.weight"  # the first MoE router
 NAN_TEACHER_WEIGHT = "model.layers.0.mlp.down_proj.weight"
@@ -46,20 +45,14 @@ def no_ray(monkeypatch):
 
 
 def set_weight_nan(folder: Path, name: str) -> None:
-    f = folder / "model.safetensors"
-    state = load_file(str(f))
-    state[name] = state[name].clone()
-    state[name].view(-1)[3] = float("nan")
-    save_file(state, str(f), metadata={"format": "pt"})
+    set_weight(folder, name, float("nan"), index=3)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     """student/ and teacher/ (real tiny models), their broken variants, all outside any world.dir."""
     d = tmp_path_factory.mktemp("models")
-    tok = build_tokenizer()
-    save_model(build_student(tok, seed=0), tok, d / "student")
-    save_model(build_teacher(tok, seed=1), tok, d / "teacher")
+    save_tiny_models(d)
     for src, dst in [("student", "nan_student"), ("teacher", "nan_teacher"), ("student", "student_no_weights"),
                      ("teacher", "teacher_no_weights"), ("teacher", "teacher_no_config")]:
         shutil.copytree(d / src, d / dst)

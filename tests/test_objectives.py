@@ -12,14 +12,13 @@ import math
 import pytest
 import torch
 from test_trainer import cfg_for, make_samples, weights
+from tiny_models import save_tiny_models
 
 from mopd.batch import build_batch
 from mopd.config import ObjectiveName
 from mopd.losses import pg_loss
 from mopd.objectives import OBJECTIVES, LossInputs, get_objective, pg_objective, register_objective
 from mopd.trainer import Trainer
-from mopd.world.models import build_student, build_teacher, save_model
-from mopd.world.tokenizer import build_tokenizer
 
 CLIP = 10.0  # algorithm.advantage_clip default
 
@@ -27,10 +26,7 @@ CLIP = 10.0  # algorithm.advantage_clip default
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
-    tok = build_tokenizer()
-    save_model(build_student(tok, seed=0), tok, d / "student")
-    save_model(build_teacher(tok, seed=1), tok, d / "teacher")
-    return tok, d
+    return save_tiny_models(d), d
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from tiny_config import write_config as write_tiny_config
+from tiny_models import save_tiny_models, set_weight
 from transformers import AutoTokenizer
 
 from mopd.cli import main
@@ -172,26 +173,15 @@ class TransformersTeacher:
 
 
 def _set_nan(folder: Path, name: str, value: float = float("nan")) -> None:
-    from safetensors.torch import load_file, save_file
-
-    f = folder / "model.safetensors"
-    state = load_file(str(f))
-    state[name] = state[name].clone()
-    state[name].view(-1)[5] = value
-    save_file(state, str(f), metadata={"format": "pt"})
+    set_weight(folder, name, value, index=5)
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> Path:
     import shutil
 
-    from mopd.world.models import build_student, build_teacher, save_model
-    from mopd.world.tokenizer import build_tokenizer
-
     d = tmp_path_factory.mktemp("preflight_models")
-    tok = build_tokenizer()
-    save_model(build_student(tok, seed=0), tok, d / "student")
-    save_model(build_teacher(tok, seed=1), tok, d / "teacher")
+    save_tiny_models(d)
     shutil.copytree(d / "teacher", d / "nan_teacher")
     _set_nan(d / "nan_teacher", "model.layers.1.mlp.down_proj.weight")
     shutil.copytree(d / "student", d / "inf_student")

@@ -28,7 +28,7 @@ from mopd.config import ConfigError, load_config, to_yaml
 from mopd.jsonl import read_metrics
 from mopd.placement import plan_bundles, reserve
 from mopd.ray_cluster import cluster_address
-from mopd.submit import SubmitError, dashboard_url, entrypoint, runtime_env
+from mopd.submit import SubmitError, connect, dashboard_url, entrypoint, runtime_env
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -171,6 +171,17 @@ def test_dashboard_url_precedence_and_errors():
         dashboard_url(None, load_config("configs/quickstart.yaml"), {})
     with pytest.raises(SubmitError, match="dashboard"):
         dashboard_url("ray://127.0.0.1:10001", cfg, {})
+
+
+def test_address_flag_wins_over_ray_address_when_connecting(monkeypatch):
+    """Ray's own client lets RAY_ADDRESS override the URL it is given; `mopd submit --address` must not."""
+    ours, theirs = _free_ports(2)
+    monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{theirs}")
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{theirs}")
+    with pytest.raises(SubmitError) as e:
+        connect(f"http://127.0.0.1:{ours}")
+    assert f"127.0.0.1:{ours}" in str(e.value) and str(theirs) not in str(e.value)
+    assert os.environ["RAY_ADDRESS"] == f"http://127.0.0.1:{theirs}"  # the caller's environment is restored
 
 
 def test_secrets_travel_by_name_only(tmp_path):

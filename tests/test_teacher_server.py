@@ -163,19 +163,22 @@ def test_teachers_check_against_server(server, tiny_world, tmp_path, capsys):
     assert server["url"] in out and "FAIL" not in out
     assert KEY not in out
 
-    # A tokenizer that is not the student's, and a top-k beyond the server's --max-logprobs: both caught.
+    # A tokenizer that is not the student's: caught by the preflight (exit 1, the check names the token).
     other = tmp_path / "other_tokenizer"
     tok = AutoTokenizer.from_pretrained(server["path"])
     tok.add_tokens(["<not-in-student>"])
     tok.save_pretrained(other)
     bad = write_config(tmp_path / "bad.yaml", tiny_world, {"rev_teacher": server_teacher(server, path=str(other))},
-                       algorithm={"objective": "pg", "teacher_top_k": server["vocab"] + 36})
+                       algorithm={"objective": "pg", "teacher_top_k": server["vocab"]})
     assert main(["teachers", "check", bad]) == 1
     out = capsys.readouterr().out
-    assert "FAIL  tokenizer" in out and "<not-in-student>" in out
-    assert f"FAIL  max_logprobs   [{server['url']}] {server['vocab']} < {server['vocab'] + 36}" in out
-    assert f"--max-logprobs {server['vocab'] + 36}" in out
-    assert "2 FAILED" in out
+    assert "FAIL  tokenizer" in out and "<not-in-student>" in out and "1 FAILED" in out
+    # A top-k beyond the vocabulary is refused before anything is contacted (exit 2, one line).
+    too_big = write_config(tmp_path / "too_big.yaml", tiny_world, {"rev_teacher": server_teacher(server)},
+                           algorithm={"objective": "pg", "teacher_top_k": server["vocab"] + 36})
+    assert main(["teachers", "check", too_big]) == 2
+    err = capsys.readouterr().err
+    assert f"teacher_top_k={server['vocab'] + 36} is above the vocabulary size {server['vocab']}" in err
 
 
 def test_train_with_server_teacher(server, tiny_world, ray_local, tmp_path):

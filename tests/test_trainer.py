@@ -7,24 +7,20 @@ import math
 
 import pytest
 import torch
+from tiny_models import save_tiny_models
 
 from mopd.batch import build_batch
 from mopd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mopd.config import load_config
 from mopd.producer import ScoredSample
 from mopd.trainer import NonFiniteError, Trainer
-from mopd.world.models import build_student, build_teacher, save_model
-from mopd.world.tokenizer import build_tokenizer
 from rollout.types import Sample
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
-    tok = build_tokenizer()
-    save_model(build_student(tok, seed=0), tok, d / "student")
-    save_model(build_teacher(tok, seed=1), tok, d / "teacher")
-    return tok, d
+    return save_tiny_models(d), d
 
 
 def make_samples(tok, teacher, n=8, top_k=0):

@@ -69,7 +69,7 @@ class _teacher_handles:
         cfg = self.cfg
         local = TeacherRegistry()  # tokenizers are compared by the preflight, not refused here
         for name, t in cfg.teachers.items():
-            if t.backend == "vllm":
+            if t.backend != "vllm_server":
                 local.register(name, t.domains, t.path, backend=t.backend, replicas=t.replicas, dtype=t.dtype)
         started: dict[str, list[Any]] = {}
         if local.teachers:
@@ -111,7 +111,7 @@ class _teacher_handles:
 def teachers_table(cfg: Any) -> str:
     rows = [("teacher", "domains", "backend", "path / urls", "replicas", "default")]
     for name, t in cfg.teachers.items():
-        where = t.path if t.backend == "vllm" else f"{', '.join(t.urls)} (tokenizer: {t.path})"
+        where = t.path if t.backend != "vllm_server" else f"{', '.join(t.urls)} (tokenizer: {t.path})"
         rows.append((name, ", ".join(t.domains), t.backend, where, str(t.replicas),
                      "yes" if cfg.data.default_teacher == name else ""))
     return _table(rows) if cfg.teachers else "no teachers configured (teachers.<name>: {path, domains, ...})"
