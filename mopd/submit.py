@@ -19,6 +19,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ray._private.thirdparty.pathspec import PathSpec
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobStatus, JobSubmissionClient
+
 from mopd.config import MopdConfig
 
 START_HEAD = ("start one from the project's virtualenv with `ray start --head --node-ip-address 127.0.0.1 "
@@ -47,9 +51,6 @@ def dashboard_url(address: str | None, cfg: MopdConfig, environ: Mapping[str, st
 
 
 def connect(url: str) -> Any:
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
-
     try:
         # Ray's client lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the URL it is given; here the URL
         # was already chosen (--address first), so hide them while it resolves the address.
@@ -93,8 +94,6 @@ def runtime_env(cfg: MopdConfig, environ: Mapping[str, str] = os.environ) -> dic
 def entrypoint(config: str, overrides: list[str], cfg: MopdConfig, resume: bool = False) -> str:
     """`mopd train` for the job, with the config path relative to the working dir it is uploaded from."""
     # The matcher Ray applies to `excludes` while packing the upload, so this check agrees with it.
-    from ray._private.thirdparty.pathspec import PathSpec
-
     wd = Path(cfg.ray.runtime_env.working_dir).resolve()
     try:
         rel = Path(config).resolve().relative_to(wd)
@@ -129,8 +128,6 @@ def submit(cfg: MopdConfig, config: str, overrides: list[str], address: str | No
 
 def follow(client: Any, job_id: str, out: Callable[..., None] = print) -> int:
     """Stream the job's log until it ends; 0 only if it SUCCEEDED."""
-    from ray.job_submission import JobStatus
-
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
             out(lines, end="", flush=True)

@@ -8,6 +8,8 @@ moves tensors between them and the model.
 from __future__ import annotations
 
 import math
+import os
+import socket
 from contextlib import nullcontext
 from typing import Any
 
@@ -35,9 +37,6 @@ class NonFiniteError(RuntimeError):
 
 def _single_process_dist_env() -> None:
     """DeepSpeed needs a process group; outside a launcher, make this process a world of one on loopback."""
-    import os
-    import socket
-
     if "RANK" in os.environ:
         return
     with socket.socket() as sock:

@@ -29,6 +29,7 @@ from typing import Any
 
 import ray
 import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
 
 from rollout.actors import at
 from rollout.scoring import TokenScores
@@ -51,8 +52,6 @@ class HfTeacher:
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 128, seed: int = 0,
                  device: str | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
                  logits_budget: int = LOGITS_BUDGET, chunk_elems: int = CHUNK_ELEMS) -> None:
-        from transformers import AutoModelForCausalLM
-
         t0 = time.perf_counter()
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r}: allowed {' | '.join(_DTYPES)}")
@@ -69,8 +68,6 @@ class HfTeacher:
         self.pad_id = int(pad) if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
         # Generation follows the caller's arguments only, as the vLLM engine's explicit SamplingParams do:
         # no penalties or warpers from the checkpoint's generation_config.json, just where to stop.
-        from transformers import GenerationConfig
-
         self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids or None, pad_token_id=self.pad_id)
         self.max_batch_tokens, self.logits_budget, self.chunk_elems = max_batch_tokens, logits_budget, chunk_elems
         # Logits of the response positions only (most causal LMs take `logits_to_keep`; others return all).
@@ -171,8 +168,6 @@ class HfTeacher:
                  max_tokens: int = 16, seed: int | None = None) -> list[list[Sample]]:
         """`n` samples per prompt with the model's raw log-prob of each sampled token; greedy at temperature
         0 (then the n samples are equal), otherwise request i samples with a generator seeded `seed + i`."""
-        from transformers import GenerationConfig, LogitsProcessorList
-
         for i, p in enumerate(prompt_ids):
             if len(p) + max_tokens > self.max_model_len:
                 raise ValueError(

@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import ray
 
 from rollout.types import Sample
 from teachers.vllm_teacher import TeacherScores
@@ -422,8 +423,6 @@ def start_server_teacher(name: str, tcfg: Any, max_restarts: int = 0) -> list[An
     variable must be set on the worker nodes (exported before `ray start`). A missing variable surfaces
     as `ready()`'s error, naming the variable.
     """
-    import ray
-
     cls = ray.remote(ServerTeacher).options(num_cpus=0, max_restarts=max_restarts)
     return [cls.remote(name, url, **client_kwargs(tcfg)) for url in tcfg.urls]
 

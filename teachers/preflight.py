@@ -27,6 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer
+
+from teachers.http_teacher import serve_command
 from teachers.tokenizer_check import tokenizer_mismatch
 
 # Scores of the same sequence may differ by float noise when a shared server batches it with other
@@ -307,9 +313,6 @@ def first_nonfinite_weight(folder: str | Path) -> tuple[str, str, str] | None:
     """(file name, tensor name, "NaN" | "inf") of the first floating tensor with a non-finite value in a
     model folder's weight files, or None when every weight is finite. Reads every tensor once (lazily,
     one tensor at a time, in chunks)."""
-    import torch
-    from safetensors import safe_open
-
     files = weight_files(folder)
     if any(f.suffix == ".safetensors" for f in files):  # what transformers and vLLM load when both are there
         files = [f for f in files if f.suffix == ".safetensors"]
@@ -339,8 +342,6 @@ def first_nonfinite_weight(folder: str | Path) -> tuple[str, str, str] | None:
 
 
 def _nonfinite_kind(t: Any) -> str | None:
-    import torch
-
     if not t.is_floating_point():
         return None
     flat = t.reshape(-1)
@@ -418,8 +419,6 @@ def make_probe(tokenizer: Any, rows: list[dict], domains: list[str], max_len: in
 
 # -- individual checks ------------------------------------------------------------------------------
 def _tokenizer_check(name: str, path: str, student_tokenizer: Any) -> Check:
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
@@ -503,8 +502,6 @@ def _normalised_check(name: str, h: Any, info: dict, probe: Probe, server: bool)
 def _call(handle: Any, method: str, *args: Any) -> Any:
     fn = getattr(handle, method)
     if hasattr(fn, "remote"):
-        import ray
-
         return ray.get(fn.remote(*args))
     return fn(*args)
 
@@ -516,7 +513,6 @@ def _reach_hint(name: str, tcfg: Any, where: str, top_k: int) -> str:
     if tcfg.backend != "vllm_server":
         return (f"the in-cluster engine did not start: check teachers.{name}.path (a model folder vLLM can load) "
                 "and memory (rollout.kv_cache_gb, rollout.gpu_memory_utilization)")
-    from teachers.http_teacher import serve_command
 
     return (f"start it with `{serve_command(tcfg.path, where, _vocab_size(tcfg.path) or 'VOCAB')}` "
             f"or fix teachers.{name}.urls")
@@ -524,8 +520,6 @@ def _reach_hint(name: str, tcfg: Any, where: str, top_k: int) -> str:
 
 def _vocab_size(path: str) -> int | None:
     try:
-        from transformers import AutoConfig
-
         return int(AutoConfig.from_pretrained(path).vocab_size)
     except Exception:  # noqa: BLE001 - a tokenizer-only folder has no model config
         return None

@@ -10,6 +10,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers import AutoTokenizer
+
 from teachers.tokenizer_check import tokenizer_mismatch
 
 
@@ -103,8 +105,6 @@ class TeacherRegistry:
 
 
 def _load_tokenizer(name: str, path: str) -> Any:
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - any load failure is reported the same way
