@@ -92,3 +92,27 @@ def test_domain_mix_must_name_present_domains():
         check_domain_mix(rows, {"a": 1.0, "c": 1.0})
     with pytest.raises(DataError, match="every domain weight 0"):
         check_domain_mix(rows, {"a": 0.0})
+
+
+def _bos_tokenizer():
+    """A Llama/Gemma-style tokenizer: its post-processor puts <bos> before every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *"abcdefghijklmnopqrstuvwxyz:="])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def test_prompts_keep_the_tokenizers_own_special_tokens():
+    """Training, evaluation and teacher scoring all see <bos> where the tokenizer adds it (a model trained
+    with it and scored without it sees prompts it never saw)."""
+    tok = _bos_tokenizer()
+    plain = tok("rev:abc=", add_special_tokens=False)["input_ids"]
+    assert len(plain) == 8 and tok.bos_token_id not in plain
+    assert encode_rows(tok, [{"id": "r", "prompt": "rev:abc="}], 16) == [[tok.bos_token_id, *plain]]
+    # data.add_special_tokens=false overrides the tokenizer's default
+    assert encode_rows(tok, [{"id": "r", "prompt": "rev:abc="}], 16, add_special_tokens=False) == [plain]
