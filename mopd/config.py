@@ -72,6 +72,14 @@ class ObjectiveName(_Choice):
     sft = "sft"
 
 
+class LossAggMode(_Choice):
+    """`algorithm.loss_agg_mode`; the same strings as `mopd.losses.AGG_MODES` (first two: verl's)."""
+
+    seq_mean_token_mean = "seq-mean-token-mean"
+    token_mean = "token-mean"
+    domain_balanced = "domain-balanced"
+
+
 class Correction(_Choice):
     none = "none"
     icepop = "icepop"
@@ -394,6 +402,9 @@ class AlgorithmConfig:
     # Clamp of the per-token k1 MOPD advantage (the teacher log-ratio) to [-c, c], like verl's +-10
     # clamp of log-ratios; null: no clamp. > 0.
     advantage_clip: float | None = 10.0
+    # How per-token losses become the step's loss (`mopd.losses.agg_loss`): seq-mean-token-mean (each
+    # sample weighs the same), token-mean (each token; verl's), domain-balanced (each domain present).
+    loss_agg_mode: LossAggMode = LossAggMode.seq_mean_token_mean
 
     def __post_init__(self) -> None:
         c = _Checker("algorithm", self)
@@ -411,6 +422,7 @@ class AlgorithmConfig:
         c.count("ppo_epochs", 1)
         c.num("ppo_clip", gt=0)
         c.num("advantage_clip", gt=0, null="no clamp")
+        c.choice("loss_agg_mode", LossAggMode)
         needs_topk = self.objective in (ObjectiveName.reverse_kl, ObjectiveName.mixed)
         _check(not needs_topk or self.teacher_top_k != 0,
                "algorithm.teacher_top_k", self.teacher_top_k,

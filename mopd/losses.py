@@ -1,11 +1,13 @@
 """MOPD training objectives, pure torch: the policy-gradient loss and the top-k reverse-KL loss.
 
-Both aggregate the same way, "token-mean per sequence, then mean over sequences" (verl's
-``seq-mean-token-mean``): each sequence weighs the same whatever its length, so long samples do not
-dominate the gradient. ``|y|`` is the number of *valid* (mask) tokens of the sequence; a token whose
-correction weight ``w_t`` is 0 (e.g. masked by IcePop) still counts in ``|y|`` -- it just contributes
-nothing. Sequences with no valid token are left out of the mean over sequences; a batch with none at
-all gives loss 0 whose gradient is defined (zeros), never NaN.
+Both aggregate per-token losses with :func:`agg_loss`. The default is "token-mean per sequence, then mean
+over sequences" (verl's ``seq-mean-token-mean``): each sequence weighs the same whatever its length, so
+long samples do not dominate the gradient. ``token-mean`` (verl's) and ``domain-balanced`` (each domain
+weighs the same) are the alternatives (:data:`AGG_MODES`, ``algorithm.loss_agg_mode``). ``|y|`` is the
+number of *valid* (mask) tokens of the sequence; a token whose correction weight ``w_t`` is 0 (e.g. masked
+by IcePop) still counts in ``|y|`` -- it just contributes nothing. Sequences with no valid token are left
+out of the mean over sequences; a batch with none at all gives loss 0 whose gradient is defined (zeros),
+never NaN.
 
 Whatever masked positions hold (padding garbage, NaN) never reaches the loss or its gradient: inputs
 are replaced by constants there with ``torch.where`` *before* any arithmetic, since ``0 * NaN`` in a
@@ -15,6 +17,7 @@ backward pass would otherwise still poison the gradient.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -22,7 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "AGG_MODES",
+    "AggNorm",
     "TOPK_MODES",
+    "agg_loss",
+    "agg_norm",
     "seq_mean_token_mean",
     "pg_loss",
     "reverse_kl_per_token",
@@ -36,6 +43,9 @@ _LOG_RATIO_BOUND = 20.0
 # finite so that "student mass where the teacher has none" gives a large but finite penalty.
 _TEACHER_LOGP_FLOOR = math.log(1e-30)
 TOPK_MODES = ("tail", "renorm")
+# `algorithm.loss_agg_mode`; the first two are verl's `agg_loss` modes of the same name and meaning.
+AGG_MODES = ("seq-mean-token-mean", "token-mean", "domain-balanced")
+AggMode = Literal["seq-mean-token-mean", "token-mean", "domain-balanced"]
 
 
 def seq_mean_token_mean(loss_BT: Tensor, mask_BT: Tensor) -> Tensor:
@@ -55,6 +65,113 @@ def seq_mean_token_mean(loss_BT: Tensor, mask_BT: Tensor) -> Tensor:
     return torch.where(has_B, seq_B, torch.zeros_like(seq_B)).sum() / has_B.sum().clamp_min(1)
 
 
+@dataclass(frozen=True)
+class AggNorm:
+    """Whole-batch normalisers of :func:`agg_loss`, computed once per batch by :func:`agg_norm`.
+
+    Why: a trainer that accumulates gradients over micro-batches weights each micro-batch's loss by its
+    share of the rows, ``b / B``. That reproduces the whole-batch loss only when the micro-batch mean uses
+    the whole batch's denominators: for ``token-mean`` the valid-token count, for ``seq-mean-token-mean``
+    the count of non-empty sequences, for ``domain-balanced`` the per-domain counts and the number of
+    domains. Given these, ``sum_mb (b / B) * agg_loss(mb, norm=agg_norm(whole))`` equals
+    ``agg_loss(whole)`` for every mode and any split into micro-batches.
+    """
+
+    rows: int  # B: rows of the whole batch
+    num_tokens: int  # valid tokens in the whole batch
+    num_seqs: int  # sequences with >= 1 valid token
+    group_seqs_G: Tensor | None  # per group id, its sequences with >= 1 valid token (None: no group ids)
+
+
+def agg_norm(mask_BT: Tensor, group_B: Tensor | None = None) -> AggNorm:
+    """The normalisers of the whole batch (``mask_BT`` and ``group_B`` of *all* its rows)."""
+    valid_BT = mask_BT.bool()
+    has_B = valid_BT.any(dim=-1)
+    group_seqs_G = None
+    if group_B is not None:
+        g_B = _check_groups(group_B, mask_BT.shape[0])
+        size = int(g_B.max().item()) + 1 if g_B.numel() else 0
+        group_seqs_G = torch.bincount(g_B[has_B.to(g_B.device)], minlength=size).detach().cpu()
+    return AggNorm(rows=mask_BT.shape[0], num_tokens=int(valid_BT.sum().item()),
+                   num_seqs=int(has_B.sum().item()), group_seqs_G=group_seqs_G)
+
+
+def _check_groups(group_B: Tensor, B: int) -> Tensor:
+    if group_B.shape != (B,):
+        raise ValueError(f"group ids {tuple(group_B.shape)} must be one per row, [B] = [{B}]")
+    if group_B.dtype.is_floating_point or group_B.dtype == torch.bool:
+        raise ValueError(f"group ids must be integers (domain index per row), got {group_B.dtype}")
+    g_B = group_B.long()
+    if g_B.numel() and bool((g_B < 0).any()):
+        raise ValueError("group ids must be >= 0")
+    return g_B
+
+
+def agg_loss(
+    loss_BT: Tensor,
+    mask_BT: Tensor,
+    mode: AggMode | str = "seq-mean-token-mean",
+    group_B: Tensor | None = None,
+    *,
+    norm: AggNorm | None = None,
+) -> Tensor:
+    """Aggregate per-token losses ``[B, T]`` to a scalar; ``mode`` is one of :data:`AGG_MODES`.
+
+    * ``"seq-mean-token-mean"`` (default): per sequence the mean over its valid tokens, then the mean
+      over the sequences that have one. Each sample weighs the same whatever its length.
+    * ``"token-mean"``: sum over all valid tokens / number of valid tokens. Each token weighs the same, so
+      long samples weigh more.
+    * ``"domain-balanced"``: per domain (``group_B``: int domain index per row) the seq-mean-token-mean of
+      its sequences, then the mean over the domains present (with >= 1 valid token). Each *domain* weighs
+      the same whatever its count and lengths of samples. Why: multi-teacher OPD under-serves domains with
+      few or short samples (Open-MOPD, arXiv 2608.19098); under a seq or token mean a domain's say in the
+      step is its share of the batch.
+
+    The first two equal verl's ``agg_loss`` modes of the same name (verl's seq mean also divides by
+    ``|y| + 1e-8``, a relative difference of ~1e-8). Masked positions never reach the value or the
+    gradient (NaN there is harmless); with no valid token at all the result is a 0 still attached to
+    ``loss_BT``'s graph (gradient zeros, never NaN).
+
+    ``norm``: the whole batch's :class:`AggNorm` when this call sees one micro-batch of ``b`` rows of it.
+    The value returned is then the micro-batch's share of the whole-batch loss times ``B / b``, so that a
+    row-weighted accumulation (``sum (b / B) * loss_mb``) equals the whole-batch loss exactly. ``group_B``
+    must then hold the same ids the norm was computed with. None: this batch is the whole batch.
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown loss_agg_mode {mode!r}; allowed: {' | '.join(AGG_MODES)}")
+    if loss_BT.shape != mask_BT.shape or loss_BT.dim() != 2:
+        raise ValueError(f"loss {tuple(loss_BT.shape)} and mask {tuple(mask_BT.shape)} must both be [B, T]")
+    B = loss_BT.shape[0]
+    if mode == "domain-balanced":
+        if group_B is None:
+            raise ValueError("loss_agg_mode='domain-balanced' needs group_B (the domain index of every row)")
+        group_B = _check_groups(group_B, B)
+    if norm is None:
+        norm = agg_norm(mask_BT, group_B if mode == "domain-balanced" else None)
+    valid_BT = mask_BT.bool()
+    loss0_BT = torch.where(valid_BT, loss_BT, torch.zeros_like(loss_BT))
+    scale = norm.rows / B if B else 1.0
+    if mode == "token-mean":
+        return loss0_BT.sum() / max(norm.num_tokens, 1) * scale
+    n_B = valid_BT.sum(dim=-1)
+    seq_B = loss0_BT.sum(dim=-1) / n_B.clamp_min(1)
+    has_B = n_B > 0
+    seq_B = torch.where(has_B, seq_B, torch.zeros_like(seq_B))
+    if mode == "seq-mean-token-mean":
+        return seq_B.sum() / max(norm.num_seqs, 1) * scale
+    assert group_B is not None
+    if norm.group_seqs_G is None:
+        raise ValueError("loss_agg_mode='domain-balanced' needs a norm computed with group ids: "
+                         "agg_norm(mask, group_B)")
+    counts_G = norm.group_seqs_G.to(seq_B.device)
+    if bool((group_B >= counts_G.numel()).any()):
+        raise ValueError(f"group id {int(group_B.max())} is not in the norm's {counts_G.numel()} groups")
+    n_domains = max(int((counts_G > 0).sum().item()), 1)
+    # 1 / (domains present x sequences of the row's domain); a row without valid tokens has seq 0.
+    denom_B = (counts_G[group_B.to(seq_B.device)].clamp_min(1) * n_domains).to(seq_B.dtype)
+    return (seq_B / denom_B).sum() * scale
+
+
 def pg_loss(
     logprobs_BT: Tensor,
     advantages_BT: Tensor,
@@ -65,6 +182,9 @@ def pg_loss(
     *,
     clip_eps_high: float | None = None,
     dual_clip_c: float | None = None,
+    agg_mode: AggMode | str = "seq-mean-token-mean",
+    group_B: Tensor | None = None,
+    norm: AggNorm | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Policy-gradient loss: REINFORCE form of MiMo-V2-Flash Eq. 7, or PPO's clipped surrogate.
 
@@ -78,6 +198,10 @@ def pg_loss(
     (after clipping, as verl does) and aggregated the same way. At ``r = 1`` its gradient equals the
     REINFORCE gradient.
 
+    Aggregation: :func:`agg_loss` with ``agg_mode`` (default ``seq-mean-token-mean``, the ``mean_seq`` and
+    ``1/|y|`` above), ``group_B`` (domain ids, for ``domain-balanced``) and ``norm`` (whole-batch
+    normalisers when this is one micro-batch).
+
     Args:
         logprobs_BT: current log-prob of each sampled token, ``[B, T]``; carries the gradient.
         advantages_BT: ``A_t``, ``[B, T]``; detached here.
@@ -88,6 +212,7 @@ def pg_loss(
         clip_eps: PPO clip range (lower side, and upper side unless ``clip_eps_high`` is set).
         clip_eps_high: upper clip range ("clip-higher", DAPO); defaults to ``clip_eps``.
         dual_clip_c: dual-clip constant (> 1) for negative advantages; None disables it.
+        agg_mode, group_B, norm: passed to :func:`agg_loss`.
 
     Returns:
         ``(loss, metrics)``: scalar loss; metrics ``actor/pg_loss`` and, for PPO, ``actor/pg_clipfrac``
@@ -132,7 +257,7 @@ def pg_loss(
         metrics["actor/pg_clipfrac"] = float(((surr2_BT > surr1_BT) & valid_BT).sum().item()) / n
         metrics["actor/ppo_kl"] = float((-log_ratio_BT.detach() * valid_BT).sum().item()) / n
 
-    loss = seq_mean_token_mean(per_token_BT, mask_BT)
+    loss = agg_loss(per_token_BT, mask_BT, agg_mode, group_B, norm=norm)
     metrics["actor/pg_loss"] = loss.item()
     return loss, metrics
 
@@ -240,6 +365,9 @@ def reverse_kl_loss(
     mask_BT: Tensor,
     *,
     topk_mode: Literal["tail", "renorm"] = "tail",
+    agg_mode: AggMode | str = "seq-mean-token-mean",
+    group_B: Tensor | None = None,
+    norm: AggNorm | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Reverse KL ``sum_v p_theta(v) (log p_theta(v) - log p_teacher(v))`` at every response position.
 
@@ -249,9 +377,10 @@ def reverse_kl_loss(
     variance, at the price of the teacher's top-k (or full) distribution. Top-k handling: see
     :func:`reverse_kl_per_token` (``"tail"`` bucket by default; exact when k = V).
 
-    Aggregation: per-position KL times ``w_t`` (detached), token-mean per sequence, mean over sequences
-    (:func:`seq_mean_token_mean`). Gradient flows only into ``student_logprobs_BTV``. A valid position
-    whose teacher log-probs contain NaN or +inf is dropped (weight 0) and counted.
+    Aggregation: per-position KL times ``w_t`` (detached), then :func:`agg_loss` with ``agg_mode`` (default
+    token-mean per sequence, mean over sequences), ``group_B`` and ``norm``. Gradient flows only into
+    ``student_logprobs_BTV``. A valid position whose teacher log-probs contain NaN or +inf is dropped
+    (weight 0) and counted.
 
     Returns:
         ``(loss, metrics)``; metrics: ``distillation/loss``, ``distillation/reverse_kl`` (unweighted token
@@ -275,7 +404,7 @@ def reverse_kl_loss(
     kl_BT, s_mass_BT, t_mass_BT = reverse_kl_per_token(student_BTV, ids_BTK, t_logp_BTK, topk_mode=topk_mode)
     w_BT = ok_BT.float() if weights_BT is None else torch.where(ok_BT, weights_BT.detach().float(),
                                                                  torch.zeros_like(kl_BT))
-    loss = seq_mean_token_mean(kl_BT * w_BT, mask_BT)
+    loss = agg_loss(kl_BT * w_BT, mask_BT, agg_mode, group_B, norm=norm)
 
     n_valid = int(valid_BT.sum().item())
     n_ok = max(int(ok_BT.sum().item()), 1)

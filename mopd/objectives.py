@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from mopd.config import AlgorithmConfig
-from mopd.losses import pg_loss, reverse_kl_loss
+from mopd.losses import AggNorm, pg_loss, reverse_kl_loss
 
 
 @dataclass
@@ -29,6 +29,11 @@ class LossInputs:
     old_logprobs_BT: Tensor | None  # pi_old, for PPO clipping when several epochs run per batch
     teacher_topk_ids_BTK: Tensor | None
     teacher_topk_logprobs_BTK: Tensor | None
+    # `algorithm.loss_agg_mode`: the domain index of every row (`[b]`, ids of the whole batch, for
+    # domain-balanced) and the whole batch's normalisers, so that the row-weighted sum of micro-batch
+    # losses is the whole-batch loss (`mopd.losses.agg_loss`). None: this micro-batch is the batch.
+    domain_B: Tensor | None = None
+    agg_norm: AggNorm | None = None
 
 
 LossFn = Callable[[LossInputs, AlgorithmConfig], tuple[Tensor, dict[str, float]]]
@@ -68,7 +73,8 @@ def get_objective(name: str) -> Objective:
 def _pg(x: LossInputs, a: AlgorithmConfig) -> tuple[Tensor, dict[str, float]]:
     several = a.ppo_epochs > 1  # PPO's clipped surrogate only when the batch is reused
     return pg_loss(x.logprobs_BT, x.advantages_BT, x.weights_BT, x.mask_BT,
-                   x.old_logprobs_BT if several else None, a.ppo_clip if several else None)
+                   x.old_logprobs_BT if several else None, a.ppo_clip if several else None,
+                   agg_mode=str(a.loss_agg_mode), group_B=x.domain_B, norm=x.agg_norm)
 
 
 def _kl(x: LossInputs, a: AlgorithmConfig) -> tuple[Tensor, dict[str, float]]:
@@ -76,7 +82,7 @@ def _kl(x: LossInputs, a: AlgorithmConfig) -> tuple[Tensor, dict[str, float]]:
         raise ValueError(f"algorithm.objective={a.objective} needs the teachers' top-k log-probs, but the batch has "
                          "none; set algorithm.teacher_top_k (-1 = whole vocabulary)")
     return reverse_kl_loss(x.logprobs_BTV, x.teacher_topk_ids_BTK, x.teacher_topk_logprobs_BTK, x.weights_BT,
-                           x.mask_BT)
+                           x.mask_BT, agg_mode=str(a.loss_agg_mode), group_B=x.domain_B, norm=x.agg_norm)
 
 
 @register_objective("pg", advantage="mopd")
@@ -107,6 +113,8 @@ def orm_objective(x: LossInputs, a: AlgorithmConfig) -> tuple[Tensor, dict[str, 
 
 @register_objective("sft", advantage="none", needs_teacher_scores=False, teacher_samples=True, corrected=False)
 def sft_objective(x: LossInputs, a: AlgorithmConfig) -> tuple[Tensor, dict[str, float]]:
-    """Off-policy baseline: token-mean NLL of the teachers' own samples (pg_loss with A = 1, w = 1)."""
-    loss, _ = pg_loss(x.logprobs_BT, x.mask_BT, None, x.mask_BT)
+    """Off-policy baseline: NLL of the teachers' own samples (pg_loss with A = 1, w = 1), aggregated by
+    `algorithm.loss_agg_mode` like the other objectives."""
+    loss, _ = pg_loss(x.logprobs_BT, x.mask_BT, None, x.mask_BT, agg_mode=str(a.loss_agg_mode),
+                      group_B=x.domain_B, norm=x.agg_norm)
     return loss, {"actor/sft_loss": loss.item()}

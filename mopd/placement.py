@@ -153,3 +153,163 @@ def _message(plan: BundlePlan, strategy: str, problem: str, available: dict[str,
 
 def _fmt(res: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items())) + "}"
+
+
+# ---------------------------------------------------------------------------------------------- dry-run plan
+class PlacementError(ConfigError):
+    """A declared cluster cannot hold the run's placement group; the message names the bundle, what the
+    nodes have and the config keys that size it."""
+
+
+@dataclass
+class Node:
+    """One node of a declared (or read) cluster: what Ray would report as its CPU and GPU resources."""
+
+    name: str
+    cpus: float
+    gpus: float = 0.0
+
+    def capacity(self) -> dict[str, float]:
+        return {"CPU": float(self.cpus), "GPU": float(self.gpus)}
+
+
+@dataclass
+class NodePlan:
+    """Which node each bundle of `plan` lands on (`node_of[i]`: index into `nodes`)."""
+
+    plan: BundlePlan
+    strategy: str
+    nodes: list[Node]
+    node_of: list[int]
+
+    def bundles_on(self, node: int) -> list[int]:
+        return [i for i, n in enumerate(self.node_of) if n == node]
+
+    def used(self, node: int) -> dict[str, float]:
+        return _sum(self.plan.bundles[i] for i in self.bundles_on(node))
+
+
+def bundle_labels(plan: BundlePlan) -> list[str]:
+    """The actor each bundle holds: `student[0]`, `teacher:<name>[1]`, `hf_group:<group>[0]`, `trainer`."""
+    labels = [""] * len(plan.bundles)
+    for role, idx in plan.roles.items():
+        for k, i in enumerate(idx):
+            labels[i] = role if role == "trainer" else f"{role}[{k}]"
+    return labels
+
+
+def place_on_nodes(plan: BundlePlan, strategy: str, nodes: list[Node]) -> NodePlan:
+    """Assign every bundle to a node the way `ray.placement_strategy` would, without Ray: a first-fit
+    sketch of Ray's semantics, bundles largest first (GPUs, then CPUs) as Ray's scheduler orders them.
+
+    PACK: each bundle on the first node with room (fill a node before the next). SPREAD: round-robin,
+    each bundle on the next node after the previous one's that has room. STRICT_PACK: every bundle on the
+    first node that holds them all. STRICT_SPREAD: every bundle on a node of its own (an exact matching).
+    Raises `PlacementError` naming the bundle that does not fit, what the nodes have and the keys to lower.
+    First fit may refuse a PACK/SPREAD group that a cleverer packing would place; Ray's own choice of
+    nodes may differ from this one where several fit.
+    """
+    if not nodes:
+        raise PlacementError("no nodes to plan onto (declare one: --node cpus=N,gpus=M)")
+    bundles = plan.bundles
+    order = sorted(range(len(bundles)), key=lambda i: (-bundles[i].get("GPU", 0.0), -bundles[i].get("CPU", 0.0), i))
+    free = [n.capacity() for n in nodes]
+    node_of = [-1] * len(bundles)
+    if strategy == "STRICT_PACK":
+        need = plan.demand()
+        home = next((j for j, n in enumerate(nodes) if _fits(need, n.capacity())), None)
+        if home is None:
+            raise PlacementError(_refusal(
+                plan, strategy, nodes, free, f"STRICT_PACK puts all {len(bundles)} bundles on one node, which "
+                f"needs {_fmt(need)}, but no node has that", list(plan.sources)))
+        return NodePlan(plan, strategy, nodes, [home] * len(bundles))
+    if strategy == "STRICT_SPREAD":
+        return NodePlan(plan, strategy, nodes, _strict_spread(plan, nodes, order))
+    cursor = 0
+    for i in order:
+        starts = range(len(nodes)) if strategy == "PACK" else [(cursor + k) % len(nodes) for k in range(len(nodes))]
+        j = next((j for j in starts if _fits(bundles[i], free[j])), None)
+        if j is None:
+            raise PlacementError(_no_room(plan, strategy, nodes, free, node_of, i))
+        node_of[i] = j
+        free[j] = {k: v - bundles[i].get(k, 0.0) for k, v in free[j].items()}
+        cursor = j + 1
+    return NodePlan(plan, strategy, nodes, node_of)
+
+
+def _strict_spread(plan: BundlePlan, nodes: list[Node], order: list[int]) -> list[int]:
+    """One bundle per node: a bipartite matching (augmenting paths), so a refusal means none exists."""
+    bundles, labels = plan.bundles, bundle_labels(plan)
+    free = [n.capacity() for n in nodes]
+    if len(bundles) > len(nodes):
+        counts = [f"{role} {len(idx)}" for role, idx in plan.roles.items()]
+        raise PlacementError(_refusal(
+            plan, "STRICT_SPREAD", nodes, free, f"STRICT_SPREAD puts each of the {len(bundles)} bundles "
+            f"({', '.join(counts)}) on a node of its own, but the cluster has {len(nodes)} node(s)",
+            list(plan.sources), extra="or set ray.placement_strategy=SPREAD (or PACK)"))
+    holder: list[int | None] = [None] * len(nodes)  # node -> bundle
+
+    def augment(i: int, seen: set[int]) -> bool:
+        """A node for bundle i: a free one first (first fit), else one whose bundle can move elsewhere."""
+        fits = [j for j, n in enumerate(nodes) if j not in seen and _fits(bundles[i], n.capacity())]
+        for j in sorted(fits, key=lambda j: holder[j] is not None):
+            seen.add(j)
+            moved = holder[j]
+            if moved is None or augment(moved, seen):
+                holder[j] = i
+                return True
+        return False
+
+    for i in order:
+        if not augment(i, set()):
+            role = _role_of(plan, i)
+            fits = [n.name for n in nodes if _fits(bundles[i], n.capacity())]
+            why = (f"bundle {labels[i]} {_fmt(bundles[i])} needs a node of its own, but "
+                   + (f"only {', '.join(fits)} can hold it and the larger bundles took them" if fits
+                      else "no node can hold it"))
+            raise PlacementError(_refusal(plan, "STRICT_SPREAD", nodes, free, why, [role]))
+    node_of = [-1] * len(bundles)
+    for j, i in enumerate(holder):
+        if i is not None:
+            node_of[i] = j
+    return node_of
+
+
+def _no_room(plan: BundlePlan, strategy: str, nodes: list[Node], free: list[dict[str, float]],
+             node_of: list[int], i: int) -> str:
+    labels = bundle_labels(plan)
+    b = plan.bundles[i]
+    role = _role_of(plan, i)
+    if not any(_fits(b, n.capacity()) for n in nodes):
+        why = f"bundle {labels[i]} needs {_fmt(b)} but no node is that large"
+        return _refusal(plan, strategy, nodes, free, why, [role])
+    placed = [labels[k] for k, n in enumerate(node_of) if n >= 0]
+    why = (f"bundle {labels[i]} needs {_fmt(b)} but no node has that left after {', '.join(placed)} "
+           f"(the whole group needs {_fmt(plan.demand())})")
+    return _refusal(plan, strategy, nodes, free, why, [role, *(r for r in plan.sources if r != role)])
+
+
+def _refusal(plan: BundlePlan, strategy: str, nodes: list[Node], free: list[dict[str, float]], why: str,
+             roles: list[str], extra: str = "") -> str:
+    have = "; ".join(f"{n.name} {_fmt(n.capacity())}" + (f" (free {_fmt(f)})" if f != n.capacity() else "")
+                     for n, f in zip(nodes, free, strict=True))
+    keys = "; ".join(f"{plan.sources[r]} ({r})" for r in roles)
+    return (f"the cluster cannot hold the placement group ({strategy}: {plan.describe()}): {why}. "
+            f"The nodes have: {have}. Lower {keys}{'; ' + extra if extra else ''}; or declare more or "
+            "larger nodes (--node cpus=N,gpus=M).")
+
+
+def _role_of(plan: BundlePlan, i: int) -> str:
+    return next(role for role, idx in plan.roles.items() if i in idx)
+
+
+def _fits(need: dict[str, float], free: dict[str, float]) -> bool:
+    return all(v <= free.get(k, 0.0) + 1e-9 for k, v in need.items())
+
+
+def _sum(bundles: Any) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            total[k] = total.get(k, 0.0) + v
+    return total

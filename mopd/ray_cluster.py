@@ -64,7 +64,7 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-def _force_loopback() -> None:
+def force_loopback() -> None:
     """Make Ray treat this machine as a single loopback node (before or after `import ray`)."""
     os.environ[LOOPBACK_ENV] = "0"
     import ray._private.ray_constants as ray_constants
@@ -81,7 +81,7 @@ def init_ray(address: str | None = None, num_cpus: int = 2, host: str = "127.0.0
     """
     address = cluster_address(address)
     if not address and is_loopback(host):
-        _force_loopback()  # before `import ray` where possible; the constant is patched too
+        force_loopback()  # before `import ray` where possible; the constant is patched too
     import ray
 
     if ray.is_initialized():

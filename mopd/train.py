@@ -105,14 +105,14 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
         faults = dict.fromkeys(("faults/engine_restarts", "faults/trainer_restarts", "faults/redone_steps"), 0)
         pids = engines.pids()
 
-        def recover(err: Exception, failed_step: int) -> int:
+        def recover(err: Exception, failed_step: int, logged: bool) -> int:
             """An actor died during `failed_step`: wait for Ray to restart engines (and re-sync them: a restarted
             student engine holds its initial weights), or rebuild a dead trainer from the last checkpoint.
             Returns the last step that stands; the loop redoes the rest from the same inputs and seeds."""
             nonlocal trainer, logger, train_s, saved_step, pids
             restarted = engines.wait_restarted(pids)
             pids = engines.pids()
-            done = failed_step - 1
+            done = failed_step if logged else failed_step - 1  # a recorded step stands (its save is redone)
             if not trainer.alive():
                 if faults["faults/trainer_restarts"] >= cfg.ray.max_restarts:
                     raise RuntimeError(f"the trainer actor died {faults['faults/trainer_restarts'] + 1} times "
@@ -132,6 +132,9 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
             faults["faults/engine_restarts"] += len(restarted)
             faults["faults/redone_steps"] += failed_step - done
             trainer.sync(engines.students)
+            if logged and done == failed_step and ((t.save_every and done % t.save_every == 0) or done == last_step):
+                trainer.save(run_dir, done, extra())  # the save that the death interrupted
+                saved_step = done
             log(f"step {failed_step}: {', '.join(restarted) or 'the trainer'} died and came back; continuing "
                 f"from step {done + 1} with the same data and seeds")
             return done
@@ -145,6 +148,7 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
                 break
             step += 1
             metrics: dict[str, float] = {}
+            logged = False
             try:
                 with timed("step", metrics):
                     sb = producer.get(step)
@@ -152,21 +156,21 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
                     metrics.update(trainer.step(sb.batch, train_s / t.max_wallclock_s if by_time else None))
                     with timed("sync", metrics):
                         trainer.sync(engines.students)
-            except ray.exceptions.RayActorError as e:  # an engine or the trainer died mid-step
-                step = recover(e, step)
+                metrics.update(faults)
+                train_s += metrics["timing_s/step"]
+                metrics.update(_step_record(sb, metrics["timing_s/step"], metrics))
+                if step == start_step + 1 or step % MEMORY_EVERY == 0:
+                    metrics.update(run_memory(actors, private))
+                logger.log(step, metrics)
+                logged = True
+                if t.eval_every and step % t.eval_every == 0 and step < last_step:
+                    logger.log(step, _eval_metrics(evaluate(cfg, engines, registry, tokenizer, evals)))
+                if (t.save_every and step % t.save_every == 0) or step == last_step:
+                    trainer.save(run_dir, step, extra())
+                    saved_step = step
+            except ray.exceptions.RayActorError as e:  # an engine or the trainer died during the step
+                step = recover(e, step, logged)
                 continue
-            metrics.update(faults)
-            step_s = metrics["timing_s/step"]
-            train_s += step_s
-            metrics.update(_step_record(sb, step_s, metrics))
-            if step == start_step + 1 or step % MEMORY_EVERY == 0:
-                metrics.update(run_memory(actors, private))
-            logger.log(step, metrics)
-            if t.eval_every and step % t.eval_every == 0 and step < last_step:
-                logger.log(step, _eval_metrics(evaluate(cfg, engines, registry, tokenizer, evals)))
-            if (t.save_every and step % t.save_every == 0) or step == last_step:
-                trainer.save(run_dir, step, extra())
-                saved_step = step
 
         if stop.signal is not None:
             if saved_step != step:

@@ -22,7 +22,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from mopd.batch import TrainBatch
 from mopd.config import MopdConfig
-from mopd.losses import token_entropy
+from mopd.losses import agg_norm, token_entropy
 from mopd.objectives import LossInputs, get_objective
 from mopd.schedules import make_lr_scheduler
 from mopd.timing import timed
@@ -191,6 +191,11 @@ class Trainer:
         """`ppo_epochs` passes over the batch in micro-batches, gradients accumulated, one step per pass."""
         a, t = self.cfg.algorithm, self.cfg.trainer
         mask = b.mask_BT
+        # loss_agg_mode: domain ids and normalisers of the whole batch, so that the row-weighted micro-batch
+        # losses below sum to the whole-batch loss (and gradient) exactly in every mode.
+        ids = {d: i for i, d in enumerate(sorted(set(b.domains)))}
+        domain_B = torch.tensor([ids[d] for d in b.domains], dtype=torch.long)
+        norm = agg_norm(mask, domain_B)
         grad_norm = float("nan")
         for _ in range(a.ppo_epochs):
             sums: dict[str, float] = {"actor/loss": 0.0, "actor/entropy": 0.0}
@@ -199,7 +204,8 @@ class Trainer:
                 frac = len(idx) / b.size
                 lp_BT, logp_BTV = self._forward(mb)
                 x = LossInputs(lp_BT, logp_BTV, adv_BT[idx], None if weights_BT is None else weights_BT[idx],
-                               mask[idx], old_BT[idx], mb.teacher_topk_ids_BTK, mb.teacher_topk_logprobs_BTK)
+                               mask[idx], old_BT[idx], mb.teacher_topk_ids_BTK, mb.teacher_topk_logprobs_BTK,
+                               domain_B[idx], norm)
                 loss, parts = self.objective.loss(x, a)
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v * frac

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,18 @@ def _wandb_records(path: Path):
 
 
 def _wandb_run(run_dir: Path) -> tuple[str, dict[int, dict], dict]:
+    """The newest offline run's id, history and config, read back from W&B's own record file. W&B's
+    service process may still be flushing that file when `finish()` returns on a loaded machine, so the
+    read is repeated until its run record is there (bounded)."""
+    for _ in range(60):
+        got = _wandb_read(run_dir)
+        if got[0]:
+            return got
+        time.sleep(0.5)
+    return got
+
+
+def _wandb_read(run_dir: Path) -> tuple[str, dict[int, dict], dict]:
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
     assert files, f"no offline W&B run under {run_dir / 'wandb'}"
     run_id, history, config = "", {}, {}

@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     from mopd.cli.teachers import add_parsers as add_teacher_parsers
 
     add_teacher_parsers(sub)
+    from mopd.cli.plan import add_parsers as add_plan_parsers
+
+    add_plan_parsers(sub)
 
     args = p.parse_args(argv)
     debug = args.debug or os.environ.get("MOPD_DEBUG", "") not in ("", "0")
