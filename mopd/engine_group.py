@@ -40,16 +40,16 @@ class EngineGroup:
         named = self.named_actors()
         return dict(zip(named, ray.get([a.__ray_call__.remote(_pid) for a in named.values()]), strict=True))
 
-    def wait_restarted(self, before: dict[str, int], timeout_s: float = 900.0) -> list[str]:
-        """Wait until every engine answers again; the names of those Ray restarted since `before` was taken.
-        An engine that stays dead (its restarts used up) is an error naming it."""
+    def wait_restarted(self, before: dict[str, int], timeout_s: float = 900.0) -> tuple[list[str], dict[str, int]]:
+        """Wait until every engine answers again: the names of those Ray restarted since `before` was taken,
+        and every engine's pid now. An engine that stays dead (its restarts used up) is an error naming it."""
         deadline = time.monotonic() + timeout_s
         now = {name: answer_when_alive(a, _pid, deadline, name) for name, a in self.named_actors().items()}
-        return [n for n in now if now[n] != before.get(n)]
+        return [n for n in now if now[n] != before.get(n)], now
 
     def shutdown(self) -> None:
-        for a in self.students + [a for reps in self.teachers.values() for a in reps]:
-            ray.kill(a)
+        for a in self.named_actors().values():
+            ray.kill(a)  # teachers sharing one actor kill it more than once: harmless
         if self.placement is not None:
             self.placement.remove()
 

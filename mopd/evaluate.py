@@ -30,8 +30,9 @@ def eval_rows(cfg: MopdConfig) -> list[dict]:
 
 
 def evaluate(cfg: MopdConfig, engines: EngineGroup, registry: TeacherRegistry, tokenizer: Any,
-             rows: list[dict], seed: int = 1234) -> dict[str, dict[str, float]]:
-    prompt_ids = encode_rows(tokenizer, rows, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens)
+             rows: list[dict], seed: int = 1234, prompt_ids: list[list[int]] | None = None) -> dict[str, dict[str, float]]:
+    """`prompt_ids`: the rows' encoded prompts when the caller has them (a run encodes its eval set once)."""
+    prompt_ids = prompt_ids or encode_rows(tokenizer, rows, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens)
     r = cfg.rollout
     greedy = rollout(engines.students, prompt_ids, rows, n=1, temperature=r.eval_temperature, top_p=1.0,
                      max_tokens=r.max_tokens, seed=seed)
@@ -47,9 +48,9 @@ def evaluate(cfg: MopdConfig, engines: EngineGroup, registry: TeacherRegistry, t
 
 
 def evaluate_teachers(cfg: MopdConfig, engines: EngineGroup, registry: TeacherRegistry, tokenizer: Any,
-                      rows: list[dict], seed: int = 1234) -> dict[str, float]:
+                      rows: list[dict], seed: int = 1234, prompt_ids: list[list[int]] | None = None) -> dict[str, float]:
     """Each domain's teacher, decoding greedily (rollout.eval_temperature) on the eval rows of its domains."""
-    prompt_ids = encode_rows(tokenizer, rows, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens)
+    prompt_ids = prompt_ids or encode_rows(tokenizer, rows, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens)
     samples = teacher_rollout(engines.teachers, registry, prompt_ids, rows, n=1,
                               temperature=cfg.rollout.eval_temperature, max_tokens=cfg.rollout.max_tokens, seed=seed)
     verify_samples(samples, tokenizer)

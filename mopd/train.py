@@ -61,7 +61,7 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
     prompt_ids = encode_rows(tokenizer, rows, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens)
     evals = eval_rows(cfg)
     registry.group([r["domain"] for r in evals], [r["id"] for r in evals])
-    encode_rows(tokenizer, evals, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens)  # refused now, not later
+    eval_ids = encode_rows(tokenizer, evals, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens)  # refused now
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.host, log_to_driver=cfg.ray.log_to_driver)
     placement = reserve(cfg)  # every engine's and the trainer's bundle, or a clear error
@@ -87,17 +87,20 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
 
         before = state.get("eval_before")
         if before is None:
-            before = evaluate(cfg, engines, registry, tokenizer, evals)
+            before = evaluate(cfg, engines, registry, tokenizer, evals, prompt_ids=eval_ids)
             logger.log(0, _eval_metrics(before))
         log("before: " + _eval_line(before))
         teacher_acc = state.get("eval_teacher")
         if teacher_acc is None and (producer.objective.needs_teacher_scores or producer.objective.teacher_samples):
-            teacher_acc = evaluate_teachers(cfg, engines, registry, tokenizer, evals)
+            teacher_acc = evaluate_teachers(cfg, engines, registry, tokenizer, evals, prompt_ids=eval_ids)
 
         t = cfg.trainer
         step, train_s, saved_step = start_step, state.get("train_s", 0.0), start_step
         by_time = t.schedule_horizon == "wallclock"  # the schedule spans the time budget; the run ends by time
         last_step = sys.maxsize if by_time else t.steps
+
+        def save_due(s: int) -> bool:
+            return bool(t.save_every and s % t.save_every == 0) or s == last_step
 
         def extra() -> dict:
             return {"eval_before": before, "eval_teacher": teacher_acc, "train_s": train_s}
@@ -110,8 +113,7 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
             student engine holds its initial weights), or rebuild a dead trainer from the last checkpoint.
             Returns the last step that stands; the loop redoes the rest from the same inputs and seeds."""
             nonlocal trainer, logger, train_s, saved_step, pids
-            restarted = engines.wait_restarted(pids)
-            pids = engines.pids()
+            restarted, pids = engines.wait_restarted(pids)
             done = failed_step if logged else failed_step - 1  # a recorded step stands (its save is redone)
             if not trainer.alive():
                 if faults["faults/trainer_restarts"] >= cfg.ray.max_restarts:
@@ -132,7 +134,7 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
             faults["faults/engine_restarts"] += len(restarted)
             faults["faults/redone_steps"] += failed_step - done
             trainer.sync(engines.students)
-            if logged and done == failed_step and ((t.save_every and done % t.save_every == 0) or done == last_step):
+            if logged and done == failed_step and save_due(done):
                 trainer.save(run_dir, done, extra())  # the save that the death interrupted
                 saved_step = done
             log(f"step {failed_step}: {', '.join(restarted) or 'the trainer'} died and came back; continuing "
@@ -158,14 +160,14 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
                         trainer.sync(engines.students)
                 metrics.update(faults)
                 train_s += metrics["timing_s/step"]
-                metrics.update(_step_record(sb, metrics["timing_s/step"], metrics))
+                metrics.update(_step_record(sb, metrics))
                 if step == start_step + 1 or step % MEMORY_EVERY == 0:
                     metrics.update(run_memory(actors, private))
                 logger.log(step, metrics)
                 logged = True
                 if t.eval_every and step % t.eval_every == 0 and step < last_step:
-                    logger.log(step, _eval_metrics(evaluate(cfg, engines, registry, tokenizer, evals)))
-                if (t.save_every and step % t.save_every == 0) or step == last_step:
+                    logger.log(step, _eval_metrics(evaluate(cfg, engines, registry, tokenizer, evals, prompt_ids=eval_ids)))
+                if save_due(step):
                     trainer.save(run_dir, step, extra())
                     saved_step = step
             except ray.exceptions.RayActorError as e:  # an engine or the trainer died during the step
@@ -177,7 +179,7 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
                 trainer.save(run_dir, step, extra())
             logger.close()
             raise Interrupted(stop.signal)
-        after = evaluate(cfg, engines, registry, tokenizer, evals)
+        after = evaluate(cfg, engines, registry, tokenizer, evals, prompt_ids=eval_ids)
         logger.log(step, _eval_metrics(after))
         if saved_step != step:  # stopped by the wall-clock budget between checkpoints
             trainer.save(run_dir, step, extra())
@@ -237,10 +239,10 @@ MEMORY_EVERY = 10
 _STAGES = ("rollout", "teacher", "old_log_prob", "train", "sync")
 
 
-def _step_record(sb: StepBatch, step_s: float, metrics: dict[str, float]) -> dict[str, float]:
-    """Step-level figures: timings (with the unaccounted rest as timing_s/other), throughput, lengths,
+def _step_record(sb: StepBatch, metrics: dict[str, float]) -> dict[str, float]:
+    """Step-level figures: the unaccounted rest of the step's time (timing_s/other), throughput, lengths,
     the data digest and the verifiers' accuracy per domain."""
-    b = sb.batch
+    b, step_s = sb.batch, metrics["timing_s/step"]
     n_tok = int(b.mask_BT.sum())
     out = {"timing_s/other": max(0.0, step_s - sum(metrics.get(f"timing_s/{s}", 0.0) for s in _STAGES)),
            "perf/tokens_per_s": n_tok / step_s, "response_length/mean": n_tok / b.size,
