@@ -1,50 +1,65 @@
 """Per-stage step times of the MOPD loop on the quickstart world (printed, never asserted).
 
-    .venv/bin/python benchmarks/step_breakdown.py [CONFIG] [key=value ...]
+    .venv/bin/python benchmarks/step_breakdown.py [CONFIG] [--vary KEY=V1,V2,...] [key=value ...]
 
-Runs `trainer.steps` real steps (default 10) through the engine actors and reports, per stage, the
-mean time (rollout, teacher, old_log_prob, train, sync), tokens/s, and the ratio of the
-whole step to its slowest stage alone (1.0 would mean the other stages cost nothing).
+Runs `trainer.steps` real steps (default 10) through the engine actors and reports, per stage, the mean
+time (rollout, teacher, old_log_prob, train, sync, and the unaccounted rest `other`), tokens/s, and the ratio
+of the whole step to its slowest stage alone (1.0 would mean the other stages cost nothing). With `--vary`
+one run per value, side by side, and each run's tokens/s as a ratio of the first's, e.g.
+`--vary trainer.num_workers=1,2 trainer.num_cpus=0.5` (data-parallel trainer workers: on 2 cores the ratio
+measures the overhead of the gradient all-reduce and the extra process, not a speed-up).
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 
-STAGES = ["rollout", "teacher", "old_log_prob", "train", "sync"]
+STAGES = ["rollout", "teacher", "old_log_prob", "train", "sync", "other"]
 
 
-def main(argv: list[str]) -> None:
+def run(config: str, overrides: list[str]) -> dict[str, float]:
     from mopd.config import load_config
     from mopd.jsonl import read_metrics
     from mopd.train import train
     from mopd.world.prepare import prepare_world
 
-    config = argv[0] if argv and "=" not in argv[0] else "configs/quickstart.yaml"
-    overrides = [a for a in argv if "=" in a]
     cfg = load_config(config, ["trainer.steps=10", "logging.run_dir=runs/bench", "logging.progress_bar=false",
                                "trainer.save_every=0", *overrides])
     prepare_world(cfg)
     train(cfg, log=lambda *_: None, overwrite=True)  # a benchmark re-runs into the same folder
     steps = [m for m in read_metrics(f"{cfg.logging.run_dir}/metrics.jsonl") if "timing_s/step" in m][1:]
     if not steps:
-        print("need at least 2 steps (the first is dropped as warm-up)")
-        return
-    mean = {s: statistics.mean(m[f"timing_s/{s}"] for m in steps) for s in STAGES}
-    step = statistics.mean(m["timing_s/step"] for m in steps)
-    tok = statistics.mean(m["perf/tokens_per_s"] for m in steps)
-    slowest = max(mean, key=mean.get)
-    print(f"{len(steps)} steps (after 1 warm-up), {cfg.trainer.prompts_per_step} prompts x n={cfg.rollout.n}, "
-          f"objective={cfg.algorithm.objective}")
-    print(f"{'stage':<12}{'mean s':>10}{'share':>9}")
-    for s in STAGES:
-        print(f"{s:<12}{mean[s]:>10.4f}{mean[s] / step:>9.1%}")
-    other = step - sum(mean.values())
-    print(f"{'other':<12}{other:>10.4f}{other / step:>9.1%}")
-    print(f"{'step':<12}{step:>10.4f}")
-    print(f"response tokens/s: {tok:.0f}")
-    print(f"step / slowest stage ({slowest}): {step / mean[slowest]:.2f}x")
+        raise SystemExit("need at least 2 steps (the first is dropped as warm-up)")
+    out = {s: statistics.mean(m.get(f"timing_s/{s}", 0.0) for m in steps) for s in STAGES}
+    out["step"] = statistics.mean(m["timing_s/step"] for m in steps)
+    out["tokens/s"] = statistics.mean(m["perf/tokens_per_s"] for m in steps)
+    out["steps"] = len(steps)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", nargs="?", default="configs/quickstart.yaml")
+    ap.add_argument("--vary", default="", help="KEY=V1,V2,...: one run per value, side by side")
+    args, overrides = ap.parse_known_args(argv)
+    if args.config and "=" in args.config:
+        overrides, args.config = [args.config, *overrides], "configs/quickstart.yaml"
+    variants: list[tuple[str, list[str]]] = [("run", [])]
+    if args.vary:
+        key, _, values = args.vary.partition("=")
+        variants = [(f"{key.split('.')[-1]}={v}", [f"{key}={v}"]) for v in values.split(",")]
+    results = [(name, run(args.config, [*overrides, *extra])) for name, extra in variants]
+    print(f"{int(results[0][1]['steps'])} steps each (after 1 warm-up); overrides: {' '.join(overrides) or '-'}")
+    print(f"{'stage (mean s)':<16}" + "".join(f"{name:>18}" for name, _ in results))
+    for s in [*STAGES, "step"]:
+        print(f"{s:<16}" + "".join(f"{r[s]:>11.4f} {r[s] / r['step']:>6.1%}" for _, r in results))
+    print(f"{'tokens/s':<16}" + "".join(f"{r['tokens/s']:>18.0f}" for _, r in results))
+    base = results[0][1]["tokens/s"]
+    print(f"{'tokens/s ratio':<16}" + "".join(f"{r['tokens/s'] / base:>17.2f}x" for _, r in results))
+    slow = [(max((s for s in STAGES if s != "other"), key=r.get), r) for _, r in results]
+    print(f"{'step / slowest':<16}" + "".join(f"{r['step'] / r[s]:>10.2f}x ({s[:5]})" for s, r in slow))
 
 
 if __name__ == "__main__":

@@ -34,13 +34,68 @@ class TrainBatch:
     def size(self) -> int:
         return self.input_ids_BL.shape[0]
 
-    def select(self, idx: list[int]) -> TrainBatch:
+    def lengths(self) -> list[int]:
+        """Tokens (prompt + response) of every row: what a micro-batch of it costs."""
+        return [int(n) for n in self.attention_mask_BL.sum(dim=1)]
+
+    def select(self, idx: list[int], trim: bool = False) -> TrainBatch:
+        """Rows `idx`; `trim` also drops the right padding that none of them uses (rows are left-aligned, so a
+        causal forward of the kept positions is unchanged), which is what a token budget counts."""
         pick = torch.tensor(idx, dtype=torch.long)
+        if trim:
+            L = max(self.attention_mask_BL[pick].sum(dim=1).max().item(), 2) if idx else self.input_ids_BL.shape[1]
+            return _trimmed(self.select(idx), int(L))
         opt = lambda t: None if t is None else t[pick]  # noqa: E731
         return TrainBatch(self.input_ids_BL[pick], self.attention_mask_BL[pick], self.mask_BT[pick],
                           self.rollout_logprobs_BT[pick], self.teacher_logprobs_BT[pick], self.scores_B[pick],
                           self.group_B[pick], [self.domains[i] for i in idx], opt(self.teacher_topk_ids_BTK),
                           opt(self.teacher_topk_logprobs_BTK), opt(self.routed_experts_BLNK))
+
+
+def _trimmed(b: TrainBatch, L: int) -> TrainBatch:
+    T = L - 1
+    opt = lambda t, n: None if t is None else t[:, :n]  # noqa: E731
+    return TrainBatch(b.input_ids_BL[:, :L], b.attention_mask_BL[:, :L], b.mask_BT[:, :T],
+                      b.rollout_logprobs_BT[:, :T], b.teacher_logprobs_BT[:, :T], b.scores_B, b.group_B, b.domains,
+                      opt(b.teacher_topk_ids_BTK, T), opt(b.teacher_topk_logprobs_BTK, T),
+                      opt(b.routed_experts_BLNK, L))
+
+
+def split_rows(lengths_B: list[int], num_workers: int, rows_per_micro_batch: int,
+               max_tokens: int = 0) -> list[list[list[int]]]:
+    """Rows of a batch -> per worker, its micro-batches (lists of row indices).
+
+    Rows go to workers by token count (longest first, each to the worker with the fewest tokens so far), so
+    data-parallel workers finish their share at about the same time. Within a worker, `max_tokens` > 0 forms
+    micro-batches by padded tokens (rows x longest row <= max_tokens; rows sorted by length so that similar
+    lengths share a micro-batch and little is padding; a row longer than the budget gets one of its own), as
+    verl's dynamic batch size does; otherwise consecutive `rows_per_micro_batch` rows. One worker without a
+    token budget gets exactly the consecutive micro-batches of the single-process trainer. Every row is in
+    exactly one micro-batch; a worker gets no row only when the batch has fewer rows than workers.
+    """
+    if num_workers < 1 or rows_per_micro_batch < 1 or max_tokens < 0:
+        raise ValueError(f"split_rows needs num_workers >= 1, rows_per_micro_batch >= 1 and max_tokens >= 0, got "
+                         f"{num_workers}, {rows_per_micro_batch}, {max_tokens}")
+    rows: list[list[int]] = [[] for _ in range(num_workers)]
+    load = [0] * num_workers
+    for i in sorted(range(len(lengths_B)), key=lambda i: (-lengths_B[i], i)):
+        w = min(range(num_workers), key=lambda w: (load[w], len(rows[w]), w))
+        rows[w].append(i)
+        load[w] += lengths_B[i]
+    out = []
+    for mine in rows:
+        mine.sort()
+        if max_tokens <= 0:
+            out.append([mine[k:k + rows_per_micro_batch] for k in range(0, len(mine), rows_per_micro_batch)])
+            continue
+        micro: list[list[int]] = []
+        for i in sorted(mine, key=lambda i: (-lengths_B[i], i)):
+            if micro and (len(micro[-1]) + 1) * lengths_B[micro[-1][0]] <= max_tokens:
+                micro[-1].append(i)  # sorted longest first: the micro-batch's first row sets its width
+            else:
+                micro.append([i])
+        out.append([sorted(m) for m in micro])
+    return out
 
 
 def build_batch(samples: list[ScoredSample], pad_id: int) -> TrainBatch:

@@ -124,20 +124,20 @@ def _previous(ckdir: Path) -> str:
 
 
 def save_checkpoint(run_dir: Path, step: int, trainer: Any, tokenizer: Any, extra: dict | None = None,
-                    keep: int = 0) -> Path:
-    """Write `checkpoints/step_{step}` atomically, point `latest` at it, then prune beyond `keep` (0: none)."""
+                    keep: int = 0, state: tuple[dict, dict] | None = None) -> Path:
+    """Write `checkpoints/step_{step}` atomically, point `latest` at it, then prune beyond `keep` (0: none).
+
+    `state`: the trainer's `(weights, optimizer state)` when already gathered (data-parallel workers gather
+    them together, then one of them writes); by default read from `trainer.checkpoint_state()`. Both are
+    whole (unsharded), so the checkpoint loads into any number of workers."""
     ckdir = checkpoints_dir(run_dir)
     target = ckdir / f"step_{step}"
-    sd = trainer.state_dict()
+    sd, optim = state if state is not None else trainer.checkpoint_state()
 
     def fill(tmp: Path) -> None:
         trainer.unwrapped.save_pretrained(tmp / "model", state_dict=sd, safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
-        if trainer.cfg.trainer.backend == "deepspeed":
-            trainer.acc.save_state(str(tmp / "accelerate"))
-        else:
-            torch.save({"optimizer": trainer.opt.state_dict(), "scheduler": trainer.sched.state_dict()},
-                       tmp / "optim.pt")
+        torch.save(optim, tmp / "optim.pt")
         # Batches and rollout seeds are functions of (seed, step); torch's RNG is the only other state.
         torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
         write_text(tmp / "state.json", json.dumps({"step": step, **(extra or {})}))  # last: marks it complete
@@ -207,12 +207,10 @@ def prune_checkpoints(run_dir: Path, keep: int, log: Callable[[str], None] | Non
 
 def load_checkpoint(ck: Path, trainer: Any) -> dict:
     """Restore optimizer/scheduler/RNG into a trainer built from `ck/model`; returns state.json."""
-    if trainer.cfg.trainer.backend == "deepspeed":
-        trainer.acc.load_state(str(ck / "accelerate"))
+    if not (ck / "optim.pt").exists() and (ck / "accelerate").is_dir():
+        trainer.acc.load_state(str(ck / "accelerate"))  # a DeepSpeed checkpoint of mopd <= 0.14 (same worker count)
     else:
-        st = torch.load(ck / "optim.pt", weights_only=True)
-        trainer.opt.load_state_dict(st["optimizer"])
-        trainer.sched.load_state_dict(st["scheduler"])
+        trainer.load_optimizer_state(torch.load(ck / "optim.pt", weights_only=True))
     rng = torch.load(ck / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     return json.loads((ck / "state.json").read_text())

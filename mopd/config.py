@@ -435,7 +435,16 @@ class TrainerConfig:
     zero_stage: int = 2  # 1 | 2 | 3 (deepspeed)
     steps: int = 20  # >= 1
     prompts_per_step: int = 16  # >= 1
-    micro_batch_size: int = 64  # >= 1
+    micro_batch_size: int = 64  # >= 1: rows per micro-batch (per worker) when max_tokens_per_micro_batch is 0
+    # > 0: micro-batches are formed by tokens (prompt + response of every row) instead of rows, balanced across
+    # the workers (verl's dynamic batch size); a row longer than the budget gets a micro-batch of its own.
+    max_tokens_per_micro_batch: int = 0
+    # > 0: per-token log-probs, entropy and KL are computed over chunks of this many response positions,
+    # each chunk's [chunk, vocabulary] logits recomputed in the backward, so [tokens, vocabulary] never exists.
+    logits_chunk_tokens: int = 0
+    # Data-parallel trainer workers: N Ray actors forming one torch.distributed group (gloo on CPU, NCCL on
+    # GPU), each with a trainer.num_cpus/num_gpus bundle; the batch is split across them by tokens.
+    num_workers: int = 1
     lr: float = 1e-3  # > 0
     weight_decay: float = 0.0  # >= 0
     # constant | cosine | linear, after a linear warm-up over warmup_steps: cosine and linear decay from
@@ -468,6 +477,9 @@ class TrainerConfig:
         c.count("steps", 1)
         c.count("prompts_per_step", 1)
         c.count("micro_batch_size", 1)
+        c.count("max_tokens_per_micro_batch", 0, "0: micro-batches of trainer.micro_batch_size rows")
+        c.count("logits_chunk_tokens", 0, "0: the whole micro-batch at once")
+        c.count("num_workers", 1, "data-parallel trainer workers")
         c.num("lr", gt=0)
         c.num("weight_decay", ge=0)
         c.choice("lr_schedule", LrSchedule)

@@ -34,6 +34,9 @@ __all__ = [
     "pg_loss",
     "reverse_kl_per_token",
     "reverse_kl_loss",
+    "reverse_kl_loss_from_terms",
+    "ReverseKLTerms",
+    "sanitize_teacher_topk",
     "token_entropy",
 ]
 
@@ -357,6 +360,35 @@ def reverse_kl_per_token(
             torch.where(has_BT, teacher_lse_BT.exp(), zeros_BT))
 
 
+@dataclass
+class ReverseKLTerms:
+    """Per-position reverse-KL results (``[B, T]``) before aggregation: what :func:`reverse_kl_loss` computes
+    from the whole ``[B, T, V]`` log-probs, or what a chunked computation (``mopd.chunked_logits``) gives
+    without ever building them. ``kl_BT`` carries the gradient and is 0 where ``ok_BT`` is False."""
+
+    kl_BT: Tensor
+    student_mass_BT: Tensor
+    teacher_mass_BT: Tensor
+    ok_BT: Tensor  # a valid position whose teacher log-probs are finite
+    teacher_nan_BT: Tensor  # a position whose teacher log-probs hold NaN or +inf (dropped)
+
+
+def sanitize_teacher_topk(teacher_topk_ids_BTK: Tensor, teacher_topk_logprobs_BTK: Tensor,
+                          mask_BT: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(ok_BT, teacher_nan_BT, ids_BTK, logprobs_BTK)``: masked positions and positions with a NaN / +inf
+    teacher log-prob get no top-k slot (id -1, log-prob 0), so they give KL 0 and a finite gradient."""
+    valid_BT = mask_BT.bool()
+    slot_BTK = teacher_topk_ids_BTK >= 0
+    bad_BTK = torch.isnan(teacher_topk_logprobs_BTK) | torch.isposinf(teacher_topk_logprobs_BTK)
+    teacher_nan_BT = (bad_BTK & slot_BTK).any(dim=-1)
+    ok_BT = valid_BT & ~teacher_nan_BT
+    ids_BTK = torch.where(ok_BT.unsqueeze(-1), teacher_topk_ids_BTK.long(),
+                          torch.full_like(teacher_topk_ids_BTK.long(), -1))
+    t_logp_BTK = torch.where(ok_BT.unsqueeze(-1), teacher_topk_logprobs_BTK.detach().float(),
+                             torch.zeros_like(teacher_topk_logprobs_BTK, dtype=torch.float32))
+    return ok_BT, teacher_nan_BT, ids_BTK, t_logp_BTK
+
+
 def reverse_kl_loss(
     student_logprobs_BTV: Tensor,
     teacher_topk_ids_BTK: Tensor,
@@ -391,17 +423,26 @@ def reverse_kl_loss(
     if valid_BT.shape != student_logprobs_BTV.shape[:2]:
         raise ValueError(f"mask {tuple(mask_BT.shape)} does not match student [B, T] "
                          f"{tuple(student_logprobs_BTV.shape[:2])}")
-    slot_BTK = teacher_topk_ids_BTK >= 0
-    bad_BTK = torch.isnan(teacher_topk_logprobs_BTK) | torch.isposinf(teacher_topk_logprobs_BTK)
-    teacher_nan_BT = (bad_BTK & slot_BTK).any(dim=-1)
-    ok_BT = valid_BT & ~teacher_nan_BT
+    ok_BT, teacher_nan_BT, ids_BTK, t_logp_BTK = sanitize_teacher_topk(teacher_topk_ids_BTK,
+                                                                         teacher_topk_logprobs_BTK, mask_BT)
     # Masked / NaN positions: make every input a harmless constant before any arithmetic.
-    ids_BTK = torch.where(ok_BT.unsqueeze(-1), teacher_topk_ids_BTK.long(), torch.full_like(teacher_topk_ids_BTK.long(), -1))
-    t_logp_BTK = torch.where(ok_BT.unsqueeze(-1), teacher_topk_logprobs_BTK.detach().float(),
-                             torch.zeros_like(teacher_topk_logprobs_BTK, dtype=torch.float32))
     student_BTV = torch.where(ok_BT.unsqueeze(-1), student_logprobs_BTV, torch.zeros_like(student_logprobs_BTV))
-
     kl_BT, s_mass_BT, t_mass_BT = reverse_kl_per_token(student_BTV, ids_BTK, t_logp_BTK, topk_mode=topk_mode)
+    terms = ReverseKLTerms(kl_BT, s_mass_BT, t_mass_BT, ok_BT, teacher_nan_BT)
+    return reverse_kl_loss_from_terms(terms, weights_BT, mask_BT, agg_mode=agg_mode, group_B=group_B, norm=norm)
+
+
+def reverse_kl_loss_from_terms(
+    terms: ReverseKLTerms,
+    weights_BT: Tensor | None,
+    mask_BT: Tensor,
+    *,
+    agg_mode: AggMode | str = "seq-mean-token-mean",
+    group_B: Tensor | None = None,
+    norm: AggNorm | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The aggregation half of :func:`reverse_kl_loss` (same loss and metrics), from per-position terms."""
+    valid_BT, ok_BT, kl_BT = mask_BT.bool(), terms.ok_BT, terms.kl_BT
     w_BT = ok_BT.float() if weights_BT is None else torch.where(ok_BT, weights_BT.detach().float(),
                                                                  torch.zeros_like(kl_BT))
     loss = agg_loss(kl_BT * w_BT, mask_BT, agg_mode, group_B, norm=norm)
@@ -412,9 +453,9 @@ def reverse_kl_loss(
     metrics = {
         "distillation/loss": loss.item(),
         "distillation/reverse_kl": float((kl_d * ok_BT).sum().item()) / n_ok,
-        "distillation/student_mass": float((s_mass_BT * ok_BT).sum().item()) / n_ok,
-        "distillation/teacher_mass": float((t_mass_BT * ok_BT).sum().item()) / n_ok,
-        "distillation/nonfinite_frac": float(teacher_nan_BT[valid_BT].sum().item()) / max(n_valid, 1),
+        "distillation/student_mass": float((terms.student_mass_BT * ok_BT).sum().item()) / n_ok,
+        "distillation/teacher_mass": float((terms.teacher_mass_BT * ok_BT).sum().item()) / n_ok,
+        "distillation/nonfinite_frac": float(terms.teacher_nan_BT[valid_BT].sum().item()) / max(n_valid, 1),
     }
     return loss, metrics
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from mopd.config import AlgorithmConfig
-from mopd.losses import AggNorm, pg_loss, reverse_kl_loss
+from mopd.losses import AggNorm, ReverseKLTerms, pg_loss, reverse_kl_loss, reverse_kl_loss_from_terms
 
 
 @dataclass
@@ -22,7 +22,7 @@ class LossInputs:
     """One micro-batch as the loss sees it (all `[b, T]` unless noted)."""
 
     logprobs_BT: Tensor  # log pi_theta of the sampled tokens, with gradient
-    logprobs_BTV: Tensor  # full log-softmax, with gradient
+    logprobs_BTV: Tensor | None  # full log-softmax, with gradient (None: computed in chunks, see reverse_kl)
     advantages_BT: Tensor
     weights_BT: Tensor | None  # train/inference correction (None: no correction)
     mask_BT: Tensor
@@ -34,6 +34,9 @@ class LossInputs:
     # losses is the whole-batch loss (`mopd.losses.agg_loss`). None: this micro-batch is the batch.
     domain_B: Tensor | None = None
     agg_norm: AggNorm | None = None
+    # `trainer.logits_chunk_tokens` > 0: the per-position reverse KL to the teachers' top-k, computed chunk by
+    # chunk from the hidden states (mopd.chunked_logits) instead of from logprobs_BTV, which is then None.
+    reverse_kl: ReverseKLTerms | None = None
 
 
 LossFn = Callable[[LossInputs, AlgorithmConfig], tuple[Tensor, dict[str, float]]]
@@ -81,8 +84,12 @@ def _kl(x: LossInputs, a: AlgorithmConfig) -> tuple[Tensor, dict[str, float]]:
     if x.teacher_topk_ids_BTK is None or x.teacher_topk_logprobs_BTK is None:
         raise ValueError(f"algorithm.objective={a.objective} needs the teachers' top-k log-probs, but the batch has "
                          "none; set algorithm.teacher_top_k (-1 = whole vocabulary)")
+    agg = {"agg_mode": str(a.loss_agg_mode), "group_B": x.domain_B, "norm": x.agg_norm}
+    if x.reverse_kl is not None:
+        return reverse_kl_loss_from_terms(x.reverse_kl, x.weights_BT, x.mask_BT, **agg)
+    assert x.logprobs_BTV is not None
     return reverse_kl_loss(x.logprobs_BTV, x.teacher_topk_ids_BTK, x.teacher_topk_logprobs_BTK, x.weights_BT,
-                           x.mask_BT, agg_mode=str(a.loss_agg_mode), group_B=x.domain_B, norm=x.agg_norm)
+                           x.mask_BT, **agg)
 
 
 @register_objective("pg", advantage="mopd")

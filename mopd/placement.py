@@ -65,7 +65,8 @@ def plan_bundles(cfg: MopdConfig, trainer: bool = True) -> BundlePlan:
         plan.add(role, ts[0].replicas, cpus, gpus,
                  f"{keys}.replicas x {keys}.num_cpus/num_gpus (default: rollout.num_*_per_engine)")
     if trainer:
-        plan.add("trainer", 1, cfg.trainer.num_cpus, cfg.trainer.num_gpus, "trainer.num_cpus/num_gpus")
+        plan.add("trainer", cfg.trainer.num_workers, cfg.trainer.num_cpus, cfg.trainer.num_gpus,
+                 "trainer.num_workers x trainer.num_cpus/num_gpus")
     return plan
 
 
@@ -99,6 +100,11 @@ class Placement:
             return None
         return [PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=i)
                 for i in self.plan.roles[role]]
+
+    def where(self) -> dict[str, str]:
+        """Bundle label (`student[0]`, `trainer[1]`, ...) -> the id of the node Ray placed it on."""
+        table = ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {})
+        return {label: table.get(i, "?") for i, label in enumerate(bundle_labels(self.plan))}
 
     def remove(self) -> None:
         """Frees the bundles; Ray ends any actor still running in them."""
@@ -190,11 +196,12 @@ class NodePlan:
 
 
 def bundle_labels(plan: BundlePlan) -> list[str]:
-    """The actor each bundle holds: `student[0]`, `teacher:<name>[1]`, `hf_group:<group>[0]`, `trainer`."""
+    """The actor each bundle holds: `student[0]`, `teacher:<name>[1]`, `hf_group:<group>[0]`, `trainer` (or
+    `trainer[r]` for data-parallel rank r)."""
     labels = [""] * len(plan.bundles)
     for role, idx in plan.roles.items():
         for k, i in enumerate(idx):
-            labels[i] = role if role == "trainer" else f"{role}[{k}]"
+            labels[i] = role if role == "trainer" and len(idx) == 1 else f"{role}[{k}]"
     return labels
 
 

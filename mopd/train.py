@@ -66,6 +66,9 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.host, log_to_driver=cfg.ray.log_to_driver)
     placement = reserve(cfg)  # every engine's and the trainer's bundle, or a clear error
     log(f"placement group ready in {placement.ready_s:.1f} s ({cfg.ray.placement_strategy}): {placement.plan.describe()}")
+    where = placement.where()
+    if len(set(where.values())) > 1:  # several nodes: say which actor runs where
+        log("placement: " + ", ".join(f"{label} on node {node[:8]}" for label, node in where.items()))
     trainer = RemoteTrainer(cfg, str(ck / "model") if ck else cfg.student.path, placement)  # an actor in its bundle
     state: dict = trainer.load(ck) if ck is not None else {}
     if ck is not None:
@@ -82,7 +85,7 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
         start_step = state.get("step", 0)
         logger = make_run_logger(cfg, run_dir, start_step if ck else None)
         producer = BatchProducer(cfg, engines.students, engines.teachers, registry, tokenizer, rows, prompt_ids)
-        actors = {"trainer": trainer.actor, **engines.named_actors()}
+        actors = {**trainer.named_actors(), **engines.named_actors()}
         private = cluster_address(cfg.ray.address) is None
 
         before = state.get("eval_before")
@@ -128,7 +131,7 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
                 done, train_s, saved_step = st.get("step", 0), st.get("train_s", 0.0), st.get("step", 0)
                 logger.close()
                 logger = make_run_logger(cfg, run_dir, done)  # drops the records of steps about to be redone
-                actors["trainer"] = trainer.actor
+                actors.update(trainer.named_actors())
             elif not restarted:
                 raise err  # every actor is alive: not a fault to recover from
             faults["faults/engine_restarts"] += len(restarted)

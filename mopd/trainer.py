@@ -20,15 +20,23 @@ from accelerate.utils import DeepSpeedPlugin
 from transformers import AutoModelForCausalLM
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from mopd.batch import TrainBatch
+from mopd.batch import TrainBatch, split_rows
+from mopd.chunked_logits import token_stats
 from mopd.config import MopdConfig
-from mopd.losses import agg_norm, token_entropy
+from mopd.losses import ReverseKLTerms, agg_norm, sanitize_teacher_topk, token_entropy
 from mopd.objectives import LossInputs, get_objective
 from mopd.schedules import make_lr_scheduler
 from mopd.timing import timed
 from rewards.advantages import advantage_metrics, combine_advantages, grpo_outcome_advantage, mopd_advantage
 from stability.correction import correction_weights
 from stability.diagnostics import mismatch_metrics, teacher_kl
+from stability.r3 import RoutingCounts, RoutingReplay, routing_counts
+
+_ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+# Loss-part metrics that are means over a micro-batch's valid tokens (the rest are parts of the loss, whose
+# micro-batch values add up by rows).
+_TOKEN_MEANS = frozenset({"actor/pg_clipfrac", "actor/ppo_kl", "distillation/reverse_kl", "distillation/student_mass",
+                          "distillation/teacher_mass", "distillation/nonfinite_frac"})
 
 
 class NonFiniteError(RuntimeError):
@@ -64,10 +72,19 @@ class Trainer:
             # loads afterwards; a plain trainer must not inherit that.
             unset_hf_deepspeed_config()
         # accelerate's cpu=True would drop the DeepSpeed plugin; without CUDA it picks the CPU anyway.
+        # The LR schedule steps once per optimizer step whatever the worker count (accelerate would otherwise
+        # step it once per process).
         self.acc = Accelerator(cpu=plugin is None and not torch.cuda.is_available(), deepspeed_plugin=plugin,
-                               mixed_precision="bf16" if t.precision == "bf16" else "no")
+                               mixed_precision="bf16" if t.precision == "bf16" else "no",
+                               step_scheduler_with_optimizer=False)
+        # From the process group itself: accelerate counts one process when DeepSpeed runs on CPU.
+        dist = torch.distributed
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         if plugin is not None:
-            self.acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+            # Nominal sizes DeepSpeed insists on; the step forms its own micro-batches and accumulation boundaries.
+            ds = self.acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+            ds["train_batch_size"] = t.micro_batch_size * self.world
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         sched = make_lr_scheduler(opt, t)  # before prepare: the peak lr is read from the optimizer
@@ -80,8 +97,6 @@ class Trainer:
         self.replay: Any = None
         self.observe_routing = cfg.algorithm.r3_capture or cfg.algorithm.r3
         if self.observe_routing:
-            from stability.r3 import RoutingReplay
-
             self.routing = RoutingReplay(self.acc.unwrap_model(self.model))
             self.replay = self.routing if cfg.algorithm.r3 else None
         self.r3_counts: Any = None
@@ -96,9 +111,60 @@ class Trainer:
         lp_BT = logp_BTV.gather(-1, b.input_ids_BL[:, 1:, None]).squeeze(-1)
         return lp_BT, logp_BTV
 
+    def _forward_chunked(self, b: TrainBatch, with_kl: bool) -> tuple[torch.Tensor, ReverseKLTerms | None,
+                                                                       torch.Tensor]:
+        """`trainer.logits_chunk_tokens` > 0: log-probs, entropy (detached) and the teacher-KL terms of the
+        response positions, `[B, T]` each, from the final hidden states in chunks of positions, so that no
+        `[tokens, vocabulary]` tensor of the micro-batch exists (mopd.chunked_logits). The wrapped model still
+        runs the forward (DDP and DeepSpeed see it), keeping only the last position's logits."""
+        model = self.acc.unwrap_model(self.model)
+        got: dict[str, torch.Tensor] = {}
+        hook = model.get_decoder().register_forward_hook(
+            lambda _m, _i, out: got.__setitem__("h", out.last_hidden_state))
+        ctx = (self.replay.context(b.routed_experts_BLNK, b.attention_mask_BL)
+               if self.replay is not None else nullcontext())
+        try:
+            with ctx, self.acc.autocast():
+                self.model(input_ids=b.input_ids_BL, attention_mask=b.attention_mask_BL, logits_to_keep=1)
+        finally:
+            hook.remove()
+        mask = b.mask_BT.bool()
+        bi, ti = mask.nonzero(as_tuple=True)
+        ids = lps = None
+        if with_kl:
+            ok, nan, ids_BTK, lps_BTK = sanitize_teacher_topk(b.teacher_topk_ids_BTK, b.teacher_topk_logprobs_BTK,
+                                                              b.mask_BT)
+            ids, lps = ids_BTK[bi, ti], lps_BTK[bi, ti]
+        with self.acc.autocast():
+            st = token_stats(got["h"][bi, ti], model.get_output_embeddings(), b.input_ids_BL[bi, ti + 1], ids, lps,
+                             chunk_tokens=self.cfg.trainer.logits_chunk_tokens)
+
+        def scatter(v_N: torch.Tensor) -> torch.Tensor:
+            return v_N.new_zeros(mask.shape).index_put((bi, ti), v_N)
+
+        kl = None
+        if with_kl:
+            assert st.kl_N is not None and st.student_mass_N is not None and st.teacher_mass_N is not None
+            kl = ReverseKLTerms(scatter(st.kl_N), scatter(st.student_mass_N), scatter(st.teacher_mass_N), ok, nan)
+        return scatter(st.logprobs_N), kl, scatter(st.entropy_N.detach())
+
     def _micro(self, b: TrainBatch) -> list[list[int]]:
-        m = self.cfg.trainer.micro_batch_size
-        return [list(range(i, min(i + m, b.size))) for i in range(0, b.size, m)]
+        """This worker's micro-batches of `b` (row indices): its token-balanced share of the batch."""
+        t = self.cfg.trainer
+        return split_rows(b.lengths(), self.world, t.micro_batch_size, t.max_tokens_per_micro_batch)[self.rank]
+
+    def _all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel workers (identity for one)."""
+        if self.world == 1:
+            return x
+        y = x.to("cuda" if "nccl" in str(torch.distributed.get_backend()) else "cpu")
+        torch.distributed.all_reduce(y)
+        return y.cpu()
+
+    def _logprobs(self, mb: TrainBatch) -> torch.Tensor:
+        if self.cfg.trainer.logits_chunk_tokens:
+            return self._forward_chunked(mb, with_kl=False)[0]
+        return self._forward(mb)[0]
 
     @torch.no_grad()
     def logprobs(self, b: TrainBatch) -> torch.Tensor:
@@ -106,29 +172,33 @@ class Trainer:
 
         Routing agreement is measured here: these are exactly the weights the engine sampled with.
         """
-        out = []
         observe = self.observe_routing and b.routed_experts_BLNK is not None
         if observe:
-            from stability.r3 import RoutingCounts, routing_counts
-
             self.r3_counts = RoutingCounts()
             self.r3_applied = RoutingCounts()
+        old_BT = torch.zeros(b.mask_BT.shape)  # this worker's rows; the others' arrive by the sum below
         for idx in self._micro(b):
-            mb = b.select(idx)
+            mb = b.select(idx, trim=True)
+            T = mb.mask_BT.shape[1]
             if observe and self.replay is None:
                 with self.routing.capture() as cap:
-                    out.append(self._forward(mb)[0])
+                    old_BT[idx, :T] = self._logprobs(mb)
                 counts = routing_counts(cap.experts_BLNK, mb.routed_experts_BLNK, mb.attention_mask_BL.bool())
                 self.r3_counts += counts
                 self.r3_applied += counts  # nothing replayed: the router's own choice is what was used
                 continue
-            out.append(self._forward(mb)[0])
+            old_BT[idx, :T] = self._logprobs(mb)
             if observe:
                 self.r3_counts += self.replay.last_stats().counts
                 self.r3_applied += self.replay.last_stats().applied_counts
         if not observe:
             self.r3_counts = None
-        return torch.cat(out)
+        elif self.world > 1:  # every worker reports the whole batch's routing agreement
+            fields = list(RoutingCounts.__dataclass_fields__)
+            both = self._all_sum(torch.tensor([[getattr(c, f) for f in fields] for c in (self.r3_counts,
+                                                                                            self.r3_applied)]))
+            self.r3_counts, self.r3_applied = (RoutingCounts(*(int(v) for v in row)) for row in both.tolist())
+        return self._all_sum(old_BT)
 
     # -- one optimizer step: pi_old + diagnostics, advantages, optimisation --------------------
     def step(self, b: TrainBatch, progress: float | None = None) -> dict[str, float]:
@@ -188,7 +258,10 @@ class Trainer:
 
     def optimize(self, b: TrainBatch, old_BT: torch.Tensor, adv_BT: torch.Tensor, weights_BT: torch.Tensor | None,
                  metrics: dict[str, float]) -> None:
-        """`ppo_epochs` passes over the batch in micro-batches, gradients accumulated, one step per pass."""
+        """`ppo_epochs` passes over the batch in micro-batches, gradients accumulated, one step per pass.
+
+        With several workers each takes its share of the rows; the gradients are averaged across them once per
+        pass (at the last micro-batch), so the update equals the one-worker, whole-batch update."""
         a, t = self.cfg.algorithm, self.cfg.trainer
         mask = b.mask_BT
         # loss_agg_mode: domain ids and normalisers of the whole batch, so that the row-weighted micro-batch
@@ -197,24 +270,44 @@ class Trainer:
         domain_B = torch.tensor([ids[d] for d in b.domains], dtype=torch.long)
         norm = agg_norm(mask, domain_B)
         grad_norm = float("nan")
+        # A worker with no row (fewer rows than workers) still joins the gradient average, with a zero loss.
+        mine = self._micro(b)
+        micro, scale = (mine, 1.0) if mine else ([[0]], 0.0)
         for _ in range(a.ppo_epochs):
             sums: dict[str, float] = {"actor/loss": 0.0, "actor/entropy": 0.0}
-            for idx in self._micro(b):
-                mb = b.select(idx)
-                frac = len(idx) / b.size
-                lp_BT, logp_BTV = self._forward(mb)
-                x = LossInputs(lp_BT, logp_BTV, adv_BT[idx], None if weights_BT is None else weights_BT[idx],
-                               mask[idx], old_BT[idx], mb.teacher_topk_ids_BTK, mb.teacher_topk_logprobs_BTK,
-                               domain_B[idx], norm)
+            bad: list[float] = []
+            for k, idx in enumerate(micro):
+                mb = b.select(idx, trim=True)
+                T = mb.mask_BT.shape[1]
+                frac = len(idx) / b.size * scale
+                cut = lambda x, idx=idx, T=T: None if x is None else x[idx][:, :T]  # noqa: E731
+                logp_BTV = kl = None
+                if t.logits_chunk_tokens:
+                    with_kl = self.objective.needs_teacher_topk and mb.teacher_topk_ids_BTK is not None
+                    lp_BT, kl, ent_BT = self._forward_chunked(mb, with_kl)
+                else:
+                    lp_BT, logp_BTV = self._forward(mb)
+                x = LossInputs(lp_BT, logp_BTV, cut(adv_BT), cut(weights_BT), cut(mask), cut(old_BT),
+                               mb.teacher_topk_ids_BTK, mb.teacher_topk_logprobs_BTK, domain_B[idx], norm, kl)
                 loss, parts = self.objective.loss(x, a)
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v * frac
+                n_tok = float(cut(mask).sum())
+                for name, v in parts.items():  # token means by their share of the batch's tokens, losses by rows
+                    w = n_tok / max(float(mask.sum()), 1.0) * scale if name in _TOKEN_MEANS else frac
+                    sums[name] = sums.get(name, 0.0) + v * w
                 sums["actor/loss"] += loss.item() * frac
-                with torch.no_grad():
-                    sums["actor/entropy"] += token_entropy(logp_BTV, mask[idx]).item() * frac
+                with torch.no_grad():  # a token mean over the whole batch: summed here, divided below
+                    ent = (token_entropy(logp_BTV, cut(mask)).item() * n_tok if logp_BTV is not None
+                           else float((ent_BT * cut(mask)).sum()))
+                    sums["actor/entropy"] += ent * scale
                 if not torch.isfinite(loss):
-                    raise NonFiniteError(self._nan_message("loss", loss.item()))
-                self.acc.backward(loss * frac)
+                    bad.append(loss.item())  # raised after the pass: every worker must reach the gradient average
+                # DDP and ZeRO average the workers' gradients; the world factor makes that average a sum.
+                self._backward(loss * frac * self.world, last=k == len(micro) - 1)
+            totals = self._all_sum(torch.tensor([float(len(bad)), *sums.values()], dtype=torch.float64))
+            sums = dict(zip(sums, totals[1:].tolist(), strict=True))
+            sums["actor/entropy"] /= max(float(mask.sum()), 1.0)
+            if totals[0] > 0:
+                raise NonFiniteError(self._nan_message("loss", bad[0] if bad else float("nan")))
             grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             if not math.isfinite(grad_norm) and t.backend != "deepspeed":
@@ -232,15 +325,100 @@ class Trainer:
         metrics["actor/grad_norm"] = grad_norm
         metrics["actor/lr"] = self.sched.get_last_lr()[0]
 
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate a micro-batch's gradient; only the last one of a pass averages across workers (DDP's
+        no_sync; DeepSpeed's accumulation boundary) and, under DeepSpeed, steps the engine."""
+        if self.cfg.trainer.backend == "deepspeed":
+            self.acc.deepspeed_engine_wrapped.engine.set_gradient_accumulation_boundary(last)
+            self.acc.gradient_state._set_sync_gradients(last)
+            try:
+                self.acc.backward(loss)
+            finally:
+                self.acc.gradient_state._set_sync_gradients(True)
+            return
+        with nullcontext() if last or self.world == 1 else self.acc.no_sync(self.model):
+            self.acc.backward(loss)
+
     def _nan_message(self, what: str, value: float) -> str:
         return (f"non-finite {what} ({value}) in the trainer; no update was applied and the last checkpoint is "
                 "intact. Lower trainer.lr, keep trainer.grad_clip on, or check the teacher's log-probs for NaN.")
 
     # -- weights out ---------------------------------------------------------------------------
+    @property
+    def gathers(self) -> bool:
+        """Reading the weights is a collective (ZeRO-3 partitions them): every worker must take part."""
+        return self.cfg.trainer.backend == "deepspeed" and self.cfg.trainer.zero_stage == 3 and self.world > 1
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 CPU weights (gathered under ZeRO-3) for the engines and checkpoints."""
-        sd = self.acc.get_state_dict(self.model)
+        """Full fp32 CPU weights (gathered under ZeRO-3) for the engines and checkpoints; under ZeRO-3 with
+        several workers only rank 0 receives them (the others get {})."""
+        sd = self.acc.get_state_dict(self.model) or {}
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Weights and optimizer state, both whole, so that a checkpoint loads into any number of workers.
+
+        DeepSpeed partitions the optimizer state across the workers (and its own checkpoint can only be loaded
+        by the same worker count): each parameter's Adam moments are gathered by name instead. A collective
+        under DeepSpeed: every worker calls it."""
+        sd = self.state_dict()
+        if self.cfg.trainer.backend != "deepspeed":
+            return sd, {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        moments = {}
+        for name, p in self.unwrapped.named_parameters():
+            got = {k: safe_get_full_optimizer_state(p, k) for k in _ADAM_MOMENTS}
+            moments[name] = {k: v.detach().to("cpu", torch.float32) for k, v in got.items() if v is not None}
+        return sd, {"format": "mopd-full-adam/1", "moments": moments, "adam_step": self._adam_step(),
+                    "scheduler": self.sched.state_dict()}
+
+    def load_optimizer_state(self, st: dict[str, Any]) -> None:
+        """The inverse of `checkpoint_state`'s optimizer half, whatever worker count wrote it."""
+        self.sched.load_state_dict(st["scheduler"])
+        if "optimizer" in st:  # torch's own state dict: whole on every data-parallel replica
+            if self.cfg.trainer.backend == "deepspeed":
+                raise ValueError("this checkpoint was written by trainer.backend=accelerate; its optimizer state "
+                                 "cannot be loaded by trainer.backend=deepspeed (resume with the backend that wrote "
+                                 "it, or start a new run from its model folder)")
+            self.opt.load_state_dict(st["optimizer"])
+            return
+        if self.cfg.trainer.backend != "deepspeed":
+            raise ValueError("this checkpoint was written by trainer.backend=deepspeed; resume it with "
+                             "trainer.backend=deepspeed (or start a new run from its model folder)")
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        self._materialise_deepspeed_optimizer_state()
+        dev = self.acc.device
+        for name, p in self.unwrapped.named_parameters():
+            for k, v in st["moments"].get(name, {}).items():
+                safe_set_full_optimizer_state(p, v.to(dev), k)
+        base = getattr(self.acc.deepspeed_engine_wrapped.engine.optimizer, "optimizer", None)
+        for state in (base.state.values() if base is not None else []):
+            if "step" in state:
+                state["step"] = (torch.as_tensor(float(st["adam_step"]), dtype=state["step"].dtype)
+                                 if torch.is_tensor(state["step"]) else st["adam_step"])
+
+    def _materialise_deepspeed_optimizer_state(self) -> None:
+        """DeepSpeed creates Adam's state at the first step; loading into it needs one. A step at lr 0 on a zero
+        loss creates zero moments and changes no weight (AdamW's decay is lr-scaled too)."""
+        base = getattr(self.acc.deepspeed_engine_wrapped.engine.optimizer, "optimizer", None)
+        if base is None or any(base.state.values()):
+            return
+        lrs = [g["lr"] for g in base.param_groups]
+        for g in base.param_groups:
+            g["lr"] = 0.0
+        ids = torch.zeros((1, 2), dtype=torch.long, device=self.acc.device)
+        self._backward(self.model(input_ids=ids).logits.sum() * 0.0, last=True)
+        for g, lr in zip(base.param_groups, lrs, strict=True):
+            g["lr"] = lr
+
+    def _adam_step(self) -> int:
+        base = getattr(self.acc.deepspeed_engine_wrapped.engine.optimizer, "optimizer", None)
+        for state in (base.state.values() if base is not None else []):
+            if "step" in state:
+                return int(state["step"])
+        return 0
 
     @property
     def unwrapped(self) -> Any:

@@ -18,9 +18,14 @@ GPU = str(CONFIGS / "gpu_cluster.yaml")
 TWO_X8 = [Node("node0", 32, 8), Node("node1", 32, 8)]
 
 
+# The placement-logic tests below use the cluster config with one 8-GPU trainer worker (one big bundle makes
+# the packing cases interesting); test_gpu_config_places_eight_trainer_workers covers the config as shipped.
+ONE_TRAINER = ("trainer.num_workers=1", "trainer.num_gpus=8", "trainer.num_cpus=16")
+
+
 def placed_labels(cfg_path: str, nodes: list[Node], *overrides: str) -> list[list[str]]:
     """Per node, the actors it holds (in bundle order)."""
-    cfg = load_config(cfg_path, list(overrides))
+    cfg = load_config(cfg_path, [*(ONE_TRAINER if cfg_path == GPU else ()), *overrides])
     placed = place_on_nodes(plan_bundles(cfg), cfg.ray.placement_strategy, nodes)
     labels = bundle_labels(placed.plan)
     return [[labels[i] for i in placed.bundles_on(j)] for j in range(len(nodes))]
@@ -42,13 +47,21 @@ def test_gpu_config_loads_with_the_cluster_shape(capsys):
     assert "backend: deepspeed" in capsys.readouterr().out
     cfg = load_config(GPU)
     assert (cfg.trainer.backend, cfg.trainer.zero_stage, cfg.trainer.precision) == ("deepspeed", 3, "bf16")
-    assert cfg.student.dtype == "bfloat16" and cfg.trainer.num_gpus == 8
+    assert cfg.student.dtype == "bfloat16" and (cfg.trainer.num_workers, cfg.trainer.num_gpus) == (8, 1)
     assert (cfg.rollout.num_engines, cfg.rollout.num_gpus_per_engine) == (4, 2)
     assert {n: (t.backend, t.replicas, t.api_key_env) for n, t in cfg.teachers.items()} == {
         "math_teacher": ("vllm_server", 2, "MATH_TEACHER_API_KEY"),
         "code_teacher": ("vllm_server", 1, "CODE_TEACHER_API_KEY")}
     # Server teachers reserve nothing: engines and the trainer are the whole group.
     assert plan_bundles(cfg).demand() == {"CPU": 32.0, "GPU": 16.0}
+
+
+def test_gpu_config_places_eight_trainer_workers():
+    cfg = load_config(GPU)
+    placed = place_on_nodes(plan_bundles(cfg), cfg.ray.placement_strategy, TWO_X8)
+    labels = bundle_labels(placed.plan)
+    on = [[labels[i] for i in placed.bundles_on(j)] for j in range(2)]
+    assert on == [[f"student[{i}]" for i in range(4)], [f"trainer[{r}]" for r in range(8)]]
 
 
 def test_gpu_config_on_two_8_gpu_nodes_pack_and_spread():
@@ -90,7 +103,7 @@ def test_nine_gpus_on_8_gpu_nodes_is_refused_naming_the_keys():
     msg = str(e.value)
     assert "bundle trainer needs {CPU: 16, GPU: 9} but no node is that large" in msg
     assert "node0 {CPU: 32, GPU: 8}; node1 {CPU: 32, GPU: 8}" in msg
-    assert "Lower trainer.num_cpus/num_gpus (trainer)" in msg
+    assert "Lower trainer.num_workers x trainer.num_cpus/num_gpus (trainer)" in msg
     with pytest.raises(PlacementError, match=r"bundle student\[0\] needs \{CPU: 4, GPU: 9\}.*"
                                              r"rollout\.num_engines x rollout\.num_cpus_per_engine/num_gpus"):
         placed_labels(GPU, TWO_X8, "rollout.num_gpus_per_engine=9")
@@ -139,8 +152,9 @@ def test_cli_prints_the_plan_and_exits_0_or_2(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "ray.placement_strategy=PACK, 2 node(s) from --node" in out
     node0, node1 = out.split("\nnode0: ")[1].split("\nnode1: ")
-    assert node0.startswith("CPU 16/32, GPU 8/8") and "trainer" in node0 and "student" not in node0
-    assert node1.startswith("CPU 16/32, GPU 8/8") and all(f"student[{i}]" in node1 for i in range(4))
+    assert node0.startswith("CPU 16/32, GPU 8/8") and all(f"student[{i}]" in node0 for i in range(4))
+    assert node1.startswith("CPU 16/32, GPU 8/8") and all(f"trainer[{r}]" in node1 for r in range(8))
+    assert "student" not in node1 and "trainer" not in node0
     assert "teacher:math_teacher: remote: http://teacher-math-0:8000, http://teacher-math-1:8000" in out
     assert "total: CPU 32/64, GPU 16/16" in out
 

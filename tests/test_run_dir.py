@@ -307,10 +307,10 @@ def test_save_checkpoint_keep_with_a_real_optimizer(tmp_path):
         torch.save(state_dict, Path(path) / "weights.pt")
         saved.append(path)
 
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     trainer = SimpleNamespace(
-        state_dict=model.state_dict, unwrapped=SimpleNamespace(save_pretrained=save_pretrained),
-        cfg=SimpleNamespace(trainer=SimpleNamespace(backend="torch")), opt=opt,
-        sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+        checkpoint_state=lambda: (model.state_dict(), {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}),
+        unwrapped=SimpleNamespace(save_pretrained=save_pretrained))
     tokenizer = SimpleNamespace(save_pretrained=lambda p: (Path(p) / "tokenizer.json").write_text("{}"))
     for s in (1, 2, 3):
         save_checkpoint(tmp_path, s, trainer, tokenizer, {"note": s}, keep=1)

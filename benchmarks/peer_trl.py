@@ -1,0 +1,504 @@
+"""Peer benchmark: one single-teacher on-policy distillation task run with TRL's `DistillationTrainer` and
+with mopd, scored by one exact reverse-KL function, printed as one table with the mopd/TRL ratios.
+
+    .venv/bin/pip install -c constraints/cpu.txt trl==1.16.0     # once; or: pip install -c constraints/cpu.txt -e '.[peer]'
+    .venv/bin/python benchmarks/peer_trl.py [--steps 300] [--prompts 32] [--max-new-tokens 8] [--lr 3e-3]
+                                            [--eval-every 25] [--teacher-backend hf|vllm] [key=value ...]
+
+TRL is not a dependency of mopd: the `peer` extra holds it, `make test` never installs it and no test imports
+it. With the constraints file the install adds trl, datasets, multiprocess, pandas, python-dateutil and tzdata
+and leaves torch, transformers and accelerate as they are.
+
+The task (the quickstart world, built first if missing): 2-digit addition, the warm-started tiny Qwen3-MoE
+student, the dense Qwen3 addition teacher. Both sides get the same prompt token ids in the same order (mopd's
+own sampler draws each step's rows; TRL reads them as an unshuffled dataset, and both sides check the ids),
+the same steps, prompts per step, constant lr (AdamW, no warm-up, grad clip 1), max new tokens and
+temperature, fp32, one sample per prompt, and the same loss: exact full-vocabulary reverse KL(student ||
+teacher) at every response position of the student's own samples, token-mean over the batch (TRL: `beta=1`;
+mopd: `objective=reverse_kl`, `teacher_top_k=-1`, `loss_agg_mode=token-mean`). mopd keeps its IcePop
+correction (no-op here: fp32 engine and trainer) and runs its teacher on the `hf` backend by default
+(`--teacher-backend vllm` for a vLLM teacher engine). Extra `key=value` arguments override mopd's config.
+
+Each side runs in its own subprocess, so their memory never mixes. Training wall: TRL, the `train()` loop
+from its first step to its last; mopd, the sum of `timing_s/step` (rollout, teacher, old_log_prob, train,
+sync); neither counts model loading, engine start-up, evaluations or the checkpoints taken for scoring.
+Tokens/s: generated response tokens (EOS included) / training wall. Memory: TRL, the peak RSS of its one
+process; mopd, its logged `perf/mem_gb/total` (summed peak RSS of the driver and every actor) and
+`perf/pss_gb/total` (summed PSS of the whole process tree, Ray's daemons included); PSS and process counts
+for both also come from a sampler over each side's process tree.
+
+Scoring, after both runs and outside their timings: `reverse_kl` below, the same function for the initial
+student and every checkpoint of both sides (every `--eval-every` steps): on `--eval-prompts` addition eval
+prompts (never trained on), `--eval-samples` continuations per prompt sampled from the student at
+temperature 1 (a fixed seed, the same for every model scored), the exact full-vocabulary KL(student ||
+teacher) at every response position up to and including EOS, from plain transformers forwards in fp32.
+Reported per sequence (the sum over its positions: the sequence-level reverse KL) and per token. "Wall to
+reach TRL's final KL" is the training wall at the first checkpoint whose sequence KL is at or below the KL
+of TRL's final model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = Path("runs/peer_trl")
+STAGES = ["rollout", "teacher", "old_log_prob", "train", "sync", "other"]
+
+
+# ---------------------------------------------------------------------------------------------- memory
+class TreeSampler:
+    """Summed RSS and PSS and the number of processes of this process and all its descendants, sampled every
+    `every_s` seconds in a background thread; the peaks are kept."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s = every_s
+        self.peak = {"rss_gb": 0.0, "pss_gb": 0.0, "processes": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        rss = pss = 0.0
+        procs = [me, *me.children(recursive=True)]
+        for p in procs:
+            try:
+                info = p.memory_full_info()
+                rss += info.rss
+                pss += getattr(info, "pss", info.rss)
+            except psutil.Error:
+                continue
+        self.peak["rss_gb"] = max(self.peak["rss_gb"], rss / 1024**3)
+        self.peak["pss_gb"] = max(self.peak["pss_gb"], pss / 1024**3)
+        self.peak["processes"] = max(self.peak["processes"], len(procs))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.sample()
+        self._stop.set()
+        self._thread.join()
+
+
+def _peak_rss_gb() -> float:
+    """Peak RSS of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+def _write_jsonl(rows: list[dict], path: Path) -> None:
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def _mopd_yaml(args: argparse.Namespace, data_dir: Path) -> str:
+    teacher = {"path": "${world.dir}/teachers/add", "domains": ["add"], "backend": args.teacher_backend}
+    cfg = {
+        "experiment": "peer_trl",
+        "world": {"dir": ".cache/world", "seed": 0},
+        "student": {"path": "${world.dir}/student"},
+        "teachers": {"add_teacher": teacher},
+        "data": {"train_files": [str(data_dir / "train_add.jsonl")], "eval_files": [str(data_dir / "eval_add.jsonl")],
+                 "eval_size_per_domain": 32},
+        "rollout": {"n": 1, "max_tokens": args.max_new_tokens, "temperature": args.temperature, "num_engines": 1,
+                    "num_cpus_per_engine": 0.25},
+        "algorithm": {"objective": "reverse_kl", "teacher_top_k": -1, "correction": "icepop",
+                      "loss_agg_mode": "token-mean"},
+        "trainer": {"steps": args.steps, "prompts_per_step": args.prompts, "lr": args.lr, "lr_schedule": "constant",
+                    "warmup_steps": 0, "grad_clip": 1.0, "weight_decay": 0.0, "seed": args.seed,
+                    "save_every": args.eval_every, "eval_every": 0, "max_wallclock_s": 0, "num_cpus": 1,
+                    "num_threads": args.threads},
+        "logging": {"run_dir": str(WORK / "mopd"), "progress_bar": False, "dashboard_every": 0},
+    }
+    import yaml
+
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def make_plan(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    """Build the world if needed, write the add-only data and mopd's config, and draw every step's prompts
+    with mopd's own sampler (so TRL trains on exactly the prompts mopd will)."""
+    from transformers import AutoTokenizer
+
+    from mopd.config import load_config
+    from mopd.data import DomainMixSampler, encode_rows, load_rows
+    from mopd.producer import batch_digest
+    from mopd.world.build import build_world, load_world
+
+    data_dir = WORK / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (WORK / "mopd.yaml").write_text(_mopd_yaml(args, data_dir))
+    cfg = load_config(WORK / "mopd.yaml", overrides)  # a bad override fails here, before anything runs
+    build_world(cfg.world)
+    world = load_world(cfg.world.dir)
+    train_rows = [r for r in load_rows([f"{world['dir']}/data/train.jsonl"]) if r["domain"] == "add"]
+    eval_rows = [r for r in load_rows([f"{world['dir']}/data/eval.jsonl"]) if r["domain"] == "add"]
+    _write_jsonl(train_rows, data_dir / "train_add.jsonl")
+    _write_jsonl(eval_rows, data_dir / "eval_add.jsonl")
+
+    tok = AutoTokenizer.from_pretrained(cfg.student.path)
+    rows = load_rows(cfg.data.train_files)  # as mopd's train() reads them
+    ids = encode_rows(tok, rows, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens)
+    sampler = DomainMixSampler(rows, cfg.data.domain_mix, cfg.trainer.seed)
+    steps = []
+    for s in range(1, cfg.trainer.steps + 1):
+        idx = sampler.batch(s - 1, cfg.trainer.prompts_per_step)  # what BatchProducer.get(s) draws
+        steps.append({"texts": [rows[i]["prompt"] for i in idx], "ids": [ids[i] for i in idx],
+                      "digest": batch_digest([rows[i]["id"] for i in idx])})
+    evals = eval_rows[:args.eval_prompts]
+    return {
+        "steps": cfg.trainer.steps, "prompts": cfg.trainer.prompts_per_step, "lr": cfg.trainer.lr,
+        "max_new_tokens": cfg.rollout.max_tokens, "temperature": cfg.rollout.temperature, "seed": cfg.trainer.seed,
+        "eval_every": args.eval_every, "threads": args.threads, "student": cfg.student.path,
+        "teacher": cfg.teachers["add_teacher"].path, "teacher_backend": str(cfg.teachers["add_teacher"].backend),
+        "mopd_config": str(WORK / "mopd.yaml"), "overrides": overrides, "step_prompts": steps,
+        "eval_ids": encode_rows(tok, evals, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- TRL side
+def run_trl(plan: dict[str, Any], out: Path) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(plan["threads"])
+    from datasets import Dataset
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    steps, every = plan["steps"], plan["eval_every"]
+    texts = [t for s in plan["step_prompts"] for t in s["texts"]]
+    tok = AutoTokenizer.from_pretrained(plan["student"], padding_side="left")
+    if tok(text=texts)["input_ids"] != [i for s in plan["step_prompts"] for i in s["ids"]]:
+        raise RuntimeError("TRL's tokenization of the prompts differs from mopd's prompt ids")
+    student = AutoModelForCausalLM.from_pretrained(plan["student"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(plan["teacher"], dtype=torch.float32)
+    stage = {"rollout": 0.0, "teacher": 0.0}
+    counts = {"tokens": 0, "steps_checked": 0}
+
+    class Trainer(DistillationTrainer):
+        """Counts generated tokens, checks each step's prompt ids, times generation and the teacher forward."""
+
+        def _generate(self, prompts: list) -> Any:
+            t0 = time.perf_counter()
+            out_ = super()._generate(prompts)
+            stage["rollout"] += time.perf_counter() - t0
+            prompt_ids, completion_ids = out_[0], out_[1]
+            want = plan["step_prompts"][self.state.global_step]["ids"]
+            if [list(p) for p in prompt_ids] != want:
+                raise RuntimeError(f"TRL step {self.state.global_step + 1}: prompt ids differ from mopd's")
+            counts["steps_checked"] += 1
+            counts["tokens"] += sum(len(c) for c in completion_ids)
+            return out_
+
+        def _get_last_hidden_state(self, unwrapped_model: Any, *a: Any, **kw: Any) -> Any:
+            if torch.is_grad_enabled():  # the student's forward
+                return super()._get_last_hidden_state(unwrapped_model, *a, **kw)
+            t0 = time.perf_counter()
+            h = super()._get_last_hidden_state(unwrapped_model, *a, **kw)
+            stage["teacher"] += time.perf_counter() - t0
+            return h
+
+    class Clock(TrainerCallback):
+        """Loop wall from the first step; snapshots for scoring are saved here and their time taken out."""
+
+        def __init__(self) -> None:
+            self.t0, self.excluded, self.points = 0.0, 0.0, []
+
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
+            now = time.perf_counter()
+            self.wall = now - self.t0 - self.excluded
+            s = state.global_step
+            if s % every == 0 or s == steps:
+                path = out / f"step_{s}.safetensors"
+                save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(path))
+                self.points.append({"step": s, "wall_s": self.wall, "path": str(path)})
+                self.excluded += time.perf_counter() - now
+
+    clock = Clock()
+    args = DistillationConfig(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=plan["prompts"], gradient_accumulation_steps=1,
+        max_steps=steps, learning_rate=plan["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, optim="adamw_torch", max_completion_length=plan["max_new_tokens"],
+        temperature=plan["temperature"], top_p=1.0, top_k=0, beta=1.0, bf16=False, fp16=False,
+        gradient_checkpointing=False, shuffle_dataset=False, seed=plan["seed"], use_cpu=True, report_to="none",
+        save_strategy="no", logging_steps=max(1, steps // 10), disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_dict({"prompt": texts}),
+                      processing_class=tok, callbacks=[clock])
+    with TreeSampler() as mem:
+        trainer.train()
+    if counts["steps_checked"] != steps:
+        raise RuntimeError(f"TRL generated {counts['steps_checked']} batches for {steps} steps")
+    wall = clock.wall
+    return {"wall_s": wall, "tokens": counts["tokens"], "points": clock.points,
+            "stages": {"rollout": stage["rollout"] / steps, "teacher": stage["teacher"] / steps,
+                       "train+other": (wall - stage["rollout"] - stage["teacher"]) / steps},
+            "peak_rss_gb": _peak_rss_gb(), "tree": mem.peak, "total_s": time.perf_counter() - t_start}
+
+
+# ---------------------------------------------------------------------------------------------- mopd side
+def run_mopd(plan: dict[str, Any], out: Path) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(plan["threads"])
+    from mopd.config import load_config
+    from mopd.jsonl import read_metrics
+    from mopd.train import train
+
+    cfg = load_config(plan["mopd_config"], plan["overrides"])
+    with TreeSampler() as mem:
+        train(cfg, log=lambda line: print(line, flush=True), overwrite=True)  # a benchmark re-runs into one folder
+    run_dir = Path(cfg.logging.run_dir)
+    recs = [m for m in read_metrics(run_dir / "metrics.jsonl") if "timing_s/step" in m]
+    if len(recs) != plan["steps"]:
+        raise RuntimeError(f"mopd logged {len(recs)} steps, expected {plan['steps']}")
+    for m, s in zip(recs, plan["step_prompts"], strict=True):
+        if int(m["data/batch_digest"]) != s["digest"]:
+            raise RuntimeError(f"mopd step {m['step']}: its prompts differ from the plan's")
+    cum, points = 0.0, []
+    for m in recs:
+        cum += m["timing_s/step"]
+        ck = run_dir / "checkpoints" / f"step_{m['step']}" / "model"
+        if ck.is_dir():
+            points.append({"step": m["step"], "wall_s": cum, "path": str(ck)})
+    later = recs[1:] or recs  # the first step is warm-up
+    stages = {s: statistics.mean(m.get(f"timing_s/{s}", 0.0) for m in later) for s in STAGES}
+    stages["step"] = statistics.mean(m["timing_s/step"] for m in later)
+    stages["first_step"] = recs[0]["timing_s/step"]
+    return {"wall_s": cum, "tokens": sum(m["perf/tokens_per_s"] * m["timing_s/step"] for m in recs),
+            "points": points, "stages": stages,
+            "mem_gb_total": max(m.get("perf/mem_gb/total", 0.0) for m in recs),
+            "pss_gb_total": max(m.get("perf/pss_gb/total", 0.0) for m in recs),
+            "tree": mem.peak, "peak_rss_gb": _peak_rss_gb(), "total_s": time.perf_counter() - t_start}
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def reverse_kl(student: Any, teacher: Any, prompt_ids: list[list[int]], max_new_tokens: int, samples: int = 4,
+               temperature: float = 1.0, seed: int = 1234, eos_id: int | None = None,
+               pad_id: int = 0) -> tuple[float, float]:
+    """Exact full-vocabulary reverse KL(student || teacher), averaged over `samples` continuations per prompt
+    sampled from the student at `temperature` with a fixed seed: per position `sum_v p_s(v) (log p_s(v) -
+    log p_t(v))` of the raw (temperature-1) distributions, over every response position up to and including
+    the first EOS. Returns (mean per sequence of the summed KL, mean per token). Prompts are batched by
+    length, so no prompt is padded; continuations are decoded without a KV cache (exact, and short)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    seq_kls: list[torch.Tensor] = []
+    tok_sum, tok_n = 0.0, 0
+    by_len: dict[int, list[list[int]]] = {}
+    for p in prompt_ids:
+        by_len.setdefault(len(p), []).append(p)
+    with torch.no_grad():
+        for length in sorted(by_len):
+            x = torch.tensor(by_len[length], dtype=torch.long).repeat_interleave(samples, dim=0)
+            alive = torch.ones(len(x), dtype=torch.bool)
+            mask = torch.zeros(len(x), max_new_tokens)
+            for t in range(max_new_tokens):
+                logits = student(input_ids=x).logits[:, -1].float()
+                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g).squeeze(1)
+                nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
+                mask[:, t] = alive.float()
+                x = torch.cat([x, nxt[:, None]], dim=1)
+                if eos_id is not None:
+                    alive &= nxt != eos_id
+                if not alive.any():
+                    mask = mask[:, :t + 1]
+                    break
+            n = mask.shape[1]
+            ls = torch.log_softmax(student(input_ids=x).logits[:, length - 1:length - 1 + n].float(), -1)
+            lt = torch.log_softmax(teacher(input_ids=x).logits[:, length - 1:length - 1 + n].float(), -1)
+            kl_bt = (ls.exp() * (ls - lt)).sum(-1) * mask
+            seq_kls.append(kl_bt.sum(1))
+            tok_sum += float(kl_bt.sum())
+            tok_n += int(mask.sum())
+    return float(torch.cat(seq_kls).mean()), tok_sum / max(tok_n, 1)
+
+
+def score(plan: dict[str, Any], results: dict[str, dict], args: argparse.Namespace) -> dict[str, list[dict]]:
+    """The initial student and every checkpoint of both sides, through `reverse_kl`."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(plan["threads"])
+    tok = AutoTokenizer.from_pretrained(plan["student"])
+    teacher = AutoModelForCausalLM.from_pretrained(plan["teacher"], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(plan["student"], dtype=torch.float32).eval()
+
+    def load(path: str) -> Any:
+        """A TRL snapshot (the in-memory state dict) or a mopd checkpoint (a Hugging Face folder)."""
+        if not path.endswith(".safetensors"):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model.load_state_dict(load_file(path), strict=True)
+        return model
+
+    def kl_of(m: Any) -> tuple[float, float]:
+        return reverse_kl(m, teacher, plan["eval_ids"], plan["max_new_tokens"], samples=args.eval_samples,
+                          temperature=plan["temperature"], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+
+    seq0, tok0 = kl_of(model)  # the initial student, before any snapshot is loaded into `model`
+    curves = {}
+    for side, res in results.items():
+        curves[side] = [{"step": 0, "wall_s": 0.0, "seq_kl": seq0, "tok_kl": tok0}]
+        for p in res["points"]:
+            seq, tk = kl_of(load(p["path"]))
+            curves[side].append({"step": p["step"], "wall_s": p["wall_s"], "seq_kl": seq, "tok_kl": tk})
+            print(f"  scored {side} step {p['step']}: reverse KL {seq:.3f} / sequence, {tk:.4f} / token", flush=True)
+    return curves
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _reach(curve: list[dict], target: float) -> float | None:
+    return next((p["wall_s"] for p in curve[1:] if p["seq_kl"] <= target), None)
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def report(plan: dict[str, Any], res: dict[str, dict], curves: dict[str, list[dict]]) -> str:
+    trl, mopd = res["trl"], res["mopd"]
+    target = curves["trl"][-1]["seq_kl"]
+    reach = {s: _reach(curves[s], target) for s in ("trl", "mopd")}
+    rows: list[tuple[str, Any, Any, str]] = [
+        ("training wall (s)", trl["wall_s"], mopd["wall_s"], ".1f"),
+        ("response tokens/s", trl["tokens"] / trl["wall_s"], mopd["tokens"] / mopd["wall_s"], ",.0f"),
+        ("s/step", trl["wall_s"] / plan["steps"], mopd["wall_s"] / plan["steps"], ".3f"),
+        ("reverse KL / seq, start", curves["trl"][0]["seq_kl"], curves["mopd"][0]["seq_kl"], ".3f"),
+        ("reverse KL / seq, end", curves["trl"][-1]["seq_kl"], curves["mopd"][-1]["seq_kl"], ".3f"),
+        ("reverse KL / token, end", curves["trl"][-1]["tok_kl"], curves["mopd"][-1]["tok_kl"], ".4f"),
+        (f"wall to reach TRL's final KL {target:.3f} (s)", reach["trl"], reach["mopd"], ".1f"),
+        ("peak RSS summed (GB)", trl["peak_rss_gb"], mopd["mem_gb_total"], ".2f"),
+        ("PSS summed, peak (GB)", trl["tree"]["pss_gb"], mopd["pss_gb_total"], ".2f"),
+        ("processes", trl["tree"]["processes"], mopd["tree"]["processes"], "d"),
+        ("end-to-end process wall (s)", trl["total_s"], mopd["total_s"], ".1f"),
+    ]
+    lines = ["| metric | TRL | mopd | mopd/TRL |", "|---|---|---|---|"]
+    for name, a, b, spec in rows:
+        ratio = f"{b / a:.2f}" if a and b is not None else "-"
+        lines.append(f"| {name} | {_fmt(a, spec)} | {_fmt(b, spec)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def stage_table(res: dict[str, dict]) -> str:
+    ms, ts = res["mopd"]["stages"], res["trl"]["stages"]
+    lines = ["| stage (mean s/step) | TRL | mopd |", "|---|---|---|"]
+    lines.append(f"| rollout (generation) | {ts['rollout']:.4f} | {ms['rollout']:.4f} |")
+    lines.append(f"| teacher | {ts['teacher']:.4f} | {ms['teacher']:.4f} |")
+    lines.append(f"| old_log_prob | - | {ms['old_log_prob']:.4f} |")
+    lines.append(f"| train (+ TRL's other) | {ts['train+other']:.4f} | {ms['train']:.4f} |")
+    lines.append(f"| sync | - | {ms['sync']:.4f} |")
+    lines.append(f"| other | - | {ms['other']:.4f} |")
+    lines.append(f"| step (mopd: after step 1, which took {ms['first_step']:.2f} s) | "
+                 f"{sum(ts.values()):.4f} | {ms['step']:.4f} |")
+    return "\n".join(lines)
+
+
+def curve_lines(curves: dict[str, list[dict]]) -> str:
+    out = ["step: reverse KL / seq (training wall s), TRL | mopd"]
+    mopd_at = {p["step"]: p for p in curves["mopd"]}
+    for p in curves["trl"]:
+        m = mopd_at.get(p["step"])
+        other = f"{m['seq_kl']:.3f} ({m['wall_s']:.1f})" if m else "-"
+        out.append(f"  {p['step']:>5}: {p['seq_kl']:.3f} ({p['wall_s']:.1f}) | {other}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def _side(name: str, plan_path: Path, log_path: Path) -> dict[str, Any]:
+    """Run one side in a fresh interpreter (its own memory), its output into `log_path`."""
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("OMP_NUM_THREADS", "2")
+    out = WORK / f"{name}.json"
+    out.unlink(missing_ok=True)
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    with open(log_path, "w") as log:
+        rc = subprocess.call([sys.executable, str(ROOT / "benchmarks" / "peer_trl.py"), "--side", name, "--plan", str(plan_path)], stdout=log,
+                             stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if rc != 0 or not out.is_file():
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"{name} side failed (exit {rc}); last lines of {log_path}:\n{tail}")
+    print(f"{name}: done in {time.perf_counter() - t0:.0f} s (log: {log_path}); 1-min load average {load0:.1f} "
+          f"at start, {os.getloadavg()[0]:.1f} at end on {os.cpu_count()} CPUs", flush=True)
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="benchmarks/peer_trl.py", description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--prompts", type=int, default=32, help="prompts per step (one sample each)")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=25, help="checkpoint (and score) both sides every N steps")
+    p.add_argument("--eval-prompts", type=int, default=200)
+    p.add_argument("--eval-samples", type=int, default=4, help="sampled continuations per eval prompt")
+    p.add_argument("--teacher-backend", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of TRL's process, mopd's trainer, scoring")
+    p.add_argument("--side", choices=["trl", "mopd"], help=argparse.SUPPRESS)
+    p.add_argument("--plan", help=argparse.SUPPRESS)
+    args, overrides = p.parse_known_args(argv)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)} (mopd overrides are key=value)")
+    os.chdir(ROOT)
+
+    if args.side:  # a subprocess: run one side and write its result
+        plan = json.loads(Path(args.plan).read_text())
+        out = WORK / args.side
+        out.mkdir(parents=True, exist_ok=True)
+        res = run_trl(plan, out) if args.side == "trl" else run_mopd(plan, out)
+        (WORK / f"{args.side}.json").write_text(json.dumps(res, indent=1))
+        return
+
+    t0 = time.perf_counter()
+    WORK.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(args, overrides)
+    plan_path = WORK / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    print(f"plan: {plan['steps']} steps x {plan['prompts']} prompts, {plan['max_new_tokens']} new tokens, "
+          f"lr {plan['lr']:g}, temperature {plan['temperature']:g}, mopd teacher backend {plan['teacher_backend']}; "
+          f"prompt ids digest {hashlib.sha256(json.dumps([s['ids'] for s in plan['step_prompts']]).encode()).hexdigest()[:12]}",
+          flush=True)
+    results = {"trl": _side("trl", plan_path, WORK / "trl.log"), "mopd": _side("mopd", plan_path, WORK / "mopd.log")}
+    print(f"scoring {len(results['trl']['points']) + len(results['mopd']['points']) + 1} models on "
+          f"{len(plan['eval_ids'])} eval prompts x {args.eval_samples} samples", flush=True)
+    curves = score(plan, results, args)
+    (WORK / "curves.json").write_text(json.dumps(curves, indent=1))
+    print()
+    print(report(plan, results, curves))
+    print()
+    print(stage_table(results))
+    print()
+    print(curve_lines(curves))
+    print(f"\nwhole benchmark: {time.perf_counter() - t0:.0f} s; results in {WORK}/")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
