@@ -6,17 +6,22 @@ Runs `trainer.steps` real steps (default 10) through the engine actors and repor
 time (rollout, teacher, old_log_prob, train, sync, and the unaccounted rest `other`), tokens/s, and the ratio
 of the whole step to its slowest stage alone (1.0 would mean the other stages cost nothing). With `--vary`
 one run per value, side by side, and each run's tokens/s as a ratio of the first's, e.g.
+`--vary trainer.max_staleness=0,1` (synchronous loop vs one-step-off pipeline) or
 `--vary trainer.num_workers=1,2 trainer.num_cpus=0.5` (data-parallel trainer workers: on 2 cores the ratio
-measures the overhead of the gradient all-reduce and the extra process, not a speed-up).
+measures the overhead of the gradient all-reduce and the extra process more than a speed-up).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
+from pathlib import Path
 
-STAGES = ["rollout", "teacher", "old_log_prob", "train", "sync", "other"]
+# rollout and teacher: each stage's own duration; wait_*: what the step waited for them (the same in the
+# synchronous loop; with trainer.max_staleness > 0 the pipeline hides the rest behind training).
+STAGES = ["rollout", "teacher", "wait_rollout", "wait_teacher", "old_log_prob", "train", "sync", "other"]
 
 
 def run(config: str, overrides: list[str]) -> dict[str, float]:
@@ -36,6 +41,17 @@ def run(config: str, overrides: list[str]) -> dict[str, float]:
     out["step"] = statistics.mean(m["timing_s/step"] for m in steps)
     out["tokens/s"] = statistics.mean(m["perf/tokens_per_s"] for m in steps)
     out["steps"] = len(steps)
+    out["staleness"] = statistics.mean(m.get("rollout/staleness_mean", 0.0) for m in steps)
+    every = read_metrics(f"{cfg.logging.run_dir}/metrics.jsonl")  # memory is read on step 1 and every 10th
+    out["pss_gb"] = max((m["perf/pss_gb/total"] for m in every if "perf/pss_gb/total" in m), default=math.nan)
+    # Weight sync per MB of parameters: the student's weights as the trainer sends them (fp32).
+    from safetensors import safe_open
+
+    numel = 0
+    for f in Path(cfg.student.path).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            numel += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    out["weights_mb"] = numel * 4 / 1e6
     return out
 
 
@@ -58,8 +74,15 @@ def main(argv: list[str]) -> None:
     print(f"{'tokens/s':<16}" + "".join(f"{r['tokens/s']:>18.0f}" for _, r in results))
     base = results[0][1]["tokens/s"]
     print(f"{'tokens/s ratio':<16}" + "".join(f"{r['tokens/s'] / base:>17.2f}x" for _, r in results))
-    slow = [(max((s for s in STAGES if s != "other"), key=r.get), r) for _, r in results]
+    slow = [(max((s for s in STAGES if s not in ("other", "wait_rollout", "wait_teacher")), key=r.get), r)
+            for _, r in results]
     print(f"{'step / slowest':<16}" + "".join(f"{r['step'] / r[s]:>10.2f}x ({s[:5]})" for s, r in slow))
+    print(f"{'summed PSS GB':<16}" + "".join(f"{r['pss_gb']:>18.2f}" for _, r in results)
+          + "   (every process of the run's private Ray cluster)")
+    print(f"{'staleness':<16}" + "".join(f"{r['staleness']:>18.2f}" for _, r in results))
+    print(f"{'sync s per MB':<16}" + "".join(f"{r['sync'] / r['weights_mb']:>18.5f}" for _, r in results)
+          + f"   (weights {results[0][1]['weights_mb']:.1f} MB fp32; with max_staleness > 0 the step does not wait "
+            "for the engines to apply them)")
 
 
 if __name__ == "__main__":

@@ -445,6 +445,10 @@ class TrainerConfig:
     # Data-parallel trainer workers: N Ray actors forming one torch.distributed group (gloo on CPU, NCCL on
     # GPU), each with a trainer.num_cpus/num_gpus bundle; the batch is split across them by tokens.
     num_workers: int = 1
+    # Bounded-staleness pipeline: rollouts and teacher scoring of the next batches run while the trainer steps,
+    # each sample drawn by a policy at most this many optimizer steps older than the one that trains on it
+    # (0: the synchronous loop; 1: one-step-off, as verl's async recipes). IcePop/TIS correct the staleness.
+    max_staleness: int = 0
     lr: float = 1e-3  # > 0
     weight_decay: float = 0.0  # >= 0
     # constant | cosine | linear, after a linear warm-up over warmup_steps: cosine and linear decay from
@@ -480,6 +484,7 @@ class TrainerConfig:
         c.count("max_tokens_per_micro_batch", 0, "0: micro-batches of trainer.micro_batch_size rows")
         c.count("logits_chunk_tokens", 0, "0: the whole micro-batch at once")
         c.count("num_workers", 1, "data-parallel trainer workers")
+        c.count("max_staleness", 0, "0: synchronous; 1: one-step-off")
         c.num("lr", gt=0)
         c.num("weight_decay", ge=0)
         c.choice("lr_schedule", LrSchedule)

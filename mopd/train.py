@@ -29,7 +29,7 @@ from mopd.evaluate import eval_rows, evaluate, evaluate_teachers
 from mopd.logger import check_logger_packages, make_run_logger
 from mopd.memory import run_memory
 from mopd.placement import reserve
-from mopd.producer import BatchProducer, StepBatch, batch_digest
+from mopd.producer import BatchProducer, Pipeline, StepBatch, batch_digest
 from mopd.ray_cluster import cluster_address, init_ray
 from mopd.report import result_table
 from mopd.run_dir import prepare_run_dir
@@ -78,7 +78,7 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
     try:
         trainer.ready()
         if ck is not None:
-            trainer.sync(engines.students)
+            trainer.sync(engines.students, version=state["step"])
         log(f"engines up in {engines.startup_s:.1f} s")
         # The same checks as `mopd teachers check`, on the engines this run will use.
         require_preflight(cfg, engines.teachers, tokenizer, rows, log=log)
@@ -136,7 +136,7 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
                 raise err  # every actor is alive: not a fault to recover from
             faults["faults/engine_restarts"] += len(restarted)
             faults["faults/redone_steps"] += failed_step - done
-            trainer.sync(engines.students)
+            trainer.sync(engines.students, version=done)
             if logged and done == failed_step and save_due(done):
                 trainer.save(run_dir, done, extra())  # the save that the death interrupted
                 saved_step = done
@@ -144,6 +144,9 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
                 f"from step {done + 1} with the same data and seeds")
             return done
 
+        # Rollouts and teacher scoring of the next batches run while the trainer steps (trainer.max_staleness).
+        pipeline = Pipeline(producer, t.max_staleness, step + 1, step, last_step)
+        updates: list = []  # engine weight updates in flight (max_staleness > 0 does not wait for them)
         while step < last_step:
             if t.max_wallclock_s and train_s >= t.max_wallclock_s:
                 log(f"stopping at step {step}: trainer.max_wallclock_s={t.max_wallclock_s} reached")
@@ -156,11 +159,15 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
             logged = False
             try:
                 with timed("step", metrics):
-                    sb = producer.get(step)
+                    sb = pipeline.get(step, metrics)
                     metrics.update(sb.metrics)
                     metrics.update(trainer.step(sb.batch, train_s / t.max_wallclock_s if by_time else None))
                     with timed("sync", metrics):
-                        trainer.sync(engines.students)
+                        if updates:  # the engines' earlier updates that are done: a failed one raises here
+                            ready, updates = ray.wait(updates, num_returns=len(updates), timeout=0)
+                            ray.get(ready)
+                        updates += trainer.sync(engines.students, version=step, wait=t.max_staleness == 0)
+                    pipeline.weights_sent(step)
                 metrics.update(faults)
                 train_s += metrics["timing_s/step"]
                 metrics.update(_step_record(sb, metrics))
@@ -174,8 +181,11 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
                     trainer.save(run_dir, step, extra())
                     saved_step = step
             except ray.exceptions.RayActorError as e:  # an engine or the trainer died during the step
+                pipeline.close()
                 step = recover(e, step, logged)
+                pipeline, updates = Pipeline(producer, t.max_staleness, step + 1, step, last_step), []
                 continue
+        pipeline.close()
 
         if stop.signal is not None:
             if saved_step != step:
@@ -195,6 +205,8 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
         write_text(run_dir / "result.md", table + "\n")
         log(table)
     finally:  # an error mid-run must not leave actors or the placement group on a shared cluster
+        if "pipeline" in locals():
+            pipeline.close()
         stop.restore()
         trainer.close()
         engines.shutdown()  # also removes the placement group
@@ -239,7 +251,9 @@ class _StopSignals:
 
 # Memory of every process is read on the first step and every this many steps (a call per actor).
 MEMORY_EVERY = 10
-_STAGES = ("rollout", "teacher", "old_log_prob", "train", "sync")
+# The stages a step waits for (with the pipeline, rollout and teacher scoring run beside the step: what the
+# step waits for them is wait_rollout and wait_teacher).
+_STAGES = ("wait_rollout", "wait_teacher", "old_log_prob", "train", "sync")
 
 
 def _step_record(sb: StepBatch, metrics: dict[str, float]) -> dict[str, float]:

@@ -6,7 +6,7 @@ blocking handle with the few calls the step loop makes. With `trainer.num_worker
 `torch.distributed` group (gloo on CPU, NCCL on GPU; rank 0 picks the rendezvous address on its node), each
 trains on its share of every batch and the gradients are averaged. Weight sync is pushed from rank 0 (every
 rank takes part in the gather under ZeRO-3): the state dict goes into the object store once and every engine
-pulls it from there. Checkpoints are written by rank 0 and hold whole weights and optimizer state, so a run can
+pulls it from there; the driver submits the engines' updates, ordered with its rollouts. Checkpoints are written by rank 0 and hold whole weights and optimizer state, so a run can
 resume with a different worker count; they must be on storage every worker's node sees.
 """
 
@@ -60,13 +60,13 @@ class TrainerWorker:
     def step(self, batch: TrainBatch, progress: float | None = None) -> dict[str, float]:
         return self.trainer.step(batch, progress)
 
-    def sync(self, engines: list[Any]) -> None:
+    def publish(self) -> list[Any]:
+        """Rank 0: the whole weights, put in the object store once (a one-item list: the reference itself, for
+        the driver to hand to the engines). Under ZeRO-3 every rank takes part in the gather."""
         if self.rank != 0 and not self.trainer.gathers:
-            return
+            return []
         sd = self.trainer.state_dict()
-        if self.rank == 0:
-            ref = ray.put(sd)
-            ray.get([e.update_weights.remote(ref) for e in engines])
+        return [ray.put(sd)] if self.rank == 0 else []
 
     def save(self, run_dir: str, step: int, extra: dict) -> str:
         state = self.trainer.checkpoint_state()  # every rank: a collective under DeepSpeed
@@ -139,9 +139,16 @@ class RemoteTrainer:
         ref = ray.put(batch) if len(self.actors) > 1 else batch  # one copy in the object store for all workers
         return self._all([a.step.remote(ref, progress) for a in self.actors])
 
-    def sync(self, engines: list[Any]) -> None:
-        """Returns when every engine holds the trainer's current weights."""
-        self._all([a.sync.remote(engines if i == 0 else []) for i, a in enumerate(self.actors)])
+    def sync(self, engines: list[Any], version: int | None = None, wait: bool = True) -> list[Any]:
+        """Send the trainer's current weights (policy `version`, stamped on the samples generated with them) to
+        every engine. The driver submits the engines' updates, so they are ordered with its own generate calls
+        (a rollout submitted afterwards samples with these weights). `wait`: return when every engine holds
+        them; otherwise return the updates' references at once (the engines apply them between requests)."""
+        [ref] = self._all([a.publish.remote() for a in self.actors])
+        updates = [e.update_weights.remote(ref, version) for e in engines]
+        if wait:
+            ray.get(updates)
+        return updates
 
     def save(self, run_dir: Path, step: int, extra: dict) -> Path:
         return Path(self._all([a.save.remote(str(run_dir), step, extra) for a in self.actors]))

@@ -17,6 +17,9 @@ class Sample:
     # R3: routed experts per token, int array [prompt+response tokens, layers, top_k]; None when off.
     routed_experts: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    # The engine's weight version when it sampled this (the trainer's step count after its last sync): the
+    # behaviour policy whose log-probs are `rollout_logprobs`. None: not sampled by the student's engine.
+    policy_version: int | None = None
 
 
 @dataclass

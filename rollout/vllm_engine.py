@@ -100,7 +100,8 @@ class VllmEngine:
                 mu = [_sampled_logprob(lp, t, tok) for t, tok in enumerate(c.token_ids)]
                 samples.append(Sample(prompt_ids=list(p), response_ids=list(c.token_ids), rollout_logprobs=mu,
                                       finish_reason=str(c.finish_reason),
-                                      routed_experts=None if routed is None else routed[i][j]))
+                                      routed_experts=None if routed is None else routed[i][j],
+                                      policy_version=self.weight_version))
             result.append(samples)
         return result
 
@@ -112,24 +113,26 @@ class VllmEngine:
 class StudentEngine(VllmEngine):
     """The student's rollout engine: takes new weights in place, without a restart."""
 
-    def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> float:
-        """Load new weights into the running engine (no restart); returns seconds taken."""
+    def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                       version: int | None = None) -> float:
+        """Load new weights into the running engine (no restart); returns seconds taken. `version`: the
+        policy version they are (the trainer's step count), stamped on every sample generated after it."""
         t0 = time.perf_counter()
         items = weights.items() if isinstance(weights, Mapping) else weights
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
-        self._after_reload()
+        self._after_reload(version)
         return time.perf_counter() - t0
 
-    def update_weights_from_path(self, path: str) -> float:
+    def update_weights_from_path(self, path: str, version: int | None = None) -> float:
         """Reload from a Hugging Face folder (for engines in another process or on another node)."""
         t0 = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
-        self._after_reload()
+        self._after_reload(version)
         return time.perf_counter() - t0
 
-    def _after_reload(self) -> None:
+    def _after_reload(self, version: int | None) -> None:
         self.llm.apply_model(repack_cpu_moe_experts)
-        self.weight_version += 1
+        self.weight_version = self.weight_version + 1 if version is None else version
 
 
 def _with_routing_kwargs(llm_kwargs: Mapping[str, Any] | None, capture_routing: bool) -> dict[str, Any]:

@@ -53,9 +53,11 @@ def test_mopd_steps_lower_teacher_kl_and_engines_track_trainer(tiny_world, ray_l
     assert (tmp_path / "run" / "result.md").read_text().count("|") > 10
 
 
-def test_killed_run_resumes_with_same_data_order(tiny_world, ray_local, tmp_path):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_killed_run_resumes_with_same_data_order(tiny_world, ray_local, tmp_path, staleness):
     run = tmp_path / "run"
-    over = world_overrides(tiny_world) + [f"logging.run_dir={run}", "trainer.save_every=2", "ray.num_cpus=2"]
+    over = world_overrides(tiny_world) + [f"logging.run_dir={run}", "trainer.save_every=2", "ray.num_cpus=2",
+                                          f"trainer.max_staleness={staleness}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mopd.cli", "train", "configs/quickstart.yaml",
                              *over, "trainer.steps=40"], env=env, stdout=subprocess.DEVNULL,
