@@ -38,14 +38,20 @@ def _logged_steps(path) -> list[int]:
         return []
 
 
-@pytest.mark.parametrize("victim,key", [("TeacherEngine", "faults/engine_restarts"),
-                                        ("StudentEngine", "faults/engine_restarts"),
-                                        ("TrainerWorker", "faults/trainer_restarts")])
-def test_killed_actor_is_restarted_and_the_run_finishes_every_step(tiny_world, ray_local, tmp_path, victim, key):
+# The last case: one of two data-parallel trainer workers dies with the one-step-off pipeline running.
+DP_ASYNC = ("trainer.num_workers=2", "trainer.num_cpus=0.5", "trainer.max_staleness=1")
+
+
+@pytest.mark.parametrize("victim,key,extra", [("TeacherEngine", "faults/engine_restarts", ()),
+                                              ("StudentEngine", "faults/engine_restarts", ()),
+                                              ("TrainerWorker", "faults/trainer_restarts", ()),
+                                              ("TrainerWorker", "faults/trainer_restarts", DP_ASYNC)])
+def test_killed_actor_is_restarted_and_the_run_finishes_every_step(tiny_world, ray_local, tmp_path, victim, key,
+                                                                   extra):
     run = tmp_path / "run"
     cfg = load_config("configs/quickstart.yaml", world_overrides(tiny_world) + [
         f"logging.run_dir={run}", f"trainer.steps={STEPS}", "trainer.save_every=2", "ray.max_restarts=2",
-        f"experiment=fault_{victim}"])
+        f"experiment=fault_{victim}", *extra])
     errors: list[BaseException] = []
 
     def run_train() -> None:
