@@ -100,6 +100,9 @@ class Trainer:
             self.routing = RoutingReplay(self.acc.unwrap_model(self.model))
             self.replay = self.routing if cfg.algorithm.r3 else None
         self.r3_counts: Any = None
+        self.observing = False
+        # pi_old from the training forward when one pass is made over the batch (tests turn it off to compare).
+        self.fuse_old_log_prob = True
 
     # -- forward -------------------------------------------------------------------------------
     def _forward(self, b: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,57 +164,84 @@ class Trainer:
         torch.distributed.all_reduce(y)
         return y.cpu()
 
-    def _logprobs(self, mb: TrainBatch) -> torch.Tensor:
+    def _pass(self, mb: TrainBatch, with_kl: bool = False) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                    ReverseKLTerms | None, torch.Tensor | None]:
+        """One forward of a micro-batch: `(lp_BT, logp_BTV, kl terms, entropy_BT)`; the full-vocabulary
+        `logp_BTV` without chunking, the chunked KL terms and entropy with it."""
         if self.cfg.trainer.logits_chunk_tokens:
-            return self._forward_chunked(mb, with_kl=False)[0]
-        return self._forward(mb)[0]
+            lp_BT, kl, ent_BT = self._forward_chunked(mb, with_kl)
+            return lp_BT, None, kl, ent_BT
+        lp_BT, logp_BTV = self._forward(mb)
+        return lp_BT, logp_BTV, None, None
 
-    @torch.no_grad()
-    def logprobs(self, b: TrainBatch) -> torch.Tensor:
-        """pi_old: the trainer's own log-prob of every sampled token, before this step's update.
+    def _start_counts(self, b: TrainBatch) -> None:
+        """R3 agreement is counted on the forward that computes pi_old: the weights the engine sampled with."""
+        self.observing = self.observe_routing and b.routed_experts_BLNK is not None
+        self.r3_counts = RoutingCounts() if self.observing else None
+        self.r3_applied = RoutingCounts()
 
-        Routing agreement is measured here: these are exactly the weights the engine sampled with.
-        """
-        observe = self.observe_routing and b.routed_experts_BLNK is not None
-        if observe:
-            self.r3_counts = RoutingCounts()
-            self.r3_applied = RoutingCounts()
-        old_BT = torch.zeros(b.mask_BT.shape)  # this worker's rows; the others' arrive by the sum below
-        for idx in self._micro(b):
-            mb = b.select(idx, trim=True)
-            T = mb.mask_BT.shape[1]
-            if observe and self.replay is None:
-                with self.routing.capture() as cap:
-                    old_BT[idx, :T] = self._logprobs(mb)
-                counts = routing_counts(cap.experts_BLNK, mb.routed_experts_BLNK, mb.attention_mask_BL.bool())
-                self.r3_counts += counts
-                self.r3_applied += counts  # nothing replayed: the router's own choice is what was used
-                continue
-            old_BT[idx, :T] = self._logprobs(mb)
-            if observe:
-                self.r3_counts += self.replay.last_stats().counts
-                self.r3_applied += self.replay.last_stats().applied_counts
-        if not observe:
-            self.r3_counts = None
-        elif self.world > 1:  # every worker reports the whole batch's routing agreement
+    def _observed(self, mb: TrainBatch, with_kl: bool = False) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                        ReverseKLTerms | None, torch.Tensor | None]:
+        if not self.observing:
+            return self._pass(mb, with_kl)
+        if self.replay is None:
+            with self.routing.capture() as cap:
+                out = self._pass(mb, with_kl)
+            counts = routing_counts(cap.experts_BLNK, mb.routed_experts_BLNK, mb.attention_mask_BL.bool())
+            self.r3_counts += counts
+            self.r3_applied += counts  # nothing replayed: the router's own choice is what was used
+            return out
+        out = self._pass(mb, with_kl)
+        self.r3_counts += self.replay.last_stats().counts
+        self.r3_applied += self.replay.last_stats().applied_counts
+        return out
+
+    def _finish_counts(self) -> None:
+        if self.observing and self.world > 1:  # every worker reports the whole batch's routing agreement
             fields = list(RoutingCounts.__dataclass_fields__)
             both = self._all_sum(torch.tensor([[getattr(c, f) for f in fields] for c in (self.r3_counts,
                                                                                             self.r3_applied)]))
             self.r3_counts, self.r3_applied = (RoutingCounts(*(int(v) for v in row)) for row in both.tolist())
+
+    @torch.no_grad()
+    def logprobs(self, b: TrainBatch) -> torch.Tensor:
+        """pi_old: the trainer's own log-prob of every sampled token, before this step's update (whole batch,
+        summed across the workers)."""
+        self._start_counts(b)
+        old_BT = torch.zeros(b.mask_BT.shape)  # this worker's rows; the others' arrive by the sum below
+        for idx in self._micro(b):
+            mb = b.select(idx, trim=True)
+            old_BT[idx, :mb.mask_BT.shape[1]] = self._observed(mb)[0]
+        self._finish_counts()
         return self._all_sum(old_BT)
 
     # -- one optimizer step: pi_old + diagnostics, advantages, optimisation --------------------
     def step(self, b: TrainBatch, progress: float | None = None) -> dict[str, float]:
         """One update. `progress` in [0, 1] (a wall-clock schedule horizon) sets where the LR schedule is,
-        instead of counting steps."""
+        instead of counting steps.
+
+        With one pass over the batch (`algorithm.ppo_epochs` 1) pi_old is the training forward's own log-prob,
+        detached: the same weights and micro-batches give the same values as a separate no-grad pass, which
+        is then skipped (`timing_s/old_log_prob` 0). Correction weights and advantages are per token (per row
+        for the sequence mask; the outcome term is formed on the whole batch first), so forming them micro-batch
+        by micro-batch gives the same update; their whole-batch metrics are computed afterwards."""
         metrics: dict[str, float] = {}
+        if progress is not None:  # LambdaLR.step() advances last_epoch by one, then evaluates the schedule
+            inner = getattr(self.sched, "scheduler", self.sched)  # accelerate wraps the LambdaLR
+            inner.last_epoch = round(min(max(progress, 0.0), 1.0) * self.cfg.trainer.steps) - 1
+        if self.fuse_old_log_prob and self.cfg.algorithm.ppo_epochs == 1:
+            metrics["timing_s/old_log_prob"] = 0.0
+            self._start_counts(b)
+            with timed("train", metrics):
+                old_BT = self.optimize(b, None, None, None, metrics)
+            self._finish_counts()
+            self.correction(b, old_BT, metrics)  # the metrics of the whole batch
+            self.advantages(b, old_BT, metrics)
+            return metrics
         with timed("old_log_prob", metrics):
             old_BT = self.logprobs(b)
         weights_BT = self.correction(b, old_BT, metrics)
         adv_BT = self.advantages(b, old_BT, metrics)
-        if progress is not None:  # LambdaLR.step() advances last_epoch by one, then evaluates the schedule
-            inner = getattr(self.sched, "scheduler", self.sched)  # accelerate wraps the LambdaLR
-            inner.last_epoch = round(min(max(progress, 0.0), 1.0) * self.cfg.trainer.steps) - 1
         with timed("train", metrics):
             self.optimize(b, old_BT, adv_BT, weights_BT, metrics)
         return metrics
@@ -237,17 +267,10 @@ class Trainer:
 
     def advantages(self, b: TrainBatch, old_BT: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor:
         """Per-token advantages for the objective, and the teacher KL overall and per domain."""
-        a, mask = self.cfg.algorithm, b.mask_BT
-        kind = self.objective.advantage
-        if kind == "none":
-            return mask.clone()
-        scores_B = torch.nan_to_num(b.scores_B, nan=0.0)
-        if kind == "orm":
-            adv = combine_advantages(torch.zeros_like(mask), grpo_outcome_advantage(scores_B, b.group_B), 1.0, mask)
-        else:
-            a_mopd = mopd_advantage(b.teacher_logprobs_BT, old_BT, mask, clip=a.advantage_clip)
-            a_orm = grpo_outcome_advantage(scores_B, b.group_B) if a.alpha_orm != 0 else None
-            adv = combine_advantages(a_mopd, a_orm, a.alpha_orm, mask)
+        if self.objective.advantage == "none":
+            return b.mask_BT.clone()
+        adv = self._advantage_BT(b.teacher_logprobs_BT, old_BT, b.mask_BT, self._outcome_B(b))
+        mask = b.mask_BT
         metrics.update(advantage_metrics(adv, mask))
         if self.objective.needs_teacher_scores:
             metrics["mopd/teacher_kl"] = teacher_kl(old_BT, b.teacher_logprobs_BT, mask)
@@ -256,19 +279,43 @@ class Trainer:
                 metrics[f"mopd/teacher_kl/{d}"] = teacher_kl(old_BT[rows], b.teacher_logprobs_BT[rows], mask[rows])
         return adv
 
-    def optimize(self, b: TrainBatch, old_BT: torch.Tensor, adv_BT: torch.Tensor, weights_BT: torch.Tensor | None,
-                 metrics: dict[str, float]) -> None:
+    def _outcome_B(self, b: TrainBatch) -> torch.Tensor | None:
+        """The GRPO outcome advantage per row, over the whole batch's groups (None where unused)."""
+        a, kind = self.cfg.algorithm, self.objective.advantage
+        if kind == "orm" or (kind == "mopd" and a.alpha_orm != 0):
+            return grpo_outcome_advantage(torch.nan_to_num(b.scores_B, nan=0.0), b.group_B)
+        return None
+
+    def _advantage_BT(self, teacher_BT: torch.Tensor, old_BT: torch.Tensor, mask_BT: torch.Tensor,
+                      outcome_B: torch.Tensor | None) -> torch.Tensor:
+        a, kind = self.cfg.algorithm, self.objective.advantage
+        if kind == "none":
+            return mask_BT.clone()
+        if kind == "orm":
+            return combine_advantages(torch.zeros_like(mask_BT), outcome_B, 1.0, mask_BT)
+        a_mopd = mopd_advantage(teacher_BT, old_BT, mask_BT, clip=a.advantage_clip)
+        return combine_advantages(a_mopd, outcome_B, a.alpha_orm, mask_BT)
+
+    def optimize(self, b: TrainBatch, old_BT: torch.Tensor | None, adv_BT: torch.Tensor | None,
+                 weights_BT: torch.Tensor | None, metrics: dict[str, float]) -> torch.Tensor | None:
         """`ppo_epochs` passes over the batch in micro-batches, gradients accumulated, one step per pass.
 
         With several workers each takes its share of the rows; the gradients are averaged across them once per
-        pass (at the last micro-batch), so the update equals the one-worker, whole-batch update."""
+        pass (at the last micro-batch), so the update equals the one-worker, whole-batch update. `old_BT`
+        None: pi_old, the correction weights and the advantages come from each micro-batch's own forward (one
+        pass only); the whole batch's pi_old is returned then."""
         a, t = self.cfg.algorithm, self.cfg.trainer
         mask = b.mask_BT
+        fused = old_BT is None
+        if fused and a.ppo_epochs != 1:
+            raise ValueError("pi_old from the training forward needs algorithm.ppo_epochs == 1")
         # loss_agg_mode: domain ids and normalisers of the whole batch, so that the row-weighted micro-batch
         # losses below sum to the whole-batch loss (and gradient) exactly in every mode.
         ids = {d: i for i, d in enumerate(sorted(set(b.domains)))}
         domain_B = torch.tensor([ids[d] for d in b.domains], dtype=torch.long)
         norm = agg_norm(mask, domain_B)
+        outcome_B = self._outcome_B(b) if fused else None
+        old_out = torch.zeros(mask.shape) if fused else None
         grad_norm = float("nan")
         # A worker with no row (fewer rows than workers) still joins the gradient average, with a zero loss.
         mine = self._micro(b)
@@ -281,14 +328,19 @@ class Trainer:
                 T = mb.mask_BT.shape[1]
                 frac = len(idx) / b.size * scale
                 cut = lambda x, idx=idx, T=T: None if x is None else x[idx][:, :T]  # noqa: E731
-                logp_BTV = kl = None
-                if t.logits_chunk_tokens:
-                    with_kl = self.objective.needs_teacher_topk and mb.teacher_topk_ids_BTK is not None
-                    lp_BT, kl, ent_BT = self._forward_chunked(mb, with_kl)
+                with_kl = self.objective.needs_teacher_topk and mb.teacher_topk_ids_BTK is not None
+                lp_BT, logp_BTV, kl, ent_BT = (self._observed if fused else self._pass)(mb, with_kl)
+                if fused:
+                    old_mb = lp_BT.detach()
+                    if scale:
+                        old_out[idx, :T] = old_mb
+                    w_mb = self._weights(mb, old_mb)
+                    adv_mb = self._advantage_BT(mb.teacher_logprobs_BT, old_mb, mb.mask_BT,
+                                                None if outcome_B is None else outcome_B[idx])
                 else:
-                    lp_BT, logp_BTV = self._forward(mb)
-                x = LossInputs(lp_BT, logp_BTV, cut(adv_BT), cut(weights_BT), cut(mask), cut(old_BT),
-                               mb.teacher_topk_ids_BTK, mb.teacher_topk_logprobs_BTK, domain_B[idx], norm, kl)
+                    old_mb, w_mb, adv_mb = cut(old_BT), cut(weights_BT), cut(adv_BT)
+                x = LossInputs(lp_BT, logp_BTV, adv_mb, w_mb, cut(mask), old_mb, mb.teacher_topk_ids_BTK,
+                               mb.teacher_topk_logprobs_BTK, domain_B[idx], norm, kl)
                 loss, parts = self.objective.loss(x, a)
                 n_tok = float(cut(mask).sum())
                 for name, v in parts.items():  # token means by their share of the batch's tokens, losses by rows
@@ -324,6 +376,15 @@ class Trainer:
         metrics.update(sums)
         metrics["actor/grad_norm"] = grad_norm
         metrics["actor/lr"] = self.sched.get_last_lr()[0]
+        return self._all_sum(old_out) if old_out is not None else None
+
+    def _weights(self, b: TrainBatch, old_BT: torch.Tensor) -> torch.Tensor | None:
+        """The correction weights alone (`correction` also computes the batch's diagnostics)."""
+        a = self.cfg.algorithm
+        if not self.objective.corrected:
+            return None
+        return correction_weights(str(a.correction), old_BT, b.rollout_logprobs_BT, b.mask_BT, low=a.icepop_low,
+                                  high=a.icepop_high, cap=a.tis_cap)[0]
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         """Accumulate a micro-batch's gradient; only the last one of a pass averages across workers (DDP's

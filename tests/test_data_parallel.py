@@ -263,3 +263,33 @@ def test_r3_replay_and_routing_counts_are_those_of_the_whole_batch_with_two_work
         for k in ("r3/router_agreement", "r3/own_router_agreement", "r3/token_any_mismatch"):
             assert a[k] == pytest.approx(b[k], abs=1e-9), k
         assert a["actor/loss"] == pytest.approx(b["actor/loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("objective,extra", [("mixed", ("algorithm.alpha_orm=0.5", "rollout.n=2")), ("pg", ()),
+                                             ("orm", ("rollout.n=2",)), ("sft", ())])
+def test_pi_old_from_the_training_forward_gives_the_separate_pass_update(models, objective, extra):
+    """One pass per batch: pi_old is taken from the training forward (no separate no-grad pass); the
+    gradients, losses and every whole-batch metric equal those of the separate pass."""
+    from mopd.trainer import Trainer
+
+    tok, d = models
+    batch = uneven_batch(tok, d)
+    cfg = cfg_for(d, f"algorithm.objective={objective}", "algorithm.teacher_top_k=8", "trainer.grad_clip=1e9",
+                  "trainer.max_tokens_per_micro_batch=30", "algorithm.correction=icepop", *extra)
+    out = {}
+    for fused in (True, False):
+        tr = Trainer(cfg, cfg.student.path)
+        tr.fuse_old_log_prob = fused
+        grads: dict[str, torch.Tensor] = {}
+        for name, p in tr.unwrapped.named_parameters():
+            p.register_post_accumulate_grad_hook(
+                lambda p, name=name, grads=grads: grads.__setitem__(name, p.grad.detach().clone()))
+        out[fused] = (tr.step(batch), grads)
+    (m_f, g_f), (m_s, g_s) = out[True], out[False]
+    assert m_f["timing_s/old_log_prob"] == 0.0 and m_s["timing_s/old_log_prob"] > 0
+    for k in g_s:
+        torch.testing.assert_close(g_f[k], g_s[k], rtol=1e-6, atol=1e-7, msg=k)
+    keys = {k for k in m_s if not k.startswith("timing_s/")}
+    assert keys == {k for k in m_f if not k.startswith("timing_s/")}
+    for k in keys:
+        assert m_f[k] == pytest.approx(m_s[k], rel=1e-6, abs=1e-9, nan_ok=True), k
