@@ -81,22 +81,18 @@ def _run(tiny_world, tmp_path, k):
 
 
 def test_one_step_off_overlaps_and_corrects_with_the_sampling_policy(tiny_world, ray_local, tmp_path):
-    cfg, sync = _run(tiny_world, tmp_path, 0)
-    _, async1 = _run(tiny_world, tmp_path, 1)
+    """k = 1 on real engines (the synchronous loop, k = 0, is test_train_loop's: staleness 0, pi_old == mu)."""
+    cfg, async1 = _run(tiny_world, tmp_path, 1)
     rows = load_rows(cfg.data.train_files)
     sampler = DomainMixSampler(rows, cfg.data.domain_mix, cfg.trainer.seed)
     expected = [batch_digest([rows[i]["id"] for i in sampler.batch(s, cfg.trainer.prompts_per_step)]) for s in range(5)]
-    for steps in (sync, async1):  # the same prompts at every step: batches are a function of (seed, step)
-        assert [m["step"] for m in steps] == [1, 2, 3, 4, 5]
-        assert [m["data/batch_digest"] for m in steps] == expected
-    # k = 0 is the synchronous loop: every sample drawn by the policy that trains on it.
-    for m in sync:
-        assert m["rollout/staleness_max"] == 0 and m["training/rollout_probs_diff_max"] < 1e-3
-        for key in ("timing_s/wait_rollout", "timing_s/wait_teacher", "timing_s/rollout", "timing_s/teacher"):
-            assert key in m
-    # k = 1: never more than one step stale, and stale after the first step (the rollout ran during training).
+    # The same prompts at every step as the synchronous loop: batches are a function of (seed, step).
+    assert [m["step"] for m in async1] == [1, 2, 3, 4, 5]
+    assert [m["data/batch_digest"] for m in async1] == expected
+    # Never more than one step stale, and stale after the first step (the rollout ran during training).
     assert all(m["rollout/staleness_max"] <= 1 for m in async1)
-    assert async1[0]["rollout/staleness_max"] == 0
+    first = async1[0]  # batch 1 is drawn by the initial weights, which train on it: the synchronous case
+    assert first["rollout/staleness_max"] == 0 and first["training/rollout_probs_diff_max"] < 1e-3
     stale = [m for m in async1 if m["rollout/staleness_max"] == 1]
     assert len(stale) >= 3
     # The correction compares pi_old with the engine's mu of the policy that sampled: they differ on stale
@@ -104,6 +100,5 @@ def test_one_step_off_overlaps_and_corrects_with_the_sampling_policy(tiny_world,
     for m in stale:
         assert m["training/rollout_probs_diff_max"] > 1e-3
         assert m["rollout_corr/rollout_is_mean"] != pytest.approx(1.0, abs=1e-6)
-    # Step 1 is the same batch, policy and update in both runs.
-    for key in ("actor/loss", "mopd/teacher_kl", "distillation/reverse_kl"):
-        assert async1[0][key] == pytest.approx(sync[0][key], rel=1e-5), key
+    for key in ("timing_s/wait_rollout", "timing_s/wait_teacher", "timing_s/rollout", "timing_s/teacher"):
+        assert key in first

@@ -41,6 +41,7 @@ def test_mopd_steps_lower_teacher_kl_and_engines_track_trainer(tiny_world, ray_l
     for m in steps:
         assert m["training/rollout_probs_diff_max"] < 1e-3, m
         assert m["icepop/masked_frac"] == 0.0
+        assert m["rollout/staleness_max"] == 0  # trainer.max_staleness=0: the synchronous loop
     first, last = steps[0], steps[-1]
     assert last["mopd/teacher_kl"] < first["mopd/teacher_kl"]
     before = sum(v["teacher_kl"] for v in result["before"].values())
