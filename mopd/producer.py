@@ -67,11 +67,9 @@ class BatchProducer:
         seed = t.seed * 1_000_003 + (step - 1) * 10_007
         if self.objective.teacher_samples:  # baseline: the teachers generate, the student imitates
             return Inflight(step, ids, rows, seed, time.perf_counter(), [], [])
-        chunks = split_evenly(list(range(len(ids))), len(self.students))
-        futures = [eng.generate.remote([ids[i] for i in ch], n=r.n, temperature=r.temperature, top_p=r.top_p,
-                                       max_tokens=r.max_tokens, seed=seed + (ch[0] if ch else 0) * 7919)
-                   for eng, ch in zip(self.students, chunks, strict=True) if ch]
-        return Inflight(step, ids, rows, seed, time.perf_counter(), futures, [ch for ch in chunks if ch])
+        futures, chunks = submit_rollout(self.students, ids, n=r.n, temperature=r.temperature, top_p=r.top_p,
+                                         max_tokens=r.max_tokens, seed=seed)
+        return Inflight(step, ids, rows, seed, time.perf_counter(), futures, chunks)
 
     def finish(self, job: Inflight, between: Callable[[], None] | None = None) -> StepBatch:
         """Wait for `job`'s rollout and score it. Teacher scoring streams: each engine's chunk goes to its
@@ -247,12 +245,21 @@ def batch_digest(row_ids: list[str]) -> int:
 
 def rollout(engines: list[Any], prompt_ids: list[list[int]], rows: list[dict], *, n: int, temperature: float,
             top_p: float, max_tokens: int, seed: int) -> list[ScoredSample]:
+    futures, _ = submit_rollout(engines, prompt_ids, n=n, temperature=temperature, top_p=top_p,
+                                max_tokens=max_tokens, seed=seed)
+    groups: list[list[Sample]] = [g for res in ray.get(futures) for g in res]
+    return [ScoredSample(row=rows[i], group=i, sample=s) for i, g in enumerate(groups) for s in g]
+
+
+def submit_rollout(engines: list[Any], prompt_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
+                   max_tokens: int, seed: int) -> tuple[list[Any], list[list[int]]]:
+    """One generate call per engine over a contiguous chunk of the prompts, submitted without waiting:
+    `(futures, chunks)`, the prompt indices of each call, in order (engines without a prompt get none)."""
     chunks = split_evenly(list(range(len(prompt_ids))), len(engines))
     futures = [eng.generate.remote([prompt_ids[i] for i in ch], n=n, temperature=temperature, top_p=top_p,
                                    max_tokens=max_tokens, seed=seed + (ch[0] if ch else 0) * 7919)
                for eng, ch in zip(engines, chunks, strict=True) if ch]
-    groups: list[list[Sample]] = [g for res in ray.get(futures) for g in res]
-    return [ScoredSample(row=rows[i], group=i, sample=s) for i, g in enumerate(groups) for s in g]
+    return futures, [ch for ch in chunks if ch]
 
 
 def teacher_rollout(teachers: dict[str, list[Any]], registry: TeacherRegistry, prompt_ids: list[list[int]],

@@ -75,6 +75,7 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
         log(f"resumed from {ck} at step {state['step']}")
     engines = start_engines(cfg, registry, placement)
     stop = _StopSignals()
+    pipeline: Pipeline | None = None
     try:
         trainer.ready()
         if ck is not None:
@@ -205,7 +206,7 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
         write_text(run_dir / "result.md", table + "\n")
         log(table)
     finally:  # an error mid-run must not leave actors or the placement group on a shared cluster
-        if "pipeline" in locals():
+        if pipeline is not None:
             pipeline.close()
         stop.restore()
         trainer.close()

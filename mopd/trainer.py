@@ -314,6 +314,7 @@ class Trainer:
         ids = {d: i for i, d in enumerate(sorted(set(b.domains)))}
         domain_B = torch.tensor([ids[d] for d in b.domains], dtype=torch.long)
         norm = agg_norm(mask, domain_B)
+        batch_tokens = max(float(mask.sum()), 1.0)
         outcome_B = self._outcome_B(b) if fused else None
         old_out = torch.zeros(mask.shape) if fused else None
         grad_norm = float("nan")
@@ -344,7 +345,7 @@ class Trainer:
                 loss, parts = self.objective.loss(x, a)
                 n_tok = float(cut(mask).sum())
                 for name, v in parts.items():  # token means by their share of the batch's tokens, losses by rows
-                    w = n_tok / max(float(mask.sum()), 1.0) * scale if name in _TOKEN_MEANS else frac
+                    w = n_tok / batch_tokens * scale if name in _TOKEN_MEANS else frac
                     sums[name] = sums.get(name, 0.0) + v * w
                 sums["actor/loss"] += loss.item() * frac
                 with torch.no_grad():  # a token mean over the whole batch: summed here, divided below
@@ -357,7 +358,7 @@ class Trainer:
                 self._backward(loss * frac * self.world, last=k == len(micro) - 1)
             totals = self._all_sum(torch.tensor([float(len(bad)), *sums.values()], dtype=torch.float64))
             sums = dict(zip(sums, totals[1:].tolist(), strict=True))
-            sums["actor/entropy"] /= max(float(mask.sum()), 1.0)
+            sums["actor/entropy"] /= batch_tokens
             if totals[0] > 0:
                 raise NonFiniteError(self._nan_message("loss", bad[0] if bad else float("nan")))
             grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -454,7 +455,7 @@ class Trainer:
         for name, p in self.unwrapped.named_parameters():
             for k, v in st["moments"].get(name, {}).items():
                 safe_set_full_optimizer_state(p, v.to(dev), k)
-        base = getattr(self.acc.deepspeed_engine_wrapped.engine.optimizer, "optimizer", None)
+        base = self._deepspeed_base_optimizer()
         for state in (base.state.values() if base is not None else []):
             if "step" in state:
                 state["step"] = (torch.as_tensor(float(st["adam_step"]), dtype=state["step"].dtype)
@@ -463,7 +464,7 @@ class Trainer:
     def _materialise_deepspeed_optimizer_state(self) -> None:
         """DeepSpeed creates Adam's state at the first step; loading into it needs one. A step at lr 0 on a zero
         loss creates zero moments and changes no weight (AdamW's decay is lr-scaled too)."""
-        base = getattr(self.acc.deepspeed_engine_wrapped.engine.optimizer, "optimizer", None)
+        base = self._deepspeed_base_optimizer()
         if base is None or any(base.state.values()):
             return
         lrs = [g["lr"] for g in base.param_groups]
@@ -474,8 +475,12 @@ class Trainer:
         for g, lr in zip(base.param_groups, lrs, strict=True):
             g["lr"] = lr
 
+    def _deepspeed_base_optimizer(self) -> Any:
+        """The torch AdamW inside DeepSpeed's ZeRO optimizer (its `state` holds the moments and step)."""
+        return getattr(self.acc.deepspeed_engine_wrapped.engine.optimizer, "optimizer", None)
+
     def _adam_step(self) -> int:
-        base = getattr(self.acc.deepspeed_engine_wrapped.engine.optimizer, "optimizer", None)
+        base = self._deepspeed_base_optimizer()
         for state in (base.state.values() if base is not None else []):
             if "step" in state:
                 return int(state["step"])

@@ -125,6 +125,17 @@ def _run(cfg, model_path, batch, steps, ck=None):
     return tr.weights(), metrics, tr
 
 
+def _save_then_step(tr, run_dir, step, batch):
+    """Checkpoint `tr` at `step`, then take one more step: the checkpoint and rank 0's weights after it."""
+    from mopd.checkpoint import latest_checkpoint
+
+    tr.save(run_dir, step, {})
+    ck = latest_checkpoint(run_dir)
+    assert ck is not None and ck.name == f"step_{step}"
+    tr.step(batch)
+    return ck, tr.weights()[0]
+
+
 # Tolerances of data-parallel vs single-worker weights. The two runs add the same per-row gradients in a
 # different order (each worker's share, then gloo's sum of the shares): about 1e-7 relative per gradient
 # element in fp32. Adam then divides every element by its own running scale, so an element whose gradient is
@@ -175,22 +186,14 @@ def test_two_workers_on_half_batches_equal_one_worker_on_the_whole_batch(models,
                 assert a[k] == pytest.approx(b[k], abs=1e-9), k
 
         # Checkpoint written by 2 workers, resumed by 1 (and the reverse): the next step agrees.
-        from mopd.checkpoint import latest_checkpoint
-
-        t2.save(tmp_path / "two", 3, {"note": "2w"})
-        ck2 = latest_checkpoint(tmp_path / "two")
-        t2.step(batch)
-        w2next = t2.weights()[0]
+        ck2, w2next = _save_then_step(t2, tmp_path / "two", 3, batch)
     finally:
         t2.close()
     cfg1 = cfg_for(d, *over, "trainer.num_workers=1", "trainer.micro_batch_size=64")
     (w1r,), _, t1r = _run(cfg1, str(ck2 / "model"), batch, 1, ck=ck2)
     try:
         assert _rel_update_diff(w1r, w2next, wa) <= REL_TOL and _frac_differing(w1r, w2next) <= FRAC_TOL
-        t1r.save(tmp_path / "one", 4, {"note": "1w"})
-        ck1 = latest_checkpoint(tmp_path / "one")
-        t1r.step(batch)
-        w1next = t1r.weights()[0]
+        ck1, w1next = _save_then_step(t1r, tmp_path / "one", 4, batch)
     finally:
         t1r.close()
     (w2r, _), _, t2r = _run(cfg2, str(ck1 / "model"), batch, 1, ck=ck1)
@@ -216,14 +219,9 @@ def test_deepspeed_zero_workers_equal_one_worker_and_resume_with_another_count(m
         if stage == 2:  # ZeRO-3 gathers the whole weights on rank 0 only
             assert all(torch.equal(wa[k], wb[k]) for k in wa), "data-parallel replicas diverged"
         assert _rel_update_diff(wa, w1, w0) <= REL_TOL and _frac_differing(wa, w1) <= FRAC_TOL
-        t2.save(tmp_path, 2, {})
-        t2.step(batch)
-        w2next = t2.weights()[0]
+        ck, w2next = _save_then_step(t2, tmp_path, 2, batch)
     finally:
         t2.close()
-    from mopd.checkpoint import latest_checkpoint
-
-    ck = latest_checkpoint(tmp_path)
     (w1r,), _, t1r = _run(cfg1, str(ck / "model"), batch, 1, ck=ck)
     t1r.close()
     assert _rel_update_diff(w1r, w2next, wa) <= REL_TOL and _frac_differing(w1r, w2next) <= FRAC_TOL
