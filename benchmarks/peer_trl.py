@@ -2,8 +2,8 @@
 with mopd, scored by one exact reverse-KL function, printed as one table with the mopd/TRL ratios.
 
     .venv/bin/pip install -c constraints/cpu.txt trl==1.16.0          # once; or the extra: ... -e '.[peer]'
-    .venv/bin/python benchmarks/peer_trl.py [--steps 300] [--prompts 32] [--max-new-tokens 8] [--lr 3e-3]
-                                            [--eval-every 25] [--teacher-backend hf|vllm] [--threads 2]
+    .venv/bin/python benchmarks/peer_trl.py [--steps 300] [--mopd-steps 600] [--prompts 32] [--max-new-tokens 8]
+                                            [--lr 3e-3] [--eval-every 25] [--teacher-backend hf|vllm] [--threads 2]
                                             [--ray-niceness N] [key=value ...]
 
 TRL is not a dependency of mopd: the `peer` extra holds it, `make test` never installs it and no test imports
@@ -42,7 +42,11 @@ temperature 1 (a fixed seed, the same for every model scored), the exact full-vo
 teacher) at every response position up to and including EOS, from plain transformers forwards in fp32.
 Reported per sequence (the sum over its positions: the sequence-level reverse KL) and per token. "Wall to
 reach TRL's final KL" is the training wall at the first checkpoint whose sequence KL is at or below the KL
-of TRL's final model.
+of TRL's final model; mopd keeps training past TRL's last step (`--mopd-steps`, default twice `--steps`, on
+further prompts from its sampler; with a constant lr the extra steps change nothing before them), so it can
+reach that KL later than TRL's step count. Neighbouring checkpoints swing by ~0.5 nats at these settings, so
+the same is also printed on 3-checkpoint trailing means. The equal-steps rows (wall, tokens/s, KL at step
+`--steps`) compare the two on the same work.
 """
 
 from __future__ import annotations
@@ -132,7 +136,7 @@ def _mopd_yaml(args: argparse.Namespace, data_dir: Path) -> str:
                     "num_cpus_per_engine": 0.25},
         "algorithm": {"objective": "reverse_kl", "teacher_top_k": -1, "correction": "icepop",
                       "loss_agg_mode": "token-mean"},
-        "trainer": {"steps": args.steps, "prompts_per_step": args.prompts, "lr": args.lr, "lr_schedule": "constant",
+        "trainer": {"steps": args.mopd_steps, "prompts_per_step": args.prompts, "lr": args.lr, "lr_schedule": "constant",
                     "warmup_steps": 0, "grad_clip": 1.0, "weight_decay": 0.0, "seed": args.seed,
                     "save_every": args.eval_every, "eval_every": 0, "max_wallclock_s": 0, "num_cpus": 1,
                     "num_threads": args.threads},
@@ -175,7 +179,7 @@ def make_plan(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
                       "digest": batch_digest([rows[i]["id"] for i in idx])})
     evals = eval_rows[:args.eval_prompts]
     return {
-        "steps": cfg.trainer.steps, "prompts": cfg.trainer.prompts_per_step, "lr": cfg.trainer.lr,
+        "steps": args.steps, "mopd_steps": cfg.trainer.steps, "prompts": cfg.trainer.prompts_per_step, "lr": cfg.trainer.lr,
         "max_new_tokens": cfg.rollout.max_tokens, "temperature": cfg.rollout.temperature, "seed": cfg.trainer.seed,
         "eval_every": args.eval_every, "threads": args.threads, "student": cfg.student.path,
         "teacher": cfg.teachers["add_teacher"].path, "teacher_backend": str(cfg.teachers["add_teacher"].backend),
@@ -196,9 +200,9 @@ def run_trl(plan: dict[str, Any], out: Path) -> dict[str, Any]:
     from trl import DistillationConfig, DistillationTrainer
 
     steps, every = plan["steps"], plan["eval_every"]
-    texts = [t for s in plan["step_prompts"] for t in s["texts"]]
+    texts = [t for s in plan["step_prompts"][:steps] for t in s["texts"]]
     tok = AutoTokenizer.from_pretrained(plan["student"], padding_side="left")
-    if tok(text=texts)["input_ids"] != [i for s in plan["step_prompts"] for i in s["ids"]]:
+    if tok(text=texts)["input_ids"] != [i for s in plan["step_prompts"][:steps] for i in s["ids"]]:
         raise RuntimeError("TRL's tokenization of the prompts differs from mopd's prompt ids")
     student = AutoModelForCausalLM.from_pretrained(plan["student"], dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(plan["teacher"], dtype=torch.float32)
@@ -297,8 +301,8 @@ def run_mopd(plan: dict[str, Any], out: Path) -> dict[str, Any]:
             shutil.rmtree(temp_dir, ignore_errors=True)
     run_dir = Path(cfg.logging.run_dir)
     recs = [m for m in read_metrics(run_dir / "metrics.jsonl") if "timing_s/step" in m]
-    if len(recs) != plan["steps"]:
-        raise RuntimeError(f"mopd logged {len(recs)} steps, expected {plan['steps']}")
+    if len(recs) != plan["mopd_steps"]:
+        raise RuntimeError(f"mopd logged {len(recs)} steps, expected {plan['mopd_steps']}")
     for m, s in zip(recs, plan["step_prompts"], strict=True):
         if int(m["data/batch_digest"]) != s["digest"]:
             raise RuntimeError(f"mopd step {m['step']}: its prompts differ from the plan's")
@@ -313,7 +317,9 @@ def run_mopd(plan: dict[str, Any], out: Path) -> dict[str, Any]:
     stages = {s: statistics.mean(m.get(f"timing_s/{s}", 0.0) for m in later) for s in names}
     stages["step"] = statistics.mean(m["timing_s/step"] for m in later)
     stages["first_step"] = recs[0]["timing_s/step"]
-    return {"wall_s": cum, "tokens": sum(m["perf/tokens_per_s"] * m["timing_s/step"] for m in recs),
+    equal = recs[:plan["steps"]]  # the steps TRL also ran: wall and tokens/s at equal work
+    return {"wall_s": sum(m["timing_s/step"] for m in equal), "wall_all_s": cum,
+            "tokens": sum(m["perf/tokens_per_s"] * m["timing_s/step"] for m in equal),
             "points": points, "stages": stages,
             "mem_gb_total": max(m.get("perf/mem_gb/total", 0.0) for m in recs),
             "pss_gb_total": max(m.get("perf/pss_gb/total", 0.0) for m in recs),
@@ -401,25 +407,47 @@ def _reach(curve: list[dict], target: float) -> float | None:
     return next((p["wall_s"] for p in curve[1:] if p["seq_kl"] <= target), None)
 
 
+def _smoothed(curve: list[dict], width: int = 3) -> list[dict]:
+    """The curve with each checkpoint's KL replaced by the mean of it and the `width - 1` before it: one
+    checkpoint's KL swings by ~0.5 nats between neighbours (the training noise of 32-prompt steps), so a single
+    lucky checkpoint must not decide "reached"."""
+    out = []
+    for i, p in enumerate(curve):
+        window = curve[max(1, i - width + 1):i + 1] if i else [p]
+        out.append({**p, "seq_kl": statistics.mean(q["seq_kl"] for q in window)})
+    return out
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
 def report(plan: dict[str, Any], res: dict[str, dict], curves: dict[str, list[dict]]) -> str:
     trl, mopd = res["trl"], res["mopd"]
-    target = curves["trl"][-1]["seq_kl"]
-    reach = {s: _reach(curves[s], target) for s in ("trl", "mopd")}
-    worse = max(curves["trl"][-1]["seq_kl"], curves["mopd"][-1]["seq_kl"])  # a level both runs reach
+    n, m_steps = plan["steps"], plan.get("mopd_steps", plan["steps"])
+    end = {"trl": curves["trl"][-1], "mopd": next(p for p in curves["mopd"] if p["step"] == n)}  # equal steps
+    target = end["trl"]["seq_kl"]
+    reach = {s: _reach(curves[s], target) for s in ("trl", "mopd")}  # mopd: over all its steps
+    worse = max(end["trl"]["seq_kl"], end["mopd"]["seq_kl"])  # a level both runs reach
     reach_worse = {s: _reach(curves[s], worse) for s in ("trl", "mopd")}
     rows: list[tuple[str, Any, Any, str]] = [
-        ("training wall (s)", trl["wall_s"], mopd["wall_s"], ".1f"),
+        (f"training wall, {n} steps (s)", trl["wall_s"], mopd["wall_s"], ".1f"),
         ("response tokens/s", trl["tokens"] / trl["wall_s"], mopd["tokens"] / mopd["wall_s"], ",.0f"),
-        ("s/step", trl["wall_s"] / plan["steps"], mopd["wall_s"] / plan["steps"], ".3f"),
+        ("s/step", trl["wall_s"] / n, mopd["wall_s"] / n, ".3f"),
         ("reverse KL / seq, start", curves["trl"][0]["seq_kl"], curves["mopd"][0]["seq_kl"], ".3f"),
-        ("reverse KL / seq, end", curves["trl"][-1]["seq_kl"], curves["mopd"][-1]["seq_kl"], ".3f"),
-        ("reverse KL / token, end", curves["trl"][-1]["tok_kl"], curves["mopd"][-1]["tok_kl"], ".4f"),
+        (f"reverse KL / seq, step {n}", end["trl"]["seq_kl"], end["mopd"]["seq_kl"], ".3f"),
+        (f"reverse KL / token, step {n}", end["trl"]["tok_kl"], end["mopd"]["tok_kl"], ".4f"),
+    ]
+    if m_steps > n:
+        rows.append((f"reverse KL / seq, mopd step {m_steps} ({mopd['wall_all_s']:.1f} s)", None,
+                     curves["mopd"][-1]["seq_kl"], ".3f"))
+    smooth = {side: _smoothed(curves[side]) for side in ("trl", "mopd")}
+    s_target = smooth["trl"][-1]["seq_kl"]
+    rows += [
         (f"wall to reach TRL's final KL {target:.3f} (s)", reach["trl"], reach["mopd"], ".1f"),
-        (f"wall to reach the higher final KL {worse:.3f} (s)", reach_worse["trl"], reach_worse["mopd"], ".1f"),
+        (f"same, 3-checkpoint means: TRL's final {s_target:.3f} (s)", _reach(smooth["trl"], s_target),
+         _reach(smooth["mopd"], s_target), ".1f"),
+        (f"wall to reach the higher step-{n} KL {worse:.3f} (s)", reach_worse["trl"], reach_worse["mopd"], ".1f"),
         ("peak RSS summed (GB)", trl["peak_rss_gb"], mopd["mem_gb_total"], ".2f"),
         ("PSS summed, peak (GB)", trl["tree"]["pss_gb"], mopd["pss_gb_total"], ".2f"),
         ("processes", trl["tree"]["processes"], mopd["tree"]["processes"], "d"),
@@ -452,11 +480,11 @@ def stage_table(res: dict[str, dict]) -> str:
 
 def curve_lines(curves: dict[str, list[dict]]) -> str:
     out = ["step: reverse KL / seq (training wall s), TRL | mopd"]
-    mopd_at = {p["step"]: p for p in curves["mopd"]}
-    for p in curves["trl"]:
-        m = mopd_at.get(p["step"])
-        other = f"{m['seq_kl']:.3f} ({m['wall_s']:.1f})" if m else "-"
-        out.append(f"  {p['step']:>5}: {p['seq_kl']:.3f} ({p['wall_s']:.1f}) | {other}")
+    at = {side: {p["step"]: p for p in curves[side]} for side in curves}
+    for step in sorted(set(at["trl"]) | set(at["mopd"])):
+        cells = [f"{p['seq_kl']:.3f} ({p['wall_s']:.1f})" if (p := at[side].get(step)) else "-"
+                 for side in ("trl", "mopd")]
+        out.append(f"  {step:>5}: {cells[0]} | {cells[1]}")
     return "\n".join(out)
 
 
@@ -485,6 +513,9 @@ def _side(name: str, plan_path: Path, log_path: Path, ray_niceness: int | None =
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="benchmarks/peer_trl.py", description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--mopd-steps", type=int, default=None,
+                   help="steps mopd runs (default 2 x --steps): the first --steps equal TRL's, the rest show when "
+                        "mopd reaches TRL's final KL (constant lr, so they do not change the first --steps)")
     p.add_argument("--prompts", type=int, default=32, help="prompts per step (one sample each)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -504,6 +535,9 @@ def main(argv: list[str]) -> None:
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)} (mopd overrides are key=value)")
     os.chdir(ROOT)
+    args.mopd_steps = args.mopd_steps or 2 * args.steps
+    if args.mopd_steps < args.steps:
+        p.error(f"--mopd-steps {args.mopd_steps} < --steps {args.steps}: mopd must run at least TRL's steps")
 
     if args.side:  # a subprocess: run one side and write its result
         plan = json.loads(Path(args.plan).read_text())

@@ -402,6 +402,9 @@ class AlgorithmConfig:
     # Clamp of the per-token k1 MOPD advantage (the teacher log-ratio) to [-c, c], like verl's +-10
     # clamp of log-ratios; null: no clamp. > 0.
     advantage_clip: float | None = 10.0
+    # none | center | whiten: the batch's teacher log-ratio advantage minus its mean over valid tokens (and
+    # divided by its std), before the outcome term is added (`rewards.advantages.normalize_advantage`).
+    advantage_norm: str = "none"
     # How per-token losses become the step's loss (`mopd.losses.agg_loss`): seq-mean-token-mean (each
     # sample weighs the same), token-mean (each token; verl's), domain-balanced (each domain present).
     loss_agg_mode: LossAggMode = LossAggMode.seq_mean_token_mean
@@ -422,6 +425,8 @@ class AlgorithmConfig:
         c.count("ppo_epochs", 1)
         c.num("ppo_clip", gt=0)
         c.num("advantage_clip", gt=0, null="no clamp")
+        _check(self.advantage_norm in ("none", "center", "whiten"), "algorithm.advantage_norm", self.advantage_norm,
+               "none | center | whiten")
         c.choice("loss_agg_mode", LossAggMode)
         needs_topk = self.objective in (ObjectiveName.reverse_kl, ObjectiveName.mixed)
         _check(not needs_topk or self.teacher_top_k != 0,
@@ -449,6 +454,10 @@ class TrainerConfig:
     # each sample drawn by a policy at most this many optimizer steps older than the one that trains on it
     # (0: the synchronous loop; 1: one-step-off, as verl's async recipes). IcePop/TIS correct the staleness.
     max_staleness: int = 0
+    # Parameters not trained (fnmatch patterns over the student's parameter names, e.g. "*.mlp.gate.weight":
+    # the MoE routers, a common stability choice in MoE RL). They never change, so weight syncs send only the
+    # trained tensors and the engines re-prepare only the expert layers they received.
+    freeze: list[str] = field(default_factory=list)
     lr: float = 1e-3  # > 0
     weight_decay: float = 0.0  # >= 0
     # constant | cosine | linear, after a linear warm-up over warmup_steps: cosine and linear decay from
@@ -485,6 +494,8 @@ class TrainerConfig:
         c.count("logits_chunk_tokens", 0, "0: the whole micro-batch at once")
         c.count("num_workers", 1, "data-parallel trainer workers")
         c.count("max_staleness", 0, "0: synchronous; 1: one-step-off")
+        _check(all(isinstance(x, str) and x.strip() for x in self.freeze), "trainer.freeze", self.freeze,
+               "a list of parameter-name patterns, e.g. ['*.mlp.gate.weight'] (the routers)")
         c.num("lr", gt=0)
         c.num("weight_decay", ge=0)
         c.choice("lr_schedule", LrSchedule)

@@ -167,7 +167,8 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
                         if updates:  # the engines' earlier updates that are done: a failed one raises here
                             ready, updates = ray.wait(updates, num_returns=len(updates), timeout=0)
                             ray.get(ready)
-                        updates += trainer.sync(engines.students, version=step, wait=t.max_staleness == 0)
+                        updates += trainer.sync(engines.students, version=step, wait=t.max_staleness == 0,
+                                                full=False)
                     pipeline.weights_sent(step)
                 metrics.update(faults)
                 train_s += metrics["timing_s/step"]

@@ -7,6 +7,7 @@ moves tensors between them and the model.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import socket
@@ -22,12 +23,18 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from mopd.batch import TrainBatch, split_rows
 from mopd.chunked_logits import token_stats
-from mopd.config import MopdConfig
+from mopd.config import ConfigError, MopdConfig
 from mopd.losses import ReverseKLTerms, agg_norm, sanitize_teacher_topk, token_entropy
 from mopd.objectives import LossInputs, get_objective
 from mopd.schedules import make_lr_scheduler
 from mopd.timing import timed
-from rewards.advantages import advantage_metrics, combine_advantages, grpo_outcome_advantage, mopd_advantage
+from rewards.advantages import (
+    advantage_metrics,
+    combine_advantages,
+    grpo_outcome_advantage,
+    mopd_advantage,
+    normalize_advantage,
+)
 from stability.correction import correction_weights
 from stability.diagnostics import mismatch_metrics, teacher_kl
 from stability.r3 import RoutingCounts, RoutingReplay, routing_counts
@@ -52,6 +59,26 @@ def _single_process_dist_env() -> None:
         port = sock.getsockname()[1]
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
                        "LOCAL_RANK": "0"})
+
+
+def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> set[str]:
+    """Turn off the gradient of every parameter matching one of `patterns` (fnmatch); returns their names.
+    A pattern that matches nothing is a typo, not a no-op: the error lists names to pick from."""
+    names = [n for n, _ in model.named_parameters()]
+    frozen: set[str] = set()
+    for pat in patterns:
+        hit = fnmatch.filter(names, pat)
+        if not hit:
+            sample = ", ".join(n for n in names if ".layers.0." in n or ".layers." not in n)
+            raise ConfigError(f"config key 'trainer.freeze': pattern {pat!r} matches no parameter of the student; "
+                              f"its parameters include: {sample}")
+        frozen.update(hit)
+    if frozen and len(frozen) == len(names):
+        raise ConfigError(f"config key 'trainer.freeze': {patterns} freezes every parameter; nothing would train")
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    return frozen
 
 
 class Trainer:
@@ -86,7 +113,9 @@ class Trainer:
             ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
             ds["train_batch_size"] = t.micro_batch_size * self.world
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.frozen = freeze_parameters(model, t.freeze)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
+                                weight_decay=t.weight_decay)
         sched = make_lr_scheduler(opt, t)  # before prepare: the peak lr is read from the optimizer
         self.model, self.opt, self.sched = self.acc.prepare(model, opt, sched)
         self.bad_steps = 0
@@ -229,7 +258,8 @@ class Trainer:
         if progress is not None:  # LambdaLR.step() advances last_epoch by one, then evaluates the schedule
             inner = getattr(self.sched, "scheduler", self.sched)  # accelerate wraps the LambdaLR
             inner.last_epoch = round(min(max(progress, 0.0), 1.0) * self.cfg.trainer.steps) - 1
-        if self.fuse_old_log_prob and self.cfg.algorithm.ppo_epochs == 1:
+        # A batch-wide advantage norm needs every row's pi_old before the first micro-batch trains.
+        if self.fuse_old_log_prob and self.cfg.algorithm.ppo_epochs == 1 and self.cfg.algorithm.advantage_norm == "none":
             metrics["timing_s/old_log_prob"] = 0.0
             self._start_counts(b)
             with timed("train", metrics):
@@ -293,7 +323,8 @@ class Trainer:
             return mask_BT.clone()
         if kind == "orm":
             return combine_advantages(torch.zeros_like(mask_BT), outcome_B, 1.0, mask_BT)
-        a_mopd = mopd_advantage(teacher_BT, old_BT, mask_BT, clip=a.advantage_clip)
+        a_mopd = normalize_advantage(mopd_advantage(teacher_BT, old_BT, mask_BT, clip=a.advantage_clip), mask_BT,
+                                     a.advantage_norm)
         return combine_advantages(a_mopd, outcome_B, a.alpha_orm, mask_BT)
 
     def optimize(self, b: TrainBatch, old_BT: torch.Tensor | None, adv_BT: torch.Tensor | None,
@@ -411,11 +442,13 @@ class Trainer:
         """Reading the weights is a collective (ZeRO-3 partitions them): every worker must take part."""
         return self.cfg.trainer.backend == "deepspeed" and self.cfg.trainer.zero_stage == 3 and self.world > 1
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, trained_only: bool = False) -> dict[str, torch.Tensor]:
         """Full fp32 CPU weights (gathered under ZeRO-3) for the engines and checkpoints; under ZeRO-3 with
-        several workers only rank 0 receives them (the others get {})."""
+        several workers only rank 0 receives them (the others get {}). `trained_only`: leave out the frozen
+        parameters (`trainer.freeze`), which a weight sync need not resend."""
         sd = self.acc.get_state_dict(self.model) or {}
-        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()
+                if not (trained_only and k in self.frozen)}
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Weights and optimizer state, both whole, so that a checkpoint loads into any number of workers.
@@ -425,11 +458,14 @@ class Trainer:
         under DeepSpeed: every worker calls it."""
         sd = self.state_dict()
         if self.cfg.trainer.backend != "deepspeed":
-            return sd, {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+            return sd, {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                        "frozen": sorted(self.frozen)}
         from deepspeed.utils import safe_get_full_optimizer_state
 
         moments = {}
         for name, p in self.unwrapped.named_parameters():
+            if name in self.frozen:  # no optimizer state
+                continue
             got = {k: safe_get_full_optimizer_state(p, k) for k in _ADAM_MOMENTS}
             moments[name] = {k: v.detach().to("cpu", torch.float32) for k, v in got.items() if v is not None}
         return sd, {"format": "mopd-full-adam/1", "moments": moments, "adam_step": self._adam_step(),
@@ -443,6 +479,11 @@ class Trainer:
                 raise ValueError("this checkpoint was written by trainer.backend=accelerate; its optimizer state "
                                  "cannot be loaded by trainer.backend=deepspeed (resume with the backend that wrote "
                                  "it, or start a new run from its model folder)")
+            if sorted(st.get("frozen", [])) != sorted(self.frozen):
+                raise ValueError(f"this checkpoint's optimizer state was written with trainer.freeze matching "
+                                 f"{len(st.get('frozen', []))} parameters, this run's matches {len(self.frozen)}: "
+                                 "resume with the trainer.freeze that wrote it (or start a new run from its model "
+                                 "folder)")
             self.opt.load_state_dict(st["optimizer"])
             return
         if self.cfg.trainer.backend != "deepspeed":
@@ -453,6 +494,8 @@ class Trainer:
         self._materialise_deepspeed_optimizer_state()
         dev = self.acc.device
         for name, p in self.unwrapped.named_parameters():
+            if name in self.frozen:
+                continue
             for k, v in st["moments"].get(name, {}).items():
                 safe_set_full_optimizer_state(p, v.to(dev), k)
         base = self._deepspeed_base_optimizer()

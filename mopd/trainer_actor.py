@@ -60,12 +60,13 @@ class TrainerWorker:
     def step(self, batch: TrainBatch, progress: float | None = None) -> dict[str, float]:
         return self.trainer.step(batch, progress)
 
-    def publish(self) -> list[Any]:
-        """Rank 0: the whole weights, put in the object store once (a one-item list: the reference itself, for
-        the driver to hand to the engines). Under ZeRO-3 every rank takes part in the gather."""
+    def publish(self, full: bool = True) -> list[Any]:
+        """Rank 0: the weights, put in the object store once (a one-item list: the reference itself, for the
+        driver to hand to the engines); `full=False` leaves out the frozen ones (`trainer.freeze`), which the
+        engines already hold. Under ZeRO-3 every rank takes part in the gather."""
         if self.rank != 0 and not self.trainer.gathers:
             return []
-        sd = self.trainer.state_dict()
+        sd = self.trainer.state_dict(trained_only=not full)
         return [ray.put(sd)] if self.rank == 0 else []
 
     def save(self, run_dir: str, step: int, extra: dict) -> str:
@@ -139,12 +140,14 @@ class RemoteTrainer:
         ref = ray.put(batch) if len(self.actors) > 1 else batch  # one copy in the object store for all workers
         return self._all([a.step.remote(ref, progress) for a in self.actors])
 
-    def sync(self, engines: list[Any], version: int | None = None, wait: bool = True) -> list[Any]:
+    def sync(self, engines: list[Any], version: int | None = None, wait: bool = True, full: bool = True) -> list[Any]:
         """Send the trainer's current weights (policy `version`, stamped on the samples generated with them) to
         every engine. The driver submits the engines' updates, so they are ordered with its own generate calls
         (a rollout submitted afterwards samples with these weights). `wait`: return when every engine holds
-        them; otherwise return the updates' references at once (the engines apply them between requests)."""
-        [ref] = self._all([a.publish.remote() for a in self.actors])
+        them; otherwise return the updates' references at once (the engines apply them between requests).
+        `full=False`: only the trained tensors, for engines that already hold this run's frozen ones (not a
+        restarted engine, not after a resume: those loaded `student.path`)."""
+        [ref] = self._all([a.publish.remote(full) for a in self.actors])
         updates = [e.update_weights.remote(ref, version) for e in engines]
         if wait:
             ray.get(updates)

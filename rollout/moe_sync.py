@@ -9,13 +9,24 @@ transformers. GPU kernels are untouched.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 
-def repack_cpu_moe_experts(model: torch.nn.Module) -> int:
-    """Re-prepack every CPU unquantized fused-MoE layer of a vLLM model; returns how many."""
+def repack_cpu_moe_experts(model: torch.nn.Module, loaded: Collection[str] | None = None) -> int:
+    """Re-prepack the CPU unquantized fused-MoE layers of a vLLM model; returns how many.
+
+    `loaded`: the checkpoint names of the tensors just reloaded; only the layers they belong to are repacked
+    (None: every layer). A layer the update left out keeps its packed tensors (vLLM puts them back), and
+    packing those again would scramble them, so a partial update (frozen parameters) must name what it sent."""
+    # A checkpoint name ("model.layers.0.mlp.experts.gate_up_proj", or per expert "...experts.3.up_proj.weight")
+    # and vLLM's module ("model.layers.0.mlp.experts.routed_experts") share the path up to ".experts".
+    layers = None if loaded is None else {k[:k.index(".experts") + len(".experts")] for k in loaded if ".experts" in k}
     n = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if layers is not None and not any(name == p or name.startswith(p + ".") for p in layers):
+            continue
         method = getattr(module, "quant_method", None)
         if type(method).__name__ != "UnquantizedFusedMoEMethod":
             continue

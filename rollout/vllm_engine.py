@@ -4,8 +4,10 @@ in place. The same class runs in-process (tests, single machine) and inside a Ra
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -118,9 +120,10 @@ class StudentEngine(VllmEngine):
         """Load new weights into the running engine (no restart); returns seconds taken. `version`: the
         policy version they are (the trainer's step count), stamped on every sample generated after it."""
         t0 = time.perf_counter()
-        items = weights.items() if isinstance(weights, Mapping) else weights
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
-        self._after_reload(version)
+        items = list(weights.items() if isinstance(weights, Mapping) else weights)
+        with _quiet_partial_reload():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
+        self._after_reload(version, [k for k, _ in items])
         return time.perf_counter() - t0
 
     def update_weights_from_path(self, path: str, version: int | None = None) -> float:
@@ -130,9 +133,22 @@ class StudentEngine(VllmEngine):
         self._after_reload(version)
         return time.perf_counter() - t0
 
-    def _after_reload(self, version: int | None) -> None:
-        self.llm.apply_model(repack_cpu_moe_experts)
+    def _after_reload(self, version: int | None, loaded: list[str] | None = None) -> None:
+        self.llm.apply_model(functools.partial(repack_cpu_moe_experts, loaded=loaded))
         self.weight_version = self.weight_version + 1 if version is None else version
+
+
+@contextlib.contextmanager
+def _quiet_partial_reload() -> Iterator[None]:
+    """vLLM warns "Failed to load weights" for every layer an in-place reload left out, then puts that layer's
+    tensors back; with frozen parameters (`trainer.freeze`) that is every sync, by design."""
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _with_routing_kwargs(llm_kwargs: Mapping[str, Any] | None, capture_routing: bool) -> dict[str, Any]:

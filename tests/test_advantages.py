@@ -14,6 +14,7 @@ from rewards.advantages import (
     combine_advantages,
     grpo_outcome_advantage,
     mopd_advantage,
+    normalize_advantage,
 )
 
 
@@ -171,3 +172,43 @@ def test_advantage_metrics():
                                "mopd/advantage/max": 1.0})
     assert advantage_metrics(a, torch.zeros(2, 3)) == {"mopd/advantage/mean": 0.0, "mopd/advantage/min": 0.0,
                                                        "mopd/advantage/max": 0.0}
+
+
+# --------------------------------------------------------------------------------------------------
+# normalize_advantage: a baseline for the dense k1 advantage
+
+
+def test_normalize_advantage_hand_values_and_mask():
+    adv = torch.tensor([[-1.0, -3.0, 0.0], [-5.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    c = normalize_advantage(adv, mask, "center")  # mean of -1, -3, -5 is -3
+    torch.testing.assert_close(c, torch.tensor([[2.0, 0.0, 0.0], [-2.0, 0.0, 0.0]]))
+    w = normalize_advantage(adv, mask, "whiten")
+    std = math.sqrt(8 / 3)
+    torch.testing.assert_close(w, torch.tensor([[2 / std, 0.0, 0.0], [-2 / std, 0.0, 0.0]]), atol=1e-5, rtol=1e-5)
+    assert normalize_advantage(adv, mask, "none") is adv
+    # Valid tokens: mean 0 (and std 1 when whitened); masked positions exactly 0.
+    g = torch.Generator().manual_seed(0)
+    adv, mask = torch.randn(6, 9, generator=g) - 2.0, torch.rand(6, 9, generator=g) > 0.3
+    for mode in ("center", "whiten"):
+        out = normalize_advantage(adv * mask, mask, mode)
+        assert out[mask].mean().abs() < 1e-5 and (out[~mask] == 0).all()
+    assert normalize_advantage(adv * mask, mask, "whiten")[mask].std(unbiased=False).sub(1).abs() < 1e-4
+    # Nothing valid: unchanged, no NaN.
+    assert normalize_advantage(torch.zeros(2, 3), torch.zeros(2, 3), "whiten").eq(0).all()
+    with pytest.raises(ValueError, match="center"):
+        normalize_advantage(adv, mask, "zscore")
+
+
+def test_centering_leaves_the_expected_policy_gradient_unchanged():
+    """A constant baseline changes no expectation: E_y~pi[(A(y) - b) grad log pi(y)] = E[A grad log pi]. Exact
+    over a whole small vocabulary (every token weighted by its probability)."""
+    logits = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    adv = torch.randn(16, dtype=torch.float64) - 3.0
+    p = logits.softmax(-1).detach()
+
+    def grad(a: torch.Tensor) -> torch.Tensor:
+        (g,) = torch.autograd.grad((p * a * logits.log_softmax(-1)).sum(), logits)
+        return g
+
+    torch.testing.assert_close(grad(adv), grad(adv - 1.7))

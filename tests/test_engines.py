@@ -132,3 +132,31 @@ def test_weight_sync_makes_engine_match_trainer(actors, rollout_out, ray_local, 
     new = ray_local.get(student.generate.remote([plens and seqs[0][: plens[0]]], n=2, max_tokens=8, seed=3))[0]
     ref = hf_logprobs(hf, [s.prompt_ids + s.response_ids for s in new], [len(s.prompt_ids) for s in new])
     assert max_diff([s.rollout_logprobs for s in new], ref) < 1e-3
+
+
+def test_partial_weight_sync_with_frozen_experts(actors, rollout_out, ray_local, tiny_world):
+    """With frozen parameters (trainer.freeze) a sync sends only the trained tensors: the engine keeps the rest,
+    re-prepares only the MoE expert layers it received, and still matches the trainer's model exactly. (Packing
+    a layer that was not reloaded scrambles it: an unconditional repack fails this test.)"""
+    student, _ = actors
+    flat = [s for g in rollout_out for s in g][:12]
+    seqs, plens = [s.prompt_ids + s.response_ids for s in flat], [len(s.prompt_ids) for s in flat]
+    hf = AutoModelForCausalLM.from_pretrained(f"{tiny_world['dir']}/student", dtype=torch.float32)
+    ray_local.get(student.update_weights.remote({k: v.clone() for k, v in hf.state_dict().items()}))
+    # Layer 0's experts and every router frozen; the rest (layer 1's experts included) trained.
+    frozen = {n for n, _ in hf.named_parameters() if n.startswith("model.layers.0.mlp.experts") or ".mlp.gate." in n}
+    assert frozen and any(n.startswith("model.layers.1.mlp.experts") for n, _ in hf.named_parameters())
+    for n, p in hf.named_parameters():
+        p.requires_grad_(n not in frozen)
+    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(3):
+        loss = -sum(hf(torch.tensor([s])).logits.log_softmax(-1)[0, :-1].gather(-1, torch.tensor(s[1:])[:, None]).sum()
+                    for s in seqs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    updated = hf_logprobs(hf, seqs, plens)
+    sent = {k: v.detach().clone() for k, v in hf.state_dict().items() if k not in frozen}
+    ray_local.get(student.update_weights.remote(sent, 7))
+    assert max_diff(ray_local.get(student.score_tokens.remote(seqs, plens)), updated) < 1e-3
+    assert ray_local.get(student.ready.remote())["weight_version"] == 7

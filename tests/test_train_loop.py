@@ -31,9 +31,12 @@ def world_overrides(world: dict) -> list[str]:
 
 
 def test_mopd_steps_lower_teacher_kl_and_engines_track_trainer(tiny_world, ray_local, tmp_path):
+    # The routers and layer 0's experts frozen: every sync sends the other tensors only, and the engine
+    # re-prepares only the expert layers it received (the pi_old == mu check below holds the engine to it).
+    frozen = ["*.mlp.gate.weight", "model.layers.0.mlp.experts.*"]
     cfg = load_config("configs/quickstart.yaml", world_overrides(tiny_world) + [
         f"logging.run_dir={tmp_path}/run", "trainer.steps=6", "trainer.lr=5e-3",
-        "algorithm.objective=reverse_kl", "algorithm.teacher_top_k=-1"])
+        "algorithm.objective=reverse_kl", "algorithm.teacher_top_k=-1", f"trainer.freeze={json.dumps(frozen)}"])
     result = train(cfg, log=lambda *_: None)
     steps = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "actor/grad_norm" in m]
     assert [m["step"] for m in steps] == list(range(1, 7))
@@ -54,6 +57,16 @@ def test_mopd_steps_lower_teacher_kl_and_engines_track_trainer(tiny_world, ray_l
                 "perf/mem_gb/total", "perf/pss_gb/total"]:  # memory of every process, on the first step
         assert steps[0][key] > 0, key
     assert (tmp_path / "run" / "result.md").read_text().count("|") > 10
+    # Frozen parameters are those of the initial student; the trained ones moved.
+    from safetensors.torch import load_file
+
+    def weights(folder: Path) -> dict:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    start, end = weights(Path(tiny_world["dir"]) / "student"), weights(tmp_path / "run" / "checkpoints" / "step_6" / "model")
+    routers = [k for k in end if k.endswith(".mlp.gate.weight")]
+    assert routers and all(end[k].equal(start[k]) for k in routers)
+    assert not end["model.layers.1.self_attn.q_proj.weight"].equal(start["model.layers.1.self_attn.q_proj.weight"])
 
 
 @pytest.mark.parametrize("staleness", [0, 1])

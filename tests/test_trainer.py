@@ -258,3 +258,55 @@ def test_r3_replay_in_trainer(models):
     assert torch.allclose(plain.logprobs(batch), observe.logprobs(other), atol=1e-6)
     mo = observe.step(other)
     assert mo["r3/router_agreement"] == mo["r3/own_router_agreement"] < 0.5
+
+
+@pytest.mark.parametrize("backend", ["accelerate", "deepspeed"])
+def test_frozen_parameters_stay_put_and_leave_the_sync(models, tmp_path, backend):
+    """`trainer.freeze`: matching parameters never change, the optimizer holds no state for them, a sync can
+    leave them out, and a checkpoint resumes only under the freeze that wrote it."""
+    from mopd.config import ConfigError
+
+    tok, d = models
+    over = ['trainer.freeze=["*.mlp.gate.weight"]', f"trainer.backend={backend}", "trainer.micro_batch_size=64"]
+    cfg = cfg_for(d, *over)
+    batch = build_batch(make_samples(tok, d / "teacher", n=4), tok.pad_token_id)
+    tr = Trainer(cfg, cfg.student.path)
+    routers = {n for n, _ in tr.unwrapped.named_parameters() if n.endswith(".mlp.gate.weight")}
+    assert tr.frozen == routers and routers
+    before = weights(tr)
+    assert tr.step(batch)["actor/grad_norm"] > 0
+    after = weights(tr)
+    assert all(torch.equal(before[k], after[k]) for k in routers)
+    assert sum(not torch.equal(before[k], after[k]) for k in after) >= len(after) // 2
+    assert set(tr.state_dict(trained_only=True)) == set(after) - routers
+    save_checkpoint(tmp_path, 1, tr, tok, {})
+    ck = latest_checkpoint(tmp_path)
+    tr2 = Trainer(cfg, str(ck / "model"))
+    load_checkpoint(ck, tr2)
+    assert tr.step(batch)["actor/loss"] == pytest.approx(tr2.step(batch)["actor/loss"], rel=1e-6)
+    if backend == "accelerate":  # DeepSpeed's state is by parameter name: an unfrozen one starts fresh
+        with pytest.raises(ValueError, match="trainer.freeze"):
+            load_checkpoint(ck, Trainer(cfg_for(d, *over[1:]), str(ck / "model")))
+    with pytest.raises(ConfigError, match="matches no parameter.*mlp.gate.weight"):
+        Trainer(cfg_for(d, 'trainer.freeze=["*.router.weight"]'), cfg.student.path)
+    with pytest.raises(ConfigError, match="freezes every parameter"):
+        Trainer(cfg_for(d, 'trainer.freeze=["*"]'), cfg.student.path)
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+def test_centred_advantage_trains_on_a_zero_mean_advantage(models):
+    """`algorithm.advantage_norm=center`: the batch's advantage has mean 0 over its tokens (pi_old comes from
+    its own pass first, since the mean needs every row), and the step still moves the weights."""
+    tok, d = models
+    cfg = cfg_for(d, "algorithm.advantage_norm=center")
+    batch = build_batch(make_samples(tok, d / "teacher", n=6), tok.pad_token_id)
+    tr = Trainer(cfg, cfg.student.path)
+    before = weights(tr)
+    m = tr.step(batch)
+    assert abs(m["mopd/advantage/mean"]) < 1e-5 and "mopd/teacher_kl" in m
+    assert m["timing_s/old_log_prob"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in weights(tr).items())
+    plain = Trainer(cfg_for(d), cfg.student.path).step(batch)
+    assert abs(plain["mopd/advantage/mean"]) > 1e-4  # uncentred: the mean that centring removes
