@@ -310,6 +310,23 @@ class TeacherConfig:
 
 
 @dataclass
+class AutoMixConfig:
+    """`data.auto_mix`: move sampling toward the domains with the most headroom left, measured by each
+    domain's teacher KL on the student's own samples (`mopd/teacher_kl/<domain>`, an EMA over steps)."""
+
+    enabled: bool = False
+    ema: float = 0.9  # [0, 1): weight of the past in the per-domain KL average
+    # [0, 1]: this share of every batch follows data.domain_mix (or the rows' proportions), the rest goes by
+    # headroom; 1 is the static mix. A floor keeps a domain that has caught up from vanishing (it would drift).
+    floor: float = 0.3
+
+    def __post_init__(self) -> None:
+        c = _Checker("data.auto_mix", self)
+        c.num("ema", ge=0, lt=1)
+        c.num("floor", ge=0, le=1, note="1: the static data.domain_mix")
+
+
+@dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=lambda: ["${world.dir}/data/train.jsonl"])  # non-empty
     eval_files: list[str] = field(default_factory=lambda: ["${world.dir}/data/eval.jsonl"])  # non-empty
@@ -321,6 +338,7 @@ class DataConfig:
     eval_size_per_domain: int = 200  # >= 1
     # add_special_tokens when encoding prompts (BOS etc.); null: the tokenizer's own default.
     add_special_tokens: bool | None = None
+    auto_mix: AutoMixConfig = field(default_factory=AutoMixConfig)
 
     def __post_init__(self) -> None:
         c = _Checker("data", self)

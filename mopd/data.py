@@ -192,12 +192,62 @@ class DomainMixSampler:
         self.weights = w / w.sum()
         self.seed = seed
 
-    def batch(self, step: int, size: int) -> list[int]:
-        """Row indices for step `step`: domains drawn by the mix, rows uniformly within a domain."""
+    def batch(self, step: int, size: int, weights: np.ndarray | None = None) -> list[int]:
+        """Row indices for step `step`: domains drawn by the mix (or `weights`, over `self.domains`), rows
+        uniformly within a domain."""
         rng = np.random.default_rng([self.seed, step])
-        counts = rng.multinomial(size, self.weights)
+        counts = rng.multinomial(size, self.weights if weights is None else weights)
         idx: list[int] = []
         for d, c in zip(self.domains, counts, strict=True):
             pool = self.by_domain[d]
             idx.extend(int(pool[j]) for j in rng.choice(len(pool), size=int(c), replace=len(pool) < c))
         return idx
+
+
+class AutoMix:
+    """Domain weights that follow the headroom left: each domain's teacher KL on the student's own samples
+    (`mopd/teacher_kl/<domain>`, averaged over steps with `ema`), mixed with the static `base` weights:
+    ``w = floor * base + (1 - floor) * kl / sum(kl)``. Why: a fixed mix either starves the domain the
+    student is furthest from or has to be hand-tuned per world (Open-MOPD measures the starving).
+
+    The weights for batch j come from the steps up to j - 1 - k exactly (k = trainer.max_staleness: the
+    pipeline launches batch j once step j - 1 - k has trained), so the data order is a function of the
+    logged metrics and resume replays it from `metrics.jsonl`. History is kept per step, so a step redone
+    after a fault recomputes from the same past."""
+
+    def __init__(self, domains: list[str], base: np.ndarray, ema: float, floor: float, staleness: int) -> None:
+        self.domains, self.base, self.ema, self.floor, self.k = list(domains), np.asarray(base, float), ema, floor, staleness
+        self.kl_after: dict[int, dict[str, float]] = {0: {}}  # step -> the per-domain KL average after it
+
+    def observe(self, step: int, metrics: dict[str, Any]) -> None:
+        """Fold step `step`'s per-domain teacher KL into the average (a domain absent from the batch keeps its
+        value)."""
+        prev = self.kl_after.get(step - 1)
+        if prev is None:
+            raise RuntimeError(f"auto mix: step {step} observed before step {step - 1}")
+        cur = dict(prev)
+        for d in self.domains:
+            v = metrics.get(f"mopd/teacher_kl/{d}")
+            if v is None or not np.isfinite(v):
+                continue
+            cur[d] = float(v) if d not in prev else self.ema * prev[d] + (1 - self.ema) * float(v)
+        self.kl_after[step] = cur
+
+    def weights_for(self, step: int) -> np.ndarray:
+        """The sampling weights of batch `step` (1-based)."""
+        src = step - 1 - self.k
+        if src <= 0:
+            return self.base
+        kl = self.kl_after.get(src)
+        if kl is None:
+            raise RuntimeError(f"auto mix: batch {step} needs step {src}'s teacher KL, not observed yet")
+        h = np.array([max(kl.get(d, 0.0), 0.0) for d in self.domains])
+        if h.sum() <= 0 or len(kl) < len([b for b in self.base if b > 0]):  # not every domain measured yet
+            return self.base
+        w = self.floor * self.base + (1 - self.floor) * h / h.sum()
+        return w / w.sum()
+
+    def replay(self, records: list[dict[str, Any]], upto: int) -> None:
+        """Rebuild the history from a run's logged step records (resume)."""
+        for m in sorted((r for r in records if "timing_s/step" in r and r["step"] <= upto), key=lambda r: r["step"]):
+            self.observe(int(m["step"]), m)

@@ -20,8 +20,8 @@ from typing import Any
 import ray
 
 from mopd.batch import TrainBatch, build_batch
-from mopd.config import MopdConfig
-from mopd.data import DomainMixSampler
+from mopd.config import ConfigError, MopdConfig
+from mopd.data import AutoMix, DomainMixSampler
 from mopd.objectives import get_objective
 from mopd.samples import ScoredSample
 from mopd.timing import timed
@@ -53,6 +53,24 @@ class BatchProducer:
         self.tokenizer, self.rows, self.prompt_ids = tokenizer, rows, prompt_ids
         self.sampler = DomainMixSampler(rows, cfg.data.domain_mix, cfg.trainer.seed)
         self.objective = get_objective(cfg.algorithm.objective)
+        am = cfg.data.auto_mix
+        if am.enabled and not self.objective.needs_teacher_scores:
+            raise ConfigError(f"data.auto_mix follows each domain's teacher KL, which algorithm.objective="
+                              f"{cfg.algorithm.objective} never measures; turn data.auto_mix.enabled off for it")
+        self.auto_mix = (AutoMix(self.sampler.domains, self.sampler.weights, am.ema, am.floor,
+                                 cfg.trainer.max_staleness) if am.enabled else None)
+
+    def observe(self, step: int, metrics: dict[str, float]) -> None:
+        """Step `step` has trained: its per-domain teacher KL steers later batches (data.auto_mix)."""
+        if self.auto_mix is not None:
+            self.auto_mix.observe(step, metrics)
+
+    def mix_metrics(self, step: int) -> dict[str, float]:
+        """`data/mix/<domain>`: the sampling weights batch `step` was drawn with (data.auto_mix)."""
+        if self.auto_mix is None:
+            return {}
+        return {f"data/mix/{d}": float(w) for d, w in zip(self.sampler.domains, self.auto_mix.weights_for(step),
+                                                          strict=True)}
 
     def get(self, step: int) -> StepBatch:
         """The batch for `step` (1-based), produced now: its prompts and rollout seed depend on (seed, step) only."""
@@ -62,7 +80,8 @@ class BatchProducer:
         """Submit the rollout of `step`'s batch to the engines and return at once. The engines sample with the
         weights they hold when they reach the request: those of the last update submitted before it."""
         r, t = self.cfg.rollout, self.cfg.trainer
-        idx = self.sampler.batch(step - 1, t.prompts_per_step)
+        idx = self.sampler.batch(step - 1, t.prompts_per_step,
+                                 None if self.auto_mix is None else self.auto_mix.weights_for(step))
         ids, rows = [self.prompt_ids[i] for i in idx], [self.rows[i] for i in idx]
         seed = t.seed * 1_000_003 + (step - 1) * 10_007
         if self.objective.teacher_samples:  # baseline: the teachers generate, the student imitates

@@ -26,6 +26,7 @@ from mopd.config import MopdConfig, to_yaml
 from mopd.data import check_domain_mix, encode_rows, load_rows
 from mopd.engine_group import start_engines
 from mopd.evaluate import eval_rows, evaluate, evaluate_teachers
+from mopd.jsonl import read_metrics
 from mopd.logger import check_logger_packages, make_run_logger
 from mopd.memory import run_memory
 from mopd.placement import reserve
@@ -86,6 +87,8 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
         start_step = state.get("step", 0)
         logger = make_run_logger(cfg, run_dir, start_step if ck else None)
         producer = BatchProducer(cfg, engines.students, engines.teachers, registry, tokenizer, rows, prompt_ids)
+        if ck is not None and producer.auto_mix is not None:  # the data order depends on the logged teacher KL
+            producer.auto_mix.replay(read_metrics(run_dir / "metrics.jsonl"), start_step)
         actors = {**trainer.named_actors(), **engines.named_actors()}
         private = cluster_address(cfg.ray.address) is None
 
@@ -163,6 +166,8 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
                     sb = pipeline.get(step, metrics)
                     metrics.update(sb.metrics)
                     metrics.update(trainer.step(sb.batch, train_s / t.max_wallclock_s if by_time else None))
+                    producer.observe(step, metrics)  # before the sync: it lets batch step + 1 + k launch
+                    metrics.update(producer.mix_metrics(step))
                     with timed("sync", metrics):
                         if updates:  # the engines' earlier updates that are done: a failed one raises here
                             ready, updates = ray.wait(updates, num_returns=len(updates), timeout=0)

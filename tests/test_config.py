@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -209,3 +210,11 @@ def test_objectives_registered_in_code_are_accepted_by_the_config():
         assert load_config(QS, ["algorithm.objective=my_kl"]).algorithm.objective == "my_kl"
     finally:
         del OBJECTIVES["my_kl"]
+
+
+@pytest.mark.parametrize("path", sorted(p for p in Path("configs").glob("*.yaml") if p.name != "compare.yaml"))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    served = {d for t in cfg.teachers.values() for d in t.domains}
+    if cfg.student.path.startswith(cfg.world.dir):  # a quickstart world: a teacher for each of its domains
+        assert served == set(cfg.world.domains), path

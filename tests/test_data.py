@@ -116,3 +116,64 @@ def test_prompts_keep_the_tokenizers_own_special_tokens():
     assert encode_rows(tok, [{"id": "r", "prompt": "rev:abc="}], 16) == [[tok.bos_token_id, *plain]]
     # data.add_special_tokens=false overrides the tokenizer's default
     assert encode_rows(tok, [{"id": "r", "prompt": "rev:abc="}], 16, add_special_tokens=False) == [plain]
+
+
+# --------------------------------------------------------------------------------------------------
+# data.auto_mix: sampling follows each domain's headroom (its teacher KL)
+
+def _kl(**d: float) -> dict:
+    return {f"mopd/teacher_kl/{k}": v for k, v in d.items()}
+
+
+def test_auto_mix_follows_the_teacher_kl_with_a_floor_and_the_staleness_lag():
+    import numpy as np
+
+    from mopd.data import AutoMix
+
+    base = np.array([0.5, 0.25, 0.25])
+    am = AutoMix(["add", "rev", "sort"], base, ema=0.5, floor=0.2, staleness=1)
+    am.observe(1, _kl(add=3.0, rev=1.0, sort=0.0))
+    am.observe(2, _kl(add=1.0, rev=1.0, sort=0.0))  # add's average: 0.5 * 3 + 0.5 * 1 = 2
+    # Batch j uses the steps up to j - 2 (k = 1): batches 1 and 2 the static mix, batch 3 step 1's KL.
+    assert am.weights_for(1) is base and am.weights_for(2) is base
+    np.testing.assert_allclose(am.weights_for(3), 0.2 * base + 0.8 * np.array([0.75, 0.25, 0.0]))
+    np.testing.assert_allclose(am.weights_for(4), 0.2 * base + 0.8 * np.array([2 / 3, 1 / 3, 0.0]))
+    assert (am.weights_for(4) >= 0.2 * base - 1e-12).all() and am.weights_for(4).sum() == pytest.approx(1)
+    with pytest.raises(RuntimeError, match="step 3's teacher KL"):
+        am.weights_for(5)
+    # A redone step (after a fault) recomputes from the same past.
+    am.observe(2, _kl(add=5.0, rev=1.0, sort=1.0))
+    np.testing.assert_allclose(am.weights_for(4), 0.2 * base + 0.8 * np.array([4, 1, 0.5]) / 5.5)
+    # Resume: replaying the logged records gives the same weights; eval records and later steps are skipped.
+    records = [{"step": 0, "eval/x": 1.0}, {"step": 1, "timing_s/step": 0.1, **_kl(add=3.0, rev=1.0, sort=0.0)},
+               {"step": 2, "timing_s/step": 0.1, **_kl(add=5.0, rev=1.0, sort=1.0)},
+               {"step": 3, "timing_s/step": 0.1, **_kl(add=9.0, rev=9.0, sort=9.0)}]
+    again = AutoMix(["add", "rev", "sort"], base, ema=0.5, floor=0.2, staleness=1)
+    again.replay(records, upto=2)
+    np.testing.assert_allclose(again.weights_for(4), am.weights_for(4))
+    # floor 1 is the static mix.
+    static = AutoMix(["add", "rev", "sort"], base, ema=0.5, floor=1.0, staleness=0)
+    static.observe(1, _kl(add=3.0, rev=1.0, sort=2.0))
+    np.testing.assert_allclose(static.weights_for(2), base)
+
+
+def test_sampler_draws_by_the_given_weights():
+    import numpy as np
+
+    rows = [{"id": f"{d}{i}", "domain": d, "prompt": "x"} for d in ("a", "b") for i in range(50)]
+    s = DomainMixSampler(rows, None, seed=0)
+    counts = Counter(rows[i]["domain"] for step in range(20) for i in s.batch(step, 50, np.array([0.9, 0.1])))
+    assert 0.85 < counts["a"] / 1000 < 0.95
+    assert s.batch(3, 50, np.array([0.9, 0.1])) == s.batch(3, 50, np.array([0.9, 0.1]))
+
+
+def test_auto_mix_config_errors():
+    from mopd.config import ConfigError, load_config
+    from mopd.producer import BatchProducer
+
+    with pytest.raises(ConfigError, match="data.auto_mix.floor"):
+        load_config("configs/quickstart.yaml", ["data.auto_mix.floor=1.5"])
+    cfg = load_config("configs/quickstart.yaml", ["data.auto_mix.enabled=true", "algorithm.objective=sft"])
+    rows = [{"id": d, "domain": d, "prompt": "x"} for d in ("add", "rev", "sort")]
+    with pytest.raises(ConfigError, match="teacher KL"):
+        BatchProducer(cfg, [], {}, None, None, rows, [[1]] * 3)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mopd.config import load_config
-from mopd.data import DomainMixSampler, load_rows
+from mopd.data import AutoMix, DomainMixSampler, load_rows
 from mopd.jsonl import read_metrics
 from mopd.train import batch_digest, train
 
@@ -74,6 +74,8 @@ def test_killed_run_resumes_with_same_data_order(tiny_world, ray_local, tmp_path
     run = tmp_path / "run"
     over = world_overrides(tiny_world) + [f"logging.run_dir={run}", "trainer.save_every=2", "ray.num_cpus=2",
                                           f"trainer.max_staleness={staleness}"]
+    # With the pipeline, the domain mix follows the logged teacher KL too (data.auto_mix): resume must replay it.
+    over += ["data.auto_mix.enabled=true"] if staleness else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mopd.cli", "train", "configs/quickstart.yaml",
                              *over, "trainer.steps=40"], env=env, stdout=subprocess.DEVNULL,
@@ -99,9 +101,17 @@ def test_killed_run_resumes_with_same_data_order(tiny_world, ray_local, tmp_path
     assert [m["step"] for m in metrics] == list(range(1, last + 1))  # each step once: lines past the checkpoint dropped
     rows = load_rows(cfg.data.train_files)
     sampler = DomainMixSampler(rows, cfg.data.domain_mix, cfg.trainer.seed)
-    expected = [batch_digest([rows[i]["id"] for i in sampler.batch(s, cfg.trainer.prompts_per_step)])
-                for s in range(last)]
+    auto = (AutoMix(sampler.domains, sampler.weights, cfg.data.auto_mix.ema, cfg.data.auto_mix.floor, staleness)
+            if staleness else None)
+    expected = []
+    for m in metrics:  # batch s: a function of the seed, s and (auto mix) the teacher KL logged up to s - 1 - k
+        w = None if auto is None else auto.weights_for(m["step"])
+        expected.append(batch_digest([rows[i]["id"] for i in sampler.batch(m["step"] - 1, cfg.trainer.prompts_per_step, w)]))
+        if auto is not None:
+            auto.observe(m["step"], m)
     assert [m["data/batch_digest"] for m in metrics] == expected
+    if auto is not None:
+        assert any(abs(m["data/mix/add"] - sampler.weights[0]) > 0.01 for m in metrics)
     assert Path(run / "checkpoints" / "latest").read_text().strip() == f"step_{last}"
 
 

@@ -14,8 +14,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mopd.config import WorldConfig
 from mopd.world.build import MANIFEST, build_world, config_hash
 from mopd.world.sft import _batches, collate, encode_sft_examples, lr_factor
-from mopd.world.tasks import GENERATORS, gen_add, gen_rev, gen_sort, make_splits, read_jsonl
-from mopd.world.tokenizer import CHARS, EOS, build_tokenizer, encode_answer, encode_prompt, padded_vocab_size
+from mopd.world.tasks import (
+    DIGIT_WORDS,
+    GENERATORS,
+    gen_add,
+    gen_rev,
+    gen_sort,
+    gen_spell,
+    make_splits,
+    read_jsonl,
+)
+from mopd.world.tokenizer import (
+    CHARS,
+    EOS,
+    MAX_LEN,
+    build_tokenizer,
+    encode_answer,
+    encode_prompt,
+    padded_vocab_size,
+)
 from rewards.verifiers import DOMAIN_VERIFIERS, verify
 
 # ---------------------------------------------------------------- domains and verifiers
@@ -31,7 +48,12 @@ def test_generators_produce_correct_short_rows():
         assert p.startswith("rev:") and p.endswith("=") and a == p[4:-1][::-1]
         p, a = gen_sort(rng)
         assert p.startswith("sort:") and a == "".join(sorted(p[5:-1])) and len(p) <= 20
-    assert set(GENERATORS) == {"add", "rev", "sort"} <= set(DOMAIN_VERIFIERS)
+        p, a = gen_spell(rng)
+        words = a.split(" ")
+        assert p.startswith("spell:") and p.endswith("=") and 3 <= len(words) <= 6
+        assert "".join(str(DIGIT_WORDS.index(w)) for w in words) == p[6:-1]
+        assert len(p) + len(a) + 1 <= MAX_LEN  # prompt, answer and EOS fit the models' positions
+    assert set(GENERATORS) == {"add", "rev", "sort", "spell"} <= set(DOMAIN_VERIFIERS)
 
 
 def test_splits_are_disjoint_deterministic_and_well_formed():

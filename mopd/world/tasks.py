@@ -57,7 +57,23 @@ def gen_sort(rng: random.Random) -> tuple[str, str]:
     return f"sort:{s}=", "".join(sorted(s))
 
 
-GENERATORS: dict[str, Generator] = {"add": gen_add, "rev": gen_rev, "sort": gen_sort}
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+MIN_SPELL, MAX_SPELL = 3, 6  # digits to spell
+
+
+def gen_spell(rng: random.Random) -> tuple[str, str]:
+    """`spell:4059=` -> `four zero five nine`.
+
+    The long-answer domain (12-29 characters, so 13-30 tokens with EOS, against 4-8 for the others): a
+    lookup plus a copy, easy for a teacher, but a per-token loss spreads each sample over many more tokens,
+    which is what makes the short and the long domains compete unevenly (Open-MOPD's imbalance). Only in
+    worlds that list it (`configs/quickstart_4domain.yaml`); the quickstart's three domains are unchanged.
+    """
+    digits = [rng.randrange(10) for _ in range(rng.randint(MIN_SPELL, MAX_SPELL))]
+    return f"spell:{''.join(map(str, digits))}=", " ".join(DIGIT_WORDS[d] for d in digits)
+
+
+GENERATORS: dict[str, Generator] = {"add": gen_add, "rev": gen_rev, "sort": gen_sort, "spell": gen_spell}
 
 EOS = "<eos>"
 
