@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from mopd.atomic import write_text
 from mopd.config import ConfigError, MopdConfig, load_config
-from mopd.report import markdown_table
+from mopd.report import headroom_captured, markdown_table
 from mopd.train import train
 
 
@@ -54,9 +54,11 @@ def comparison_table(results: dict[str, dict]) -> str:
     parts = []
     for d in first["before"]:
         rows = [[name, r["steps"], round(r["train_s"]), r["before"][d]["acc"], r["after"][d]["acc"],
-                 r.get("teacher", {}).get(d, float("nan")), r["before"][d]["teacher_kl"], r["after"][d]["teacher_kl"]]
+                 r.get("teacher", {}).get(d, float("nan")),
+                 headroom_captured(r["before"][d]["acc"], r["after"][d]["acc"], r.get("teacher", {}).get(d, float("nan"))),
+                 r["before"][d]["teacher_kl"], r["after"][d]["teacher_kl"]]
                 for name, r in results.items()]
         parts.append(f"### {d}\n\n" + markdown_table(
-            ["run", "steps", "train s", "student before", "student after", "teacher", "teacher KL before",
-             "teacher KL after"], rows))
+            ["run", "steps", "train s", "student before", "student after", "teacher", "headroom captured",
+             "teacher KL before", "teacher KL after"], rows))
     return "\n\n".join(parts)
