@@ -105,6 +105,17 @@ def test_teacher_actor_scores_student_samples(actors, rollout_out, ray_local, ti
     assert all(len(k) == 3 for sc in top3 for k in sc.topk_ids)
 
 
+def _sgd_on(hf, seqs: list[list[int]], steps: int = 3) -> None:
+    """A real optimizer update of the trainer-side model: AdamW on the NLL of `seqs`, trainable weights only."""
+    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(steps):
+        loss = -sum(hf(torch.tensor([s])).logits.log_softmax(-1)[0, :-1].gather(-1, torch.tensor(s[1:])[:, None]).sum()
+                    for s in seqs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_weight_sync_makes_engine_match_trainer(actors, rollout_out, ray_local, tiny_world):
     student, _ = actors
     flat = [s for g in rollout_out for s in g][:12]
@@ -113,13 +124,7 @@ def test_weight_sync_makes_engine_match_trainer(actors, rollout_out, ray_local, 
     engine_before = ray_local.get(student.score_tokens.remote(seqs, plens))
     assert max_diff(engine_before, hf_logprobs(hf, seqs, plens)) < 1e-3
     # A real optimizer update of the trainer-side model (all weights, experts included).
-    opt = torch.optim.AdamW(hf.parameters(), lr=3e-3)
-    for _ in range(3):
-        loss = -sum(hf(torch.tensor([s])).logits.log_softmax(-1)[0, :-1].gather(-1, torch.tensor(s[1:])[:, None]).sum()
-                    for s in seqs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _sgd_on(hf, seqs)
     updated = hf_logprobs(hf, seqs, plens)
     stale = ray_local.get(student.score_tokens.remote(seqs, plens))
     assert max_diff(stale, updated) > 1e-2, "the update must change log-probs measurably"
@@ -148,13 +153,7 @@ def test_partial_weight_sync_with_frozen_experts(actors, rollout_out, ray_local,
     assert frozen and any(n.startswith("model.layers.1.mlp.experts") for n, _ in hf.named_parameters())
     for n, p in hf.named_parameters():
         p.requires_grad_(n not in frozen)
-    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=3e-3)
-    for _ in range(3):
-        loss = -sum(hf(torch.tensor([s])).logits.log_softmax(-1)[0, :-1].gather(-1, torch.tensor(s[1:])[:, None]).sum()
-                    for s in seqs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _sgd_on(hf, seqs)
     updated = hf_logprobs(hf, seqs, plens)
     sent = {k: v.detach().clone() for k, v in hf.state_dict().items() if k not in frozen}
     ray_local.get(student.update_weights.remote(sent, 7))
