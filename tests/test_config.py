@@ -218,3 +218,11 @@ def test_every_shipped_config_loads(path):
     served = {d for t in cfg.teachers.values() for d in t.domains}
     if cfg.student.path.startswith(cfg.world.dir):  # a quickstart world: a teacher for each of its domains
         assert served == set(cfg.world.domains), path
+
+
+def test_compare_spec_runs_all_load():
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(OmegaConf.load("configs/compare.yaml"))
+    for name, over in spec["runs"].items():
+        assert load_config(spec["base"], over).algorithm.objective in name  # each run trains what it is named for
