@@ -82,5 +82,10 @@ def test_killed_actor_is_restarted_and_the_run_finishes_every_step(tiny_world, r
     expected = [batch_digest([rows[i]["id"] for i in sampler.batch(s, cfg.trainer.prompts_per_step)])
                 for s in range(STEPS)]
     assert [m["data/batch_digest"] for m in records] == expected  # the same batches as an uninterrupted run
-    assert records[-1][key] == 1 and records[-1]["faults/redone_steps"] >= 1
+    assert records[-1][key] == 1
+    # A dead engine costs the step it was serving; a dead trainer worker costs the steps since the last
+    # checkpoint: none when the kill lands just after one (seen on a loaded CI machine), at most save_every
+    # plus the pipeline's one step in flight.
+    redone = records[-1]["faults/redone_steps"]
+    assert (1 if key == "faults/engine_restarts" else 0) <= redone <= 3, redone
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS}"
