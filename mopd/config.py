@@ -80,6 +80,14 @@ class LossAggMode(_Choice):
     domain_balanced = "domain-balanced"
 
 
+class AdvantageNorm(_Choice):
+    """`algorithm.advantage_norm`; the same strings as `rewards.advantages.ADVANTAGE_NORMS`."""
+
+    none = "none"
+    center = "center"
+    whiten = "whiten"
+
+
 class Correction(_Choice):
     none = "none"
     icepop = "icepop"
@@ -422,7 +430,7 @@ class AlgorithmConfig:
     advantage_clip: float | None = 10.0
     # none | center | whiten: the batch's teacher log-ratio advantage minus its mean over valid tokens (and
     # divided by its std), before the outcome term is added (`rewards.advantages.normalize_advantage`).
-    advantage_norm: str = "none"
+    advantage_norm: AdvantageNorm = AdvantageNorm.none
     # How per-token losses become the step's loss (`mopd.losses.agg_loss`): seq-mean-token-mean (each
     # sample weighs the same), token-mean (each token; verl's), domain-balanced (each domain present).
     loss_agg_mode: LossAggMode = LossAggMode.seq_mean_token_mean
@@ -443,8 +451,7 @@ class AlgorithmConfig:
         c.count("ppo_epochs", 1)
         c.num("ppo_clip", gt=0)
         c.num("advantage_clip", gt=0, null="no clamp")
-        _check(self.advantage_norm in ("none", "center", "whiten"), "algorithm.advantage_norm", self.advantage_norm,
-               "none | center | whiten")
+        c.choice("advantage_norm", AdvantageNorm)
         c.choice("loss_agg_mode", LossAggMode)
         needs_topk = self.objective in (ObjectiveName.reverse_kl, ObjectiveName.mixed)
         _check(not needs_topk or self.teacher_top_k != 0,

@@ -242,7 +242,7 @@ class AutoMix:
         if kl is None:
             raise RuntimeError(f"auto mix: batch {step} needs step {src}'s teacher KL, not observed yet")
         h = np.array([max(kl.get(d, 0.0), 0.0) for d in self.domains])
-        if h.sum() <= 0 or len(kl) < len([b for b in self.base if b > 0]):  # not every domain measured yet
+        if h.sum() <= 0 or len(kl) < int((self.base > 0).sum()):  # not every domain measured yet
             return self.base
         w = self.floor * self.base + (1 - self.floor) * h / h.sum()
         return w / w.sum()

@@ -324,7 +324,7 @@ class Trainer:
         if kind == "orm":
             return combine_advantages(torch.zeros_like(mask_BT), outcome_B, 1.0, mask_BT)
         a_mopd = normalize_advantage(mopd_advantage(teacher_BT, old_BT, mask_BT, clip=a.advantage_clip), mask_BT,
-                                     a.advantage_norm)
+                                     str(a.advantage_norm))
         return combine_advantages(a_mopd, outcome_B, a.alpha_orm, mask_BT)
 
     def optimize(self, b: TrainBatch, old_BT: torch.Tensor | None, adv_BT: torch.Tensor | None,

@@ -142,7 +142,6 @@ def grpo_outcome_advantage(
     return torch.where(keep_B, adv_B, torch.zeros_like(adv_B)).to(torch.float32)
 
 
-
 ADVANTAGE_NORMS = ("none", "center", "whiten")
 
 

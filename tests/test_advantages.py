@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rewards.advantages import (
+    ADVANTAGE_NORMS,
     DEFAULT_ADVANTAGE_CLIP,
     advantage_metrics,
     combine_advantages,
@@ -198,6 +199,15 @@ def test_normalize_advantage_hand_values_and_mask():
     assert normalize_advantage(torch.zeros(2, 3), torch.zeros(2, 3), "whiten").eq(0).all()
     with pytest.raises(ValueError, match="center"):
         normalize_advantage(adv, mask, "zscore")
+
+
+def test_advantage_norm_config_choice():
+    from mopd.config import AdvantageNorm, ConfigError, load_config
+
+    assert {m.value for m in AdvantageNorm} == set(ADVANTAGE_NORMS)
+    assert load_config("configs/quickstart.yaml", ["algorithm.advantage_norm=center"]).algorithm.advantage_norm == "center"
+    with pytest.raises(ConfigError, match="advantage_norm"):
+        load_config("configs/quickstart.yaml", ["algorithm.advantage_norm=zscore"])
 
 
 def test_centering_leaves_the_expected_policy_gradient_unchanged():
