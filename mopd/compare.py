@@ -33,7 +33,7 @@ def compare(spec_path: str, overrides: list[str], only: list[str] | None = None,
     missing = sorted(set(names) - set(spec["runs"]))
     if missing:
         raise ConfigError(f"unknown run names {missing}; {spec_path} defines: {sorted(spec['runs'])}")
-    results = {}
+    fresh = {}
     for name in names:
         cfg = load_config(spec["base"], [*spec["runs"][name], *overrides, f"experiment={name}",
                                          f"logging.run_dir={out / name}", "trainer.schedule_horizon=wallclock",
@@ -41,12 +41,35 @@ def compare(spec_path: str, overrides: list[str], only: list[str] | None = None,
         if prepare is not None:
             prepare(cfg)
         log(f"== {name}: {' '.join(spec['runs'][name])} for {spec['budget_s']} s")
-        results[name] = train(cfg, log=log, overwrite=overwrite)
+        fresh[name] = train(cfg, log=log, overwrite=overwrite)
+    results = gather_results(out, list(spec["runs"]), fresh, spec["budget_s"], log=log)
     table = comparison_table(results)
     write_text(out / "comparison.md", table + "\n")
     write_text(out / "comparison.json", json.dumps(results, indent=2))
     log(table)
     return table
+
+
+def gather_results(out: Path, names: list[str], fresh: dict[str, dict], budget_s: float,
+                   log=print) -> dict[str, dict]:
+    """The table covers every run of the spec that has a result, in the spec's order: an 80-minute
+    comparison is often run a few runs at a time (`--only`), and each call should print the whole table.
+    An earlier run is reused only if it was trained for this spec's budget."""
+    results = {}
+    for name in names:
+        if name in fresh:
+            results[name] = fresh[name]
+            continue
+        result, config = out / name / "result.json", out / name / "config.yaml"
+        if not (result.exists() and config.exists()):
+            continue
+        budget = OmegaConf.load(config).trainer.max_wallclock_s
+        if budget != budget_s:
+            log(f"not in the table: {out / name} was trained for {budget} s, this spec's budget is {budget_s} s")
+            continue
+        log(f"in the table from an earlier call: {out / name}")
+        results[name] = json.loads(result.read_text())
+    return results
 
 
 def comparison_table(results: dict[str, dict]) -> str:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from mopd.compare import comparison_table
+from mopd.compare import comparison_table, gather_results
 from mopd.report import headroom_captured, result_table
 
 
@@ -25,3 +26,20 @@ def test_tables_carry_the_headroom_column():
         header, row = [line for line in table.splitlines() if line.startswith("| ")][:2]
         cols = [c.strip() for c in header.split("|")[1:-1]]
         assert row.split("|")[1:-1][cols.index("headroom captured")].strip() == "0.500"
+
+
+def test_compare_table_gathers_earlier_runs_of_the_same_budget(tmp_path):
+    """`mopd compare --only B` prints B with the spec's other finished runs; a run of another budget is left out."""
+    def result(name):
+        return {"experiment": name, "objective": "sft", "steps": 1, "train_s": 1.0,
+                "before": {"add": {"acc": 0.2, "teacher_kl": 1.0}}, "after": {"add": {"acc": 0.4, "teacher_kl": 0.5}},
+                "teacher": {"add": 1.0}}
+    for name, budget in (("a", 600), ("c", 120)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps(result(name)))
+        (tmp_path / name / "config.yaml").write_text(f"trainer:\n  max_wallclock_s: {budget}\n")
+    lines: list[str] = []
+    got = gather_results(tmp_path, ["a", "b", "c", "d"], {"b": result("b")}, 600, log=lines.append)
+    assert list(got) == ["a", "b"]  # the spec's order; d never ran
+    assert got["a"] == result("a")
+    assert any("120" in line and "600" in line for line in lines)
