@@ -166,6 +166,17 @@ def test_good_input_still_works(capsys):
     assert "grad_clip: 0.5" in out and "advantage_clip: null" in out and "objective: reverse_kl" in out
 
 
+def test_overrides_may_follow_the_flags(capsys):
+    """`mopd compare SPEC --only X k=v` reaches the spec (here: its clear error for an unknown run name);
+    a stray flag or a bare word after the flags is still refused by argparse."""
+    assert main(["compare", "configs/compare.yaml", "--only", "nope", "trainer.steps=3"]) == 2
+    assert "unknown run names ['nope']" in capsys.readouterr().err
+    for extra in (["--bogus"], ["bogus"]):
+        with pytest.raises(SystemExit) as e:
+            main(["compare", "configs/compare.yaml", "--only", "nope", *extra])
+        assert e.value.code == 2 and f"unrecognized arguments: {extra[0]}" in capsys.readouterr().err
+
+
 def test_at_least_thirty_cases():
     assert len(OVERRIDES) + len(FILES) + 2 >= 30
     assert Path(QS).is_file()

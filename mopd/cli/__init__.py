@@ -137,7 +137,13 @@ def main(argv: list[str] | None = None) -> int:
 
     add_plan_parsers(sub)
 
-    args = p.parse_args(argv)
+    # `key=value` overrides may follow the flags (`mopd train CFG --overwrite trainer.steps=5`): argparse
+    # stops filling a positional list at the first flag and would refuse them.
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     debug = args.debug or os.environ.get("MOPD_DEBUG", "") not in ("", "0")
     try:
         return args.fn(args)
