@@ -208,7 +208,7 @@ def prune_checkpoints(run_dir: Path, keep: int, log: Callable[[str], None] | Non
 def load_checkpoint(ck: Path, trainer: Any) -> dict:
     """Restore optimizer/scheduler/RNG into a trainer built from `ck/model`; returns state.json."""
     if not (ck / "optim.pt").exists() and (ck / "accelerate").is_dir():
-        trainer.acc.load_state(str(ck / "accelerate"))  # a DeepSpeed checkpoint of mopd <= 0.14 (same worker count)
+        trainer.load_legacy_state(str(ck / "accelerate"))  # a DeepSpeed checkpoint of mopd <= 0.14 (same worker count)
     else:
         trainer.load_optimizer_state(torch.load(ck / "optim.pt", weights_only=True))
     rng = torch.load(ck / "rng.pt", weights_only=True)

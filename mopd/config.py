@@ -21,7 +21,6 @@ import dataclasses
 import difflib
 import math
 import re
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +31,9 @@ from typing import Any
 import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from mopd.objectives import OBJECTIVES
+from teachers.backends import TEACHER_BACKENDS
 
 
 class ConfigError(ValueError):
@@ -52,24 +54,8 @@ class Dtype(_Choice):
     float16 = "float16"
 
 
-class TeacherBackend(_Choice):
-    vllm = "vllm"  # an in-cluster vLLM engine actor per replica
-    vllm_server = "vllm_server"  # a `vllm serve` you run; one URL per replica
-    hf = "hf"  # a transformers forward in a Ray actor per replica (several teachers may share one: actor_group)
-
-
 class TokenizerAlignment(_Choice):
     none = "none"  # identical tokenizers required (the only mode today)
-
-
-class ObjectiveName(_Choice):
-    """`algorithm.objective`; the implementations are registered in `mopd.objectives.OBJECTIVES`."""
-
-    pg = "pg"
-    reverse_kl = "reverse_kl"
-    mixed = "mixed"
-    orm = "orm"
-    sft = "sft"
 
 
 class LossAggMode(_Choice):
@@ -248,7 +234,8 @@ class TeacherConfig:
 
     path: str = MISSING  # Hugging Face model folder (vllm backend)
     domains: list[str] = field(default_factory=list)  # non-empty; each domain served by one teacher
-    backend: TeacherBackend = TeacherBackend.vllm  # vllm | vllm_server | hf
+    # A registered teacher backend (teachers.backends): vllm | hf | vllm_server, or one registered in code.
+    backend: str = "vllm"
     replicas: int = 1  # >= 1; vllm_server: one per URL
     dtype: Dtype = Dtype.float32
     # Each replica's placement-group bundle; null: rollout.num_cpus_per_engine / num_gpus_per_engine.
@@ -272,7 +259,6 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         # Coerce plain strings (direct construction); the ranges need the name: see `check`.
-        self.backend = _coerce("teachers.<name>.backend", self.backend, TeacherBackend)
         self.dtype = _coerce("teachers.<name>.dtype", self.dtype, Dtype)
         self.tokenizer_alignment = _coerce("teachers.<name>.tokenizer_alignment", self.tokenizer_alignment,
                                            TokenizerAlignment)
@@ -280,7 +266,11 @@ class TeacherConfig:
     def check(self, key: str) -> None:
         """Validate this teacher as `key` (`teachers.<name>`); a vllm_server teacher's replicas = its URLs."""
         c = _Checker(key, self)
-        c.text("path", "a Hugging Face model folder (for vllm_server: the tokenizer source)")
+        _check(self.backend in TEACHER_BACKENDS, f"{key}.backend", self.backend,
+               " | ".join(TEACHER_BACKENDS) + " (register others with teachers.backends.register_teacher_backend)")
+        backend = TEACHER_BACKENDS[self.backend]
+        c.text("path", "a Hugging Face model folder (for a remote backend such as vllm_server: the tokenizer "
+                       "source)")
         c.names("domains", _DOMAIN, "domain names (no spaces or '/')")
         c.count("replicas", 1)
         c.num("num_cpus", ge=0, null="rollout.num_cpus_per_engine")
@@ -292,27 +282,29 @@ class TeacherConfig:
         c.count("max_concurrency", 1)
         c.count("request_batch_size", 1)
         if self.actor_group is not None:
-            _check(self.backend == TeacherBackend.hf and isinstance(self.actor_group, str)
+            sharing = " | ".join(n for n, b in TEACHER_BACKENDS.items() if b.shares_actor)
+            _check(backend.shares_actor and isinstance(self.actor_group, str)
                    and bool(_TEACHER_NAME.fullmatch(self.actor_group)), f"{key}.actor_group", self.actor_group,
-                   "null, or with backend hf a group name of letters, digits, '_' and '-' (teachers naming the "
-                   "same group share one actor)")
+                   f"null, or with backend {sharing} a group name of letters, digits, '_' and '-' (teachers naming "
+                   "the same group share one actor)")
         if self.api_key_env is not None:
             _check(bool(_ENV_NAME.fullmatch(self.api_key_env)), f"{key}.api_key_env", "<hidden>",
                    "the NAME of an environment variable that holds the key (e.g. MATH_TEACHER_API_KEY), "
                    "never the key")
-        if self.backend != TeacherBackend.vllm_server:
+        if not backend.remote:
+            remote = " | ".join(n for n, b in TEACHER_BACKENDS.items() if b.remote)
             _check(not self.urls, f"{key}.urls", self.urls,
-                   f"no urls for backend {self.backend} (urls are for backend vllm_server)")
+                   f"no urls for backend {self.backend} (urls are for backend {remote})")
             return
         _check(bool(self.urls), f"{key}.urls", self.urls,
-               "one base URL per `vllm serve` replica, e.g. [http://127.0.0.1:8100], for backend vllm_server")
+               f"one base URL per server replica, e.g. [http://127.0.0.1:8100], for backend {self.backend}")
         for u in self.urls:
             _check(isinstance(u, str) and bool(_URL.fullmatch(u)), f"{key}.urls", u,
                    "base URLs like http://127.0.0.1:8100 (scheme http or https, host, port)")
         _check(len(set(self.urls)) == len(self.urls), f"{key}.urls", self.urls,
                "distinct URLs (one per server)")
         _check(self.replicas in (1, len(self.urls)), f"{key}.replicas", self.replicas,
-               f"{len(self.urls)} (one replica per URL) or leave it out: a vllm_server teacher has one "
+               f"{len(self.urls)} (one replica per URL) or leave it out: a {self.backend} teacher has one "
                "replica per URL")
         self.replicas = len(self.urls)
 
@@ -397,23 +389,13 @@ class RolloutConfig:
         c.num("eval_temperature", ge=0, note="0: greedy")
 
 
-def _registered_objectives() -> list[str]:
-    """The built-in objectives, plus any registered in `mopd.objectives` when something imported it (reading
-    the registry only when it is already loaded keeps torch out of `mopd config show`)."""
-    names = [o.value for o in ObjectiveName]
-    registry = sys.modules.get("mopd.objectives")
-    if registry is not None:
-        names += [n for n in registry.OBJECTIVES if n not in names]
-    return names
-
-
 @dataclass
 class AlgorithmConfig:
     # pg: sampled-token MOPD advantage (MiMo Eq. 7); reverse_kl: top-k reverse KL to the teacher;
     # mixed: pg + kl_coef * reverse_kl; orm: outcome-only RL (GRPO advantages, no teacher);
     # sft: off-policy SFT on teacher samples (baseline); or any name registered with
     # `mopd.objectives.register_objective` by code imported before the config is loaded.
-    objective: str = ObjectiveName.pg.value
+    objective: str = "pg"
     alpha_orm: float = 0.0  # >= 0; weight of the group-normalised outcome advantage
     kl_coef: float = 1.0  # >= 0; weight of the reverse-KL term in `mixed`
     teacher_top_k: int = 0  # 0: sampled token only; -1: the whole vocabulary; k >= 1: top-k
@@ -437,9 +419,8 @@ class AlgorithmConfig:
 
     def __post_init__(self) -> None:
         c = _Checker("algorithm", self)
-        registered = _registered_objectives()
-        _check(self.objective in registered, "algorithm.objective", self.objective,
-               " | ".join(registered) + " (register others with mopd.objectives.register_objective)")
+        _check(self.objective in OBJECTIVES, "algorithm.objective", self.objective,
+               " | ".join(OBJECTIVES) + " (register others with mopd.objectives.register_objective)")
         c.num("alpha_orm", ge=0, note="0: pure on-policy distillation")
         c.num("kl_coef", ge=0)
         c.num("teacher_top_k", ge=-1, integer=True,
@@ -453,8 +434,7 @@ class AlgorithmConfig:
         c.num("advantage_clip", gt=0, null="no clamp")
         c.choice("advantage_norm", AdvantageNorm)
         c.choice("loss_agg_mode", LossAggMode)
-        needs_topk = self.objective in (ObjectiveName.reverse_kl, ObjectiveName.mixed)
-        _check(not needs_topk or self.teacher_top_k != 0,
+        _check(not OBJECTIVES[self.objective].needs_teacher_topk or self.teacher_top_k != 0,
                "algorithm.teacher_top_k", self.teacher_top_k,
                f"-1 or k >= 1 when algorithm.objective={self.objective} (the KL needs the teacher's top-k)")
 
@@ -711,23 +691,26 @@ class MopdConfig:
 def validate(cfg: MopdConfig) -> None:
     """Checks that span sections; each section's own ranges ran in its `__post_init__`."""
     a = cfg.algorithm
-    if a.objective != ObjectiveName.orm:
+    objective = OBJECTIVES[a.objective]
+    if objective.needs_teachers:
+        alone = [n for n, o in OBJECTIVES.items() if not o.needs_teachers]
         _check(bool(cfg.teachers), "teachers", {},
                f"at least one teacher (teachers.<name>.path and .domains) for "
-               f"algorithm.objective={a.objective}; only objective orm trains without teachers")
-    if a.objective == ObjectiveName.orm or a.alpha_orm > 0:
-        what = ("algorithm.objective=orm" if a.objective == ObjectiveName.orm
-                else f"algorithm.alpha_orm={a.alpha_orm}")
+               f"algorithm.objective={a.objective}; only {' | '.join(alone) or 'no objective'} trains without teachers")
+    if objective.estimator.uses_outcome(a):
+        what = (f"algorithm.alpha_orm={a.alpha_orm}" if a.alpha_orm > 0 and objective.advantage == "mopd"
+                else f"algorithm.objective={a.objective}")
         _check(cfg.rollout.n >= 2, "rollout.n", cfg.rollout.n,
                f"an integer >= 2 with {what}: the outcome advantage is normalised within each prompt's group "
                "of samples, so one sample per prompt gives it zero")
+    if cfg.data.auto_mix.enabled:
+        _check(objective.needs_teacher_scores, "data.auto_mix.enabled", True,
+               f"false with algorithm.objective={a.objective}: auto-mix follows each domain's teacher KL, which "
+               "that objective never measures")
     if cfg.data.default_teacher is not None:
         _check(cfg.data.default_teacher in cfg.teachers, "data.default_teacher", cfg.data.default_teacher,
                f"null or one of the configured teachers: {sorted(cfg.teachers)}")
     _validate_placement(cfg)
-
-
-_validate = validate  # the old private name
 
 
 def _validate_placement(cfg: MopdConfig) -> None:
@@ -736,7 +719,7 @@ def _validate_placement(cfg: MopdConfig) -> None:
     bundles = [("rollout.num_cpus_per_engine", "rollout.num_gpus_per_engine", r.num_cpus_per_engine,
                 r.num_gpus_per_engine), ("trainer.num_cpus", "trainer.num_gpus", t.num_cpus, t.num_gpus)]
     for name, tc in cfg.teachers.items():
-        if tc.backend == TeacherBackend.vllm_server:
+        if TEACHER_BACKENDS[tc.backend].remote:
             continue  # its replicas run elsewhere: nothing is reserved for them
         bundles.append((f"teachers.{name}.num_cpus", f"teachers.{name}.num_gpus",
                         r.num_cpus_per_engine if tc.num_cpus is None else tc.num_cpus,

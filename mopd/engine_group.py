@@ -12,13 +12,11 @@ import ray
 from transformers import AutoConfig
 
 from mopd.config import ConfigError, MopdConfig
-from mopd.placement import Placement, reserve, teacher_role
+from mopd.placement import Placement, reserve, teacher_roles
 from rollout.actors import start_student_engines
 from rollout.types import EngineSpec
-from teachers.hf_teacher import start_hf_group
-from teachers.http_teacher import start_server_teacher
+from teachers.backends import TeacherLaunch, get_teacher_backend
 from teachers.registry import TeacherRegistry
-from teachers.vllm_teacher import start_teacher
 
 
 @dataclass
@@ -75,7 +73,7 @@ def max_model_len(cfg: MopdConfig) -> int:
     scoring request generates; refused up front if a model cannot hold it."""
     need = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens + 1
     # A server teacher's context is its server's (checked by the teacher preflight), not its `path`'s.
-    local = [(f"teacher '{n}'", t.path) for n, t in cfg.teachers.items() if t.backend != "vllm_server"]
+    local = [(f"teacher '{n}'", t.path) for n, t in cfg.teachers.items() if not get_teacher_backend(t.backend).remote]
     for name, path in [("student", cfg.student.path), *local]:
         limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
         if limit is not None and need > limit:
@@ -121,23 +119,22 @@ def start_engines(cfg: MopdConfig, registry: TeacherRegistry, placement: Placeme
 
 def start_teachers(cfg: MopdConfig, registry: TeacherRegistry, placement: Placement,
                    mml: int | None = None) -> dict[str, list[Any]]:
-    """One actor per replica and teacher: a vLLM engine in its bundle (backend vllm), a transformers
-    forward in its bundle (backend hf; teachers of one `actor_group` share one actor per replica), or a
-    client of one `vllm serve` URL that reserves nothing (backend vllm_server). Not waited on here."""
+    """Each placement role's teachers started by their backend (teachers.backends): one actor per replica in
+    the role's bundles (teachers of one `actor_group` share it), or, for a remote backend, a client per URL
+    that reserves nothing. Not waited on here."""
     mml = mml or max_model_len(cfg)
-    out: dict[str, list[Any]] = {}
-    hf: dict[str, dict[str, EngineSpec]] = {}  # bundle role -> its hf teachers' specs
+    roles = {name: role for role, names in teacher_roles(cfg).items() for name in names}
+    groups: dict[str, list[TeacherLaunch]] = {}  # role (or the remote teacher's own name) -> its teachers
     for name, spec in registry.teachers.items():
-        if cfg.teachers[name].backend == "vllm_server":
-            out[name] = start_server_teacher(name, cfg.teachers[name], cfg.ray.max_restarts)
-            continue
-        role = teacher_role(cfg, name)
-        spec_t = engine_spec(cfg, spec.path, dtype=spec.dtype, max_model_len=mml,
-                             max_top_k=cfg.algorithm.teacher_top_k, **placement.plan.actor_resources(role))
-        if cfg.teachers[name].backend == "hf":
-            hf.setdefault(role, {})[name] = spec_t
-            continue
-        out[name] = start_teacher(spec_t, spec.replicas, placement.strategies(role))
-    for role, specs in hf.items():
-        out.update(start_hf_group(specs, registry.teachers[next(iter(specs))].replicas, placement.strategies(role)))
+        tcfg, role = cfg.teachers[name], roles.get(name)
+        launch = TeacherLaunch(name, tcfg, None, cfg.ray.max_restarts)
+        if role is not None:  # in the cluster: an engine spec in its bundle
+            launch.spec = engine_spec(cfg, spec.path, dtype=spec.dtype, max_model_len=mml,
+                                      max_top_k=cfg.algorithm.teacher_top_k, **placement.plan.actor_resources(role))
+        groups.setdefault(role or f"remote:{name}", []).append(launch)
+    out: dict[str, list[Any]] = {}
+    for role, launches in groups.items():
+        backend = get_teacher_backend(launches[0].config.backend)
+        out.update(backend.starter()(launches, registry.teachers[launches[0].name].replicas,
+                                     placement.strategies(role)))
     return {name: out[name] for name in registry.teachers}

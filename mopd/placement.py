@@ -2,7 +2,7 @@
 trainer, sized from the config, so that a run either gets every resource it needs before step 1 or
 stops with a message that says what was asked for and what the cluster has.
 
-Roles name the bundles: "student", "teacher:<name>", "hf_group:<group>" (hf teachers sharing one actor), "trainer".
+Roles name the bundles: "student", "teacher:<name>", "hf_group:<group>" (teachers sharing one actor), "trainer".
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mopd.config import ConfigError, MopdConfig
 from mopd.ray_cluster import cluster_address
+from teachers.backends import get_teacher_backend
 
 
 @dataclass
@@ -71,21 +72,17 @@ def plan_bundles(cfg: MopdConfig, trainer: bool = True) -> BundlePlan:
 
 
 def teacher_roles(cfg: MopdConfig) -> dict[str, list[str]]:
-    """Bundle role -> the teachers whose actors fill it, in config order: "teacher:<name>" for a vLLM or hf
-    teacher of its own, "hf_group:<group>" for hf teachers sharing one actor; a vllm_server teacher runs
-    elsewhere, so it has none."""
+    """Bundle role -> the teachers whose actors fill it, in config order: "teacher:<name>" for a teacher of
+    its own, "<backend>_group:<group>" for teachers sharing one actor (`actor_group`, e.g. hf_group:small); a
+    remote teacher (vllm_server) runs elsewhere, so it has none."""
     roles: dict[str, list[str]] = {}
     for name, t in cfg.teachers.items():
-        if t.backend == "vllm_server":
+        backend = get_teacher_backend(t.backend)
+        if backend.remote:
             continue
-        group = t.actor_group if t.backend == "hf" else None
-        roles.setdefault(f"teacher:{name}" if group is None else f"hf_group:{group}", []).append(name)
+        group = t.actor_group if backend.shares_actor else None
+        roles.setdefault(f"teacher:{name}" if group is None else f"{t.backend}_group:{group}", []).append(name)
     return roles
-
-
-def teacher_role(cfg: MopdConfig, name: str) -> str:
-    """The bundle role of teacher `name` (see `teacher_roles`)."""
-    return next(role for role, names in teacher_roles(cfg).items() if name in names)
 
 
 @dataclass

@@ -20,13 +20,12 @@ from typing import Any
 import ray
 
 from mopd.batch import TrainBatch, build_batch
-from mopd.config import ConfigError, MopdConfig
+from mopd.config import MopdConfig
 from mopd.data import AutoMix, DomainMixSampler
 from mopd.objectives import get_objective
 from mopd.samples import ScoredSample
 from mopd.timing import timed
 from rewards.verifiers import verify
-from rollout.actors import split_evenly
 from rollout.types import Sample
 from teachers.registry import TeacherRegistry
 
@@ -53,10 +52,7 @@ class BatchProducer:
         self.tokenizer, self.rows, self.prompt_ids = tokenizer, rows, prompt_ids
         self.sampler = DomainMixSampler(rows, cfg.data.domain_mix, cfg.trainer.seed)
         self.objective = get_objective(cfg.algorithm.objective)
-        am = cfg.data.auto_mix
-        if am.enabled and not self.objective.needs_teacher_scores:
-            raise ConfigError(f"data.auto_mix follows each domain's teacher KL, which algorithm.objective="
-                              f"{cfg.algorithm.objective} never measures; turn data.auto_mix.enabled off for it")
+        am = cfg.data.auto_mix  # refused by the config where the objective measures no teacher KL
         self.auto_mix = (AutoMix(self.sampler.domains, self.sampler.weights, am.ema, am.floor,
                                  cfg.trainer.max_staleness) if am.enabled else None)
 
@@ -274,7 +270,7 @@ def submit_rollout(engines: list[Any], prompt_ids: list[list[int]], *, n: int, t
                    max_tokens: int, seed: int) -> tuple[list[Any], list[list[int]]]:
     """One generate call per engine over a contiguous chunk of the prompts, submitted without waiting:
     `(futures, chunks)`, the prompt indices of each call, in order (engines without a prompt get none)."""
-    chunks = split_evenly(list(range(len(prompt_ids))), len(engines))
+    chunks = contiguous_chunks(list(range(len(prompt_ids))), len(engines))
     futures = [eng.generate.remote([prompt_ids[i] for i in ch], n=n, temperature=temperature, top_p=top_p,
                                    max_tokens=max_tokens, seed=seed + (ch[0] if ch else 0) * 7919)
                for eng, ch in zip(engines, chunks, strict=True) if ch]
@@ -287,7 +283,7 @@ def teacher_rollout(teachers: dict[str, list[Any]], registry: TeacherRegistry, p
     by_teacher = registry.group([r["domain"] for r in rows], [r["id"] for r in rows])
     pending = []
     for name, idx in by_teacher.items():
-        for actor, part in zip(teachers[name], split_evenly(idx, len(teachers[name])), strict=True):
+        for actor, part in zip(teachers[name], contiguous_chunks(idx, len(teachers[name])), strict=True):
             if part:
                 pending.append((name, part, actor.generate.remote([prompt_ids[i] for i in part], n=n,
                                                                   temperature=temperature, max_tokens=max_tokens,
@@ -312,7 +308,7 @@ def submit_scores(teachers: dict[str, list[Any]], registry: TeacherRegistry, sam
     pending = []
     for name, idx in by_teacher.items():
         replicas = teachers[name]
-        for actor, part in zip(replicas, split_evenly(idx, len(replicas)), strict=True):
+        for actor, part in zip(replicas, contiguous_chunks(idx, len(replicas)), strict=True):
             if not part:
                 continue
             seqs = [samples[i].sample.prompt_ids + samples[i].sample.response_ids for i in part]
@@ -346,3 +342,13 @@ def verify_samples(samples: list[ScoredSample], tokenizer: Any) -> None:
             s.score = verify(s.domain, s.text, str(s.row["answer"]), s.row.get("verifier"))
 
 
+def contiguous_chunks(items: list, parts: int) -> list[list]:
+    """Contiguous chunks, sizes differing by at most one, so results concatenate back in order (one chunk
+    per engine or replica)."""
+    k, r = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + k + (1 if i < r else 0)
+        out.append(items[start:end])
+        start = end
+    return out

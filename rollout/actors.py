@@ -35,14 +35,3 @@ def start_student_engines(spec: EngineSpec, num_engines: int, scheduling: list[A
     return [engine_actor(StudentEngine, spec, at(scheduling, i)).remote(
         spec.model_path, **{**spec.engine_kwargs(), "seed": spec.seed + i}, capture_routing=spec.capture_routing)
             for i in range(num_engines)]
-
-
-def split_evenly(items: list, parts: int) -> list[list]:
-    """Contiguous chunks, sizes differing by at most one, so results concatenate back in order."""
-    k, r = divmod(len(items), parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + k + (1 if i < r else 0)
-        out.append(items[start:end])
-        start = end
-    return out

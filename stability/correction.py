@@ -34,6 +34,7 @@ __all__ = [
     "sequence_mask_weights",
     "zero_weight_fraction",
     "correction_weights",
+    "correction_metrics",
 ]
 
 # exp(+-20) bounds every ratio to [2e-9, 4.9e8]: far beyond any band, and never overflows fp32.
@@ -178,11 +179,8 @@ def correction_weights(
     """
     if mode not in CORRECTION_MODES:
         raise ValueError(f"unknown correction mode {mode!r}; allowed: {' | '.join(CORRECTION_MODES)}")
-    valid_BT = mask_BT.bool()
-    n_valid = int(valid_BT.sum().item())
     if mode == "none":
-        weights_BT = valid_BT.float()
-        nonfinite = 0
+        weights_BT = mask_BT.bool().float()
     else:
         if rollout_logprobs_BT is None:
             raise ValueError(f"correction mode {mode!r} needs the rollout engine's log-probs (mu)")
@@ -192,12 +190,27 @@ def correction_weights(
             weights_BT = tis_weights(old_logprobs_BT, rollout_logprobs_BT, mask_BT, cap=cap)
         else:
             weights_BT = sequence_mask_weights(old_logprobs_BT, rollout_logprobs_BT, mask_BT, low=low, high=high)
+    return weights_BT, correction_metrics(mode, weights_BT, old_logprobs_BT, rollout_logprobs_BT, mask_BT)
+
+
+def correction_metrics(
+    mode: str,
+    weights_BT: Tensor,
+    old_logprobs_BT: Tensor,
+    rollout_logprobs_BT: Tensor | None,
+    mask_BT: Tensor,
+) -> dict[str, float]:
+    """The metrics of :func:`correction_weights` from weights already formed (a trainer that forms them micro-batch
+    by micro-batch reports the whole batch's once, from the weights it trained with)."""
+    valid_BT = mask_BT.bool()
+    n_valid = int(valid_BT.sum().item())
+    nonfinite = 0
+    if mode != "none" and rollout_logprobs_BT is not None:
         _, ok_BT = safe_log_ratio(old_logprobs_BT, rollout_logprobs_BT, mask_BT)
         nonfinite = n_valid - int(ok_BT.sum().item())
     denom = max(n_valid, 1)
-    metrics = {
+    return {
         "icepop/masked_frac": zero_weight_fraction(weights_BT, mask_BT),
         "correction/nonfinite_frac": nonfinite / denom,
         "correction/weight_mean": float((weights_BT * valid_BT).sum().item()) / denom,
     }
-    return weights_BT, metrics

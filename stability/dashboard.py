@@ -122,7 +122,7 @@ def load_runs(run_dirs: Iterable[str | Path]) -> list[RunData]:
 # ---------------------------------------------------------------------------------------------- panels
 
 def _domains(names: Iterable[str]) -> list[str]:
-    pats = [r"^mopd/teacher_kl/([^/]+)$", r"^reward/([^/]+)/(acc|mean)$", r"^eval/([^/]+)/(acc|teacher_kl)$"]
+    pats = [r"^mopd/teacher_kl/([^/]+)$", r"^reward/([^/]+)/(acc|mean)$", r"^eval/([^/]+)/(acc|rollout_teacher_kl)$"]
     return sorted({m.group(1) for n in names for p in pats if (m := re.match(p, n))})
 
 
@@ -154,7 +154,7 @@ def _specs(runs: list[RunData]) -> list[Panel]:
     doms = _domains(names)
     for d in doms:
         panels.append(Panel(f"Teacher KL · {d}", sec, [
-            Curve(f"mopd/teacher_kl/{d}", "train"), Curve(f"eval/{d}/teacher_kl", "eval", EVAL_DASH)]))
+            Curve(f"mopd/teacher_kl/{d}", "train"), Curve(f"eval/{d}/rollout_teacher_kl", "eval", EVAL_DASH)]))
     for d in doms:
         panels.append(Panel(f"Accuracy · {d}", sec, [
             Curve(f"reward/{d}/acc", "train reward"), Curve(f"eval/{d}/acc", "eval", EVAL_DASH)], yfix=(0, 1)))

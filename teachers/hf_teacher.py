@@ -351,5 +351,10 @@ def start_hf_group(specs: dict[str, EngineSpec], replicas: int, scheduling: list
     return {name: [teacher_handle(a, name) for a in actors] for name in specs}
 
 
+def start_hf_teachers(launches: list[Any], replicas: int, scheduling: list[Any] | None = None) -> dict[str, list[Any]]:
+    """The `hf` backend's start function (teachers.backends): the launches share one actor per replica."""
+    return start_hf_group({t.name: t.spec for t in launches}, replicas, scheduling)
+
+
 def _first_set(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)

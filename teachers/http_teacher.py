@@ -427,6 +427,16 @@ def start_server_teacher(name: str, tcfg: Any, max_restarts: int = 0) -> list[An
     return [cls.remote(name, url, **client_kwargs(tcfg)) for url in tcfg.urls]
 
 
+def start_server_teachers(launches: list[Any], replicas: int, scheduling: list[Any] | None = None) -> dict[str, list[Any]]:
+    """The `vllm_server` backend's start function (teachers.backends): one client actor per URL."""
+    return {t.name: start_server_teacher(t.name, t.config, t.max_restarts) for t in launches}
+
+
+def server_clients(name: str, tcfg: Any) -> list[ServerTeacher]:
+    """The `vllm_server` backend's in-process handles, one per URL (no Ray: `mopd teachers check`)."""
+    return [ServerTeacher(name, u, **client_kwargs(tcfg)) for u in tcfg.urls]
+
+
 def client_kwargs(tcfg: Any) -> dict:
     """`ServerTeacher` arguments from a `TeacherConfig` (everything but the URL)."""
     return {"path": tcfg.path, "served_model": tcfg.served_model, "timeout_s": tcfg.timeout_s,

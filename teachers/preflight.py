@@ -9,7 +9,7 @@ figure and, on failure, how to fix it.
 Works on Ray actor handles (training) and on plain in-process objects (`ServerTeacher` in the CLI)
 alike: both expose `ready()`, `score()` and, for servers, `tokenize()`.
 
-`check_models` runs before any engine starts (training and `mopd teachers check`): every local model folder
+`check_model_folders` runs before any engine starts (training and `mopd teachers check`): every local model folder
 (the student, or the checkpoint a resume loads, and each in-cluster teacher) must hold a `config.json` and
 weights whose every tensor is finite, and `algorithm.teacher_top_k` must fit the vocabulary. A NaN weight
 would otherwise pass as a teacher that "is not deterministic" or a student that diverges at step 3.
@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
+from teachers.backends import get_teacher_backend
 from teachers.http_teacher import serve_command
 from teachers.tokenizer_check import tokenizer_mismatch
 
@@ -85,7 +86,7 @@ def run_preflight(cfg: Any, teachers: dict[str, list[Any]], student_tokenizer: A
 
 def check_teacher(name: str, tcfg: Any, handles: list[Any], student_tokenizer: Any, probe: Probe, *,
                   top_k: int, need_len: int) -> list[Check]:
-    server = tcfg.backend == "vllm_server"
+    server = get_teacher_backend(tcfg.backend).remote
     out = [_tokenizer_check(name, tcfg.path, student_tokenizer)]
     first: list[float] | None = None
     healthy: list[tuple[Any, dict]] = []
@@ -174,8 +175,8 @@ _CHUNK = 1 << 24  # elements per isfinite pass: bounded memory on a multi-GB emb
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # `org/name`; absolute, ./ and deeper paths are local
 
 
-def check_models(cfg: Any, student_path: str | None = None, log: Callable[[str], None] | None = None, *,
-                 weights: bool = True) -> list[str]:
+def check_model_folders(cfg: Any, student_path: str | None = None, log: Callable[[str], None] | None = None, *,
+                        weights: bool = True) -> list[str]:
     """Refuse unusable model folders before Ray or any engine starts; returns one line per folder checked.
 
     The student (or `student_path`: the checkpoint's `model` folder a resume loads) and every in-cluster
@@ -190,7 +191,7 @@ def check_models(cfg: Any, student_path: str | None = None, log: Callable[[str],
     if resumed:  # the tokenizer still comes from student.path
         folders.append(("student.path", str(cfg.student.path), "student tokenizer source"))
     folders += [(f"teachers.{n}.path", t.path, f"teacher '{n}'") for n, t in cfg.teachers.items()
-                if t.backend != "vllm_server"]
+                if not get_teacher_backend(t.backend).remote]
     problems: list[str] = []
     lines: list[str] = []
     vocab: list[tuple[int, str, str]] = []
@@ -369,7 +370,7 @@ def _nonfinite_weight_message(who: str, key: str, path: str, file: str, tensor: 
 
 def _nonfinite_hint(name: str, tcfg: Any) -> str:
     """Why a teacher returns NaN/inf log-probs: a non-finite weight in its folder, or else overflow."""
-    server = tcfg.backend == "vllm_server"
+    server = get_teacher_backend(tcfg.backend).remote
     bad = None
     folder = Path(tcfg.path)
     if folder.is_dir() and weight_files(folder):
@@ -507,15 +508,9 @@ def _call(handle: Any, method: str, *args: Any) -> Any:
 
 
 def _reach_hint(name: str, tcfg: Any, where: str, top_k: int) -> str:
-    if tcfg.backend == "hf":
-        return (f"the hf teacher actor did not start: check teachers.{name}.path (a model folder transformers "
-                f"can load with AutoModelForCausalLM) and memory (teachers.{name}.dtype, the bundle's CPUs/GPUs)")
-    if tcfg.backend != "vllm_server":
-        return (f"the in-cluster engine did not start: check teachers.{name}.path (a model folder vLLM can load) "
-                "and memory (rollout.kv_cache_gb, rollout.gpu_memory_utilization)")
-
-    return (f"start it with `{serve_command(tcfg.path, where, _vocab_size(tcfg.path) or 'VOCAB')}` "
-            f"or fix teachers.{name}.urls")
+    hint = get_teacher_backend(tcfg.backend).start_hint
+    serve = serve_command(tcfg.path, where, _vocab_size(tcfg.path) or "VOCAB") if "{serve_command}" in hint else ""
+    return hint.format(name=name, where=where, serve_command=serve)
 
 
 def _vocab_size(path: str) -> int | None:

@@ -41,3 +41,8 @@ def start_teacher(spec: EngineSpec, replicas: int, scheduling: list[Any] | None 
     """One engine actor per replica (not waited on)."""
     return [engine_actor(TeacherEngine, spec, at(scheduling, i)).remote(
         spec.model_path, max_top_k=spec.max_top_k, **spec.engine_kwargs()) for i in range(replicas)]
+
+
+def start_vllm_teachers(launches: list[Any], replicas: int, scheduling: list[Any] | None = None) -> dict[str, list[Any]]:
+    """The `vllm` backend's start function (teachers.backends): one engine actor per replica and teacher."""
+    return {t.name: start_teacher(t.spec, replicas, scheduling) for t in launches}

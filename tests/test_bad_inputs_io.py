@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from tiny_models import save_tiny_models, set_weight
 
 import mopd.ray_cluster
-import mopd.train
+import mopd.session
 from mopd.cli import main
 
 NAN_STUDENT_WEIGHT = "model.layers.0.mlp.gate.weight"  # the first MoE router
@@ -40,7 +40,7 @@ def _reached_ray(*args, **kwargs):
 @pytest.fixture(autouse=True)
 def no_ray(monkeypatch):
     """A tripwire, not a stand-in: every case here must fail before the run needs Ray."""
-    monkeypatch.setattr(mopd.train, "init_ray", _reached_ray)
+    monkeypatch.setattr(mopd.session, "init_ray", _reached_ray)
     monkeypatch.setattr(mopd.ray_cluster, "init_ray", _reached_ray)
 
 
@@ -216,9 +216,9 @@ def test_bad_model_folder(capsys, tmp_path, models, command, name, overrides, fr
 
 def test_good_models_pass_the_model_check(tmp_path, models):
     from mopd.config import load_config
-    from teachers.preflight import check_models
+    from teachers.preflight import check_model_folders
 
-    lines = check_models(load_config(write_config(tmp_path, models), ["algorithm.teacher_top_k=64"]))
+    lines = check_model_folders(load_config(write_config(tmp_path, models), ["algorithm.teacher_top_k=64"]))
     assert any(ln.startswith("student: ") and "every weight finite" in ln for ln in lines), lines
     assert any(ln.startswith("teacher 't': ") and "every weight finite" in ln for ln in lines), lines
 

@@ -74,7 +74,7 @@ def eval_row(step: int) -> dict:
     row: dict = {"step": step}
     for i, d in enumerate(DOMAINS):
         row[f"eval/{d}/acc"] = min(1.0, 0.25 * i + 0.02 * step)
-        row[f"eval/{d}/teacher_kl"] = (1 + i) * math.exp(-step / 12)
+        row[f"eval/{d}/rollout_teacher_kl"] = (1 + i) * math.exp(-step / 12)
     return row
 
 
@@ -228,7 +228,7 @@ def test_check_command_report_and_exit_codes(tmp_path: Path, healthy_run: Path, 
 
 # ---------------------------------------------------------------------------------------------- figures
 
-LISTED = [f"mopd/teacher_kl/{d}" for d in DOMAINS] + [f"eval/{d}/teacher_kl" for d in DOMAINS] + \
+LISTED = [f"mopd/teacher_kl/{d}" for d in DOMAINS] + [f"eval/{d}/rollout_teacher_kl" for d in DOMAINS] + \
     [f"reward/{d}/acc" for d in DOMAINS] + [f"eval/{d}/acc" for d in DOMAINS] + ["mopd/teacher_kl"] + \
     [f"rollout_corr/{m}" for m in ("kl", "k3_kl", "chi2_token", "chi2_seq", "log_ppl_diff", "log_ppl_abs_diff",
                                    "ppl_ratio", "training_ppl", "rollout_ppl", "extreme_token_frac@2")] + \

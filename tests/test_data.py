@@ -169,11 +169,11 @@ def test_sampler_draws_by_the_given_weights():
 
 def test_auto_mix_config_errors():
     from mopd.config import ConfigError, load_config
-    from mopd.producer import BatchProducer
 
     with pytest.raises(ConfigError, match="data.auto_mix.floor"):
         load_config("configs/quickstart.yaml", ["data.auto_mix.floor=1.5"])
-    cfg = load_config("configs/quickstart.yaml", ["data.auto_mix.enabled=true", "algorithm.objective=sft"])
-    rows = [{"id": d, "domain": d, "prompt": "x"} for d in ("add", "rev", "sort")]
-    with pytest.raises(ConfigError, match="teacher KL"):
-        BatchProducer(cfg, [], {}, None, None, rows, [[1]] * 3)
+    # Refused when the config loads (before any cluster starts): the objective measures no teacher KL.
+    for objective in ("sft", "orm"):
+        with pytest.raises(ConfigError, match=f"data.auto_mix.enabled.*objective={objective}.*teacher KL"):
+            load_config("configs/quickstart.yaml", ["data.auto_mix.enabled=true", f"algorithm.objective={objective}",
+                                                    "rollout.n=2"])

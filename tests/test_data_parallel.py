@@ -13,6 +13,7 @@ from tiny_models import save_tiny_models
 from transformers import AutoModelForCausalLM
 
 from mopd.batch import build_batch, split_rows
+from mopd.timing import timed
 
 
 @pytest.fixture(scope="module")
@@ -254,8 +255,10 @@ def test_chunked_logits_give_the_unchunked_step(models, objective, top_k):
 @pytest.mark.parametrize("objective,extra", [("mixed", ("algorithm.alpha_orm=0.5", "rollout.n=2")), ("pg", ()),
                                              ("orm", ("rollout.n=2",)), ("sft", ())])
 def test_pi_old_from_the_training_forward_gives_the_separate_pass_update(models, objective, extra):
-    """One pass per batch: pi_old is taken from the training forward (no separate no-grad pass); the
-    gradients, losses and every whole-batch metric equal those of the separate pass."""
+    """One pass per batch: `step` takes pi_old from the training forward (no separate no-grad pass); the
+    gradients, losses and every whole-batch metric equal those of a separate pi_old pass over the whole batch
+    first (the trainer's path when a batch-wide statistic needs it), whose metrics come from the public
+    `correction` and `advantages`."""
     from mopd.trainer import Trainer
 
     tok, d = models
@@ -265,12 +268,21 @@ def test_pi_old_from_the_training_forward_gives_the_separate_pass_update(models,
     out = {}
     for fused in (True, False):
         tr = Trainer(cfg, cfg.student.path)
-        tr.fuse_old_log_prob = fused
         grads: dict[str, torch.Tensor] = {}
         for name, p in tr.unwrapped.named_parameters():
             p.register_post_accumulate_grad_hook(
                 lambda p, name=name, grads=grads: grads.__setitem__(name, p.grad.detach().clone()))
-        out[fused] = (tr.step(batch), grads)
+        if fused:
+            out[fused] = (tr.step(batch), grads)
+            continue
+        m: dict[str, float] = {}
+        with timed("old_log_prob", m):
+            old = tr.logprobs(batch)
+        tr.correction(batch, old, m)
+        tr.advantages(batch, old, m)
+        with timed("train", m):
+            tr.optimize(batch, tr.targets(batch, old), m)
+        out[fused] = (m, grads)
     (m_f, g_f), (m_s, g_s) = out[True], out[False]
     assert m_f["timing_s/old_log_prob"] == 0.0 and m_s["timing_s/old_log_prob"] > 0
     for k in g_s:

@@ -15,9 +15,15 @@ from test_trainer import cfg_for, make_samples, weights
 from tiny_models import save_tiny_models
 
 from mopd.batch import build_batch
-from mopd.config import ObjectiveName
 from mopd.losses import pg_loss
-from mopd.objectives import OBJECTIVES, LossInputs, get_objective, pg_objective, register_objective
+from mopd.objectives import (
+    ADVANTAGES,
+    OBJECTIVES,
+    LossInputs,
+    get_objective,
+    pg_objective,
+    register_objective,
+)
 from mopd.trainer import Trainer
 
 CLIP = 10.0  # algorithm.advantage_clip default
@@ -73,9 +79,17 @@ def test_every_objective_is_registered_with_its_flags():
         o = get_objective(name)
         assert o.name == name
         assert (o.advantage, o.needs_teacher_scores, o.needs_teacher_topk, o.teacher_samples, o.corrected) == flags
-    # The config's choices and the registry are the same set, and the enum members look up directly.
-    assert {o.value for o in ObjectiveName} == set(OBJECTIVES)
-    assert get_objective(ObjectiveName.reverse_kl) is OBJECTIVES["reverse_kl"]
+        assert o.estimator is ADVANTAGES[o.advantage]
+    assert get_objective("reverse_kl") is OBJECTIVES["reverse_kl"]
+    # The token-mean loss metrics each objective emits are declared with it (the trainer weighs them by tokens).
+    assert OBJECTIVES["mixed"].token_means == OBJECTIVES["pg"].token_means | OBJECTIVES["reverse_kl"].token_means
+    assert "distillation/reverse_kl" in OBJECTIVES["reverse_kl"].token_means and not OBJECTIVES["sft"].token_means
+
+
+def test_an_objective_naming_an_unregistered_advantage_is_refused():
+    with pytest.raises(ValueError, match="advantage 'gae' is not registered"):
+        register_objective("test_gae_objective", advantage="gae")(lambda x, a: (x.logprobs_BT.sum(), {}))
+    assert "test_gae_objective" not in OBJECTIVES
 
 
 def test_unknown_objective_names_the_registered_ones():
@@ -105,9 +119,7 @@ def test_an_objective_registered_here_trains_in_the_trainer(models, samples):
 
     register_objective(name, advantage="none", needs_teacher_scores=False, corrected=False)(half_nll)
     try:
-        cfg = cfg_for(d, "algorithm.objective=sft", "trainer.micro_batch_size=64")
-        # `algorithm.objective` is an enum of the built-in names, so a test objective is set after loading.
-        cfg.algorithm.objective = name
+        cfg = cfg_for(d, f"algorithm.objective={name}", "trainer.micro_batch_size=64")
         tr = Trainer(cfg, cfg.student.path)
         assert tr.objective is OBJECTIVES[name]
         b = build_batch(samples, tok.pad_token_id)

@@ -36,7 +36,7 @@ def write_config(path: Path, world: dict, teachers: dict, **sections) -> str:
 
 def test_server_teacher_config_errors_name_key_and_fix(tmp_path):
     base = ["teachers.t.path=/x", "teachers.t.domains=[rev]", "teachers.t.backend=vllm_server"]
-    with pytest.raises(ConfigError, match=r"teachers\.t\.urls.*one base URL per `vllm serve` replica"):
+    with pytest.raises(ConfigError, match=r"teachers\.t\.urls.*one base URL per server replica.*for backend vllm_server"):
         load_config(None, base)
     with pytest.raises(ConfigError, match=r"teachers\.t\.urls.*'127\.0\.0\.1:8100'.*http://127\.0\.0\.1:8100"):
         load_config(None, [*base, "teachers.t.urls=[127.0.0.1:8100]"])
@@ -218,33 +218,33 @@ def test_truncated_or_sharded_weights_are_refused(folders, tmp_path):
     assert model_folder_problem(folders / "teacher") is None
 
 
-def test_check_models_on_resume_names_the_checkpoint(folders):
-    from teachers.preflight import ModelCheckError, check_models
+def test_check_model_folders_on_resume_names_the_checkpoint(folders):
+    from teachers.preflight import ModelCheckError, check_model_folders
 
     cfg = load_config(None, [f"student.path={folders}/student", f"teachers.t.path={folders}/teacher",
                              "teachers.t.domains=[rev]"])
-    assert check_models(cfg, weights=False)[0].endswith("config.json and weights present")
+    assert check_model_folders(cfg, weights=False)[0].endswith("config.json and weights present")
     ck = str(folders / "inf_student")  # as if checkpoints/step_N/model held it
     with pytest.raises(ModelCheckError, match=r"checkpoint weight model\.layers\.2\.mlp\.experts\.3\.up_proj\.weight "
                                               r"has inf.*resume from an earlier checkpoint.*--overwrite"):
-        check_models(cfg, student_path=ck)
-    check_models(cfg, student_path=ck, weights=False)  # the folder itself is fine
+        check_model_folders(cfg, student_path=ck)
+    check_model_folders(cfg, student_path=ck, weights=False)  # the folder itself is fine
     cfg.student.path = str(folders / "gone")  # the tokenizer source of a resumed run must still exist
     with pytest.raises(ModelCheckError, match=r"student.path='.*gone' does not exist"):
-        check_models(cfg, student_path=ck, weights=False)
+        check_model_folders(cfg, student_path=ck, weights=False)
 
 
 def test_hub_ids_are_left_to_the_hub_unless_offline(folders, monkeypatch):
-    from teachers.preflight import ModelCheckError, check_models
+    from teachers.preflight import ModelCheckError, check_model_folders
 
     cfg = load_config(None, ["student.path=no-such-org/no-such-model", f"teachers.t.path={folders}/teacher",
                              "teachers.t.domains=[rev]"])
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    assert "treated as a Hugging Face hub id" in check_models(cfg, weights=False)[0]
+    assert "treated as a Hugging Face hub id" in check_model_folders(cfg, weights=False)[0]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelCheckError, match="not in the Hugging Face cache"):
-        check_models(cfg, weights=False)
+        check_model_folders(cfg, weights=False)
 
 
 def test_nonfinite_teacher_logprobs_say_so_first_and_point_at_the_weight(folders):

@@ -34,11 +34,11 @@ def cmd_world_build(args: argparse.Namespace) -> int:
 def cmd_round(args: argparse.Namespace) -> int:
     from mopd.evaluate import run_round
     from mopd.world.prepare import prepare_world
-    from teachers.preflight import check_models
+    from teachers.preflight import check_model_folders
 
     cfg = _cfg(args)
     prepare_world(cfg)
-    check_models(cfg, log=print)
+    check_model_folders(cfg, log=print)
     run_round(cfg)
     return 0
 

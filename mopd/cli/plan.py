@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from mopd.cli.common import DEFAULT_CONFIG
 from mopd.cli.common import config_from_args as _cfg
 from mopd.config import ConfigError, MopdConfig
+from teachers.backends import get_teacher_backend
 
 if TYPE_CHECKING:
     from mopd.placement import Node, NodePlan
@@ -122,7 +123,7 @@ def plan_table(cfg: MopdConfig, placed: NodePlan, source: str) -> str:
     rows = [("role", "count", "CPU", "GPU", "sized by")]
     for role, idx in plan.roles.items():
         b = plan.bundles[idx[0]]
-        name = f"{role} ({', '.join(groups[role])})" if role.startswith("hf_group:") else role
+        name = f"{role} ({', '.join(groups[role])})" if "_group:" in role else role
         rows.append((name, str(len(idx)), _n(b.get("CPU", 0.0)), _n(b.get("GPU", 0.0)), plan.sources[role]))
     lines += _columns(rows)
     for j, node in enumerate(placed.nodes):
@@ -132,10 +133,10 @@ def plan_table(cfg: MopdConfig, placed: NodePlan, source: str) -> str:
         here = placed.bundles_on(j)
         lines += [f"  #{i:<3} {labels[i]:<28} CPU {_n(plan.bundles[i].get('CPU', 0.0)):>5}  "
                   f"GPU {_n(plan.bundles[i].get('GPU', 0.0)):>3}" for i in here] or ["  (nothing)"]
-    remote = [(n, t.urls) for n, t in cfg.teachers.items() if t.backend == "vllm_server"]
+    remote = [(n, t) for n, t in cfg.teachers.items() if get_teacher_backend(t.backend).remote]
     if remote:
         lines.append("")
-        lines += [f"teacher:{n}: remote: {', '.join(urls)} (vllm_server: nothing reserved)" for n, urls in remote]
+        lines += [f"teacher:{n}: remote: {', '.join(t.urls)} ({t.backend}: nothing reserved)" for n, t in remote]
     need = plan.demand()
     cpus, gpus = sum(n.cpus for n in placed.nodes), sum(n.gpus for n in placed.nodes)
     lines += ["", f"total: CPU {_n(need.get('CPU', 0.0))}/{_n(cpus)}, GPU {_n(need.get('GPU', 0.0))}/{_n(gpus)}"]

@@ -3,7 +3,7 @@ teacher is fit to score before a run spends hours on it.
 
 `check` exit codes: 0 every check ok, 1 a check failed (the report says which and how to fix it),
 2 the config itself is unusable, or a model folder is (missing, no weights, a NaN weight, teacher_top_k
-over the vocabulary: `teachers.preflight.check_models`, run before any engine starts), printed by the CLI as
+over the vocabulary: `teachers.preflight.check_model_folders`, run before any engine starts), printed by the CLI as
 one line `mopd: error: ...`.
 """
 
@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Any
 
 from mopd.cli.common import config_from_args as _cfg
+from teachers.backends import get_teacher_backend
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -29,13 +30,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from mopd.world.prepare import prepare_world
-    from teachers.preflight import check_models, format_report, run_preflight
+    from teachers.preflight import check_model_folders, format_report, run_preflight
 
     cfg = _cfg(args)
     prepare_world(cfg)
     # Folders, weights (every tensor finite) and teacher_top_k vs the vocabulary, before any engine starts:
     # an unusable model is an input error (exit 2, one line), not a report of engines that failed to start.
-    check_models(cfg, log=print)
+    check_model_folders(cfg, log=print)
     student_tokenizer = AutoTokenizer.from_pretrained(cfg.student.path)
     rows = _rows_or_empty(cfg)
     with _teacher_handles(cfg) as teachers:
@@ -63,13 +64,12 @@ class _teacher_handles:
             raise
 
     def _start(self) -> dict[str, list[Any]]:
-        from teachers.http_teacher import ServerTeacher, client_kwargs
         from teachers.registry import TeacherRegistry
 
         cfg = self.cfg
         local = TeacherRegistry()  # tokenizers are compared by the preflight, not refused here
         for name, t in cfg.teachers.items():
-            if t.backend != "vllm_server":
+            if not get_teacher_backend(t.backend).remote:
                 local.register(name, t.domains, t.path, backend=t.backend, replicas=t.replicas, dtype=t.dtype)
         started: dict[str, list[Any]] = {}
         if local.teachers:
@@ -86,8 +86,9 @@ class _teacher_handles:
             self.actors = [a for reps in started.values() for a in reps]
         out: dict[str, list[Any]] = {}
         for name, t in cfg.teachers.items():
-            if t.backend == "vllm_server":
-                out[name] = [ServerTeacher(name, u, **client_kwargs(t)) for u in t.urls]
+            backend = get_teacher_backend(t.backend)
+            if backend.remote:  # in this process: no cluster needed to check a server
+                out[name] = backend.clients(name, t)
                 self.clients += out[name]
             else:
                 out[name] = started[name]
@@ -111,7 +112,7 @@ class _teacher_handles:
 def teachers_table(cfg: Any) -> str:
     rows = [("teacher", "domains", "backend", "path / urls", "replicas", "default")]
     for name, t in cfg.teachers.items():
-        where = t.path if t.backend != "vllm_server" else f"{', '.join(t.urls)} (tokenizer: {t.path})"
+        where = f"{', '.join(t.urls)} (tokenizer: {t.path})" if get_teacher_backend(t.backend).remote else t.path
         rows.append((name, ", ".join(t.domains), t.backend, where, str(t.replicas),
                      "yes" if cfg.data.default_teacher == name else ""))
     return _table(rows) if cfg.teachers else "no teachers configured (teachers.<name>: {path, domains, ...})"
