@@ -138,6 +138,55 @@ def test_an_objective_registered_here_trains_in_the_trainer(models, samples):
     assert not any(k.startswith(("icepop/", "rollout_corr/", "mopd/teacher_kl")) for k in m)
 
 
+def test_a_toy_objective_is_one_registration_its_flags_reach_config_and_metric_aggregation(models, samples):
+    """Adding an objective touches one module: registered here with its own advantage estimator, it is accepted
+    by `load_config`, validated by its flags (it needs no teacher; its estimator uses the outcome, so rollout.n
+    >= 2), and the metrics it declares as token means are averaged over the batch's tokens across micro-batches
+    while its other metrics are averaged over rows."""
+    import torch
+
+    from mopd.config import ConfigError, load_config
+    from mopd.objectives import register_advantage
+
+    tok, d = models
+    estimator, name = "test_outcome_only", "test_length_objective"
+
+    def length_metrics(x: LossInputs, a):
+        valid = x.mask_BT.bool()
+        pos = torch.arange(valid.shape[1]).expand_as(valid)[valid].float()
+        loss, _ = pg_loss(x.logprobs_BT, x.advantages_BT, x.weights_BT, x.mask_BT)
+        return loss, {"test/position": pos.mean().item(), "test/row_tokens": valid.sum(1).float().mean().item()}
+
+    register_advantage(estimator, uses_outcome=lambda a: True)(lambda x, a: x.mask_BT.float() * x.outcome_B[:, None])
+    register_objective(name, advantage=estimator, needs_teacher_scores=False,
+                       token_means=("test/position",))(length_metrics)
+    try:
+        with pytest.raises(ConfigError, match=f"rollout.n.*>= 2 with algorithm.objective={name}"):
+            load_config("configs/quickstart.yaml", [f"algorithm.objective={name}", "rollout.n=1"])
+        cfg = load_config(None, [f"algorithm.objective={name}", "rollout.n=2", "trainer.micro_batch_size=3",
+                                 f"student.path={d}/student", f"data.train_files=[{d}/none.jsonl]",
+                                 f"data.eval_files=[{d}/none.jsonl]"])
+        assert not cfg.teachers  # no teacher: its flags say it needs none
+        for i, (s, g, r) in enumerate(zip(samples, GROUPS, SCORES, strict=True)):
+            s.group, s.score = g, r
+            keep = 2 + i % 4  # responses of 2-5 tokens: micro-batches of unequal token counts
+            s.sample.response_ids, s.sample.rollout_logprobs = s.sample.response_ids[:keep], s.sample.rollout_logprobs[:keep]
+            s.teacher_logprobs, s.teacher_topk_ids = s.teacher_logprobs[:keep], s.teacher_topk_ids[:keep]
+            s.teacher_topk_logprobs = s.teacher_topk_logprobs[:keep]
+        b = build_batch(samples, tok.pad_token_id)
+        m = Trainer(cfg, cfg.student.path).step(b)
+    finally:
+        OBJECTIVES.pop(name, None)
+        ADVANTAGES.pop(estimator, None)
+    valid = b.mask_BT.bool()
+    assert b.size > 3 and len({int(n) for n in valid.sum(1)}) > 1  # several micro-batches of unequal token counts
+    whole_position = torch.arange(valid.shape[1]).expand_as(valid)[valid].float().mean().item()
+    assert m["test/position"] == pytest.approx(whole_position, rel=1e-6)  # by tokens
+    assert m["test/row_tokens"] == pytest.approx(valid.sum(1).float().mean().item(), rel=1e-6)  # by rows
+    assert m["mopd/advantage/max"] > 0 > m["mopd/advantage/min"]  # the outcome advantage reached the loss
+    assert not any(k.startswith("mopd/teacher_kl") for k in m)
+
+
 # -- the loss paths --------------------------------------------------------------------------------------
 
 
