@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import sys
 import types
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -859,14 +860,48 @@ def _load_file(p: Path) -> DictConfig:
     return loaded
 
 
+def _config_chain(p: Path, named_by: list[Path] | None = None) -> list[tuple[str, DictConfig]]:
+    """`p` and the files it inherits from (`base:`), base first, each without its `base` key.
+
+    A variant says only what it changes: `base: quickstart.yaml` (relative to the file that names it, or
+    absolute) is loaded first, recursively, and the file merged on top of it (mappings merge key by key,
+    lists and values replace).
+    """
+    chain = [*(named_by or []), p]
+    node = _load_file(p)
+    if "base" not in node:
+        return [(str(p), node)]
+    if OmegaConf.is_interpolation(node, "base"):
+        raise ConfigError(f"config file {p}: base: {node._get_node('base')._value()!r} is an interpolation; "
+                          "allowed: a path to a YAML file (relative to this file, or absolute)")
+    ref = node.base
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(f"config file {p}: base: got {ref!r}; allowed: a path to a YAML file (relative to "
+                          "this file, or absolute)")
+    with open_dict(node):
+        del node["base"]
+    target = Path(ref).expanduser()
+    target = Path(os.path.normpath(target if target.is_absolute() else p.parent / target))
+    seen = [q.resolve() for q in chain]
+    if target.resolve() in seen:
+        names = " -> ".join(str(q) for q in [*chain, target])
+        raise ConfigError(f"config file {chain[0]}: base: chain {names} is a cycle (each file's base: names the "
+                          "next); a base must not inherit from a file that names it: remove one of those base: lines")
+    if not target.is_file():
+        raise ConfigError(f"config file {p}: base: {ref} not found (looked for {target}; a base path is relative "
+                          "to the file that names it, or absolute)")
+    return [*_config_chain(target, chain), (str(p), node)]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MopdConfig:
-    """Merge schema <- YAML <- `key=value` overrides, validate, and return a typed, resolved config."""
+    """Merge schema <- base YAML(s) <- YAML <- `key=value` overrides, validate, and return a typed, resolved
+    config."""
     base = OmegaConf.structured(MopdConfig)
-    if path is not None:
+    for source, layer in _config_chain(Path(path)) if path is not None else []:
         try:
-            base = OmegaConf.merge(base, _load_file(Path(path)))
+            base = OmegaConf.merge(base, layer)
         except OmegaConfBaseException as e:
-            raise _friendly(e, str(path)) from None
+            raise _friendly(e, source) from None
     for ov in overrides or []:
         key = ov.split("=", 1)[0].strip()
         if "=" not in ov or not key:
