@@ -561,6 +561,9 @@ class LoggingConfig:
     run_dir: str = "runs/${experiment}"
     sinks: list[Sink] = field(default_factory=lambda: [Sink.jsonl])  # jsonl | tensorboard | wandb | mlflow
     progress_bar: bool = True
+    # > 0: with stderr not a terminal (a log file), one plain progress line at most every this many seconds
+    # instead of the bar's redraws.
+    progress_every_s: float = 30.0
     dashboard_every: int = 10  # >= 0; re-render RUN_DIR/dashboard.html every N steps (0: only at the end)
     # Optional sinks (tensorboard | wandb | mlflow in `sinks`): W&B project and MLflow experiment name.
     project: str = "mopd"
@@ -577,6 +580,7 @@ class LoggingConfig:
         dup = sorted({s.value for s in self.sinks if self.sinks.count(s) > 1})
         _check(not dup, "logging.sinks", [s.value for s in self.sinks], f"each sink once (repeated: {dup})")
         c.count("dashboard_every", 0, "0: only at the end")
+        c.num("progress_every_s", gt=0, note="seconds between progress lines in a log file")
         c.text("project")
         c.choice("wandb_mode", WandbMode)
         c.text("wandb_entity", null="your default W&B entity")
