@@ -155,14 +155,15 @@ def make_plan(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     from mopd.config import load_config
     from mopd.data import DomainMixSampler, encode_rows, load_rows
     from mopd.producer import batch_digest
+    from mopd.world import world_config
     from mopd.world.build import build_world, load_world
 
     data_dir = WORK / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     (WORK / "mopd.yaml").write_text(_mopd_yaml(args, data_dir))
     cfg = load_config(WORK / "mopd.yaml", overrides)  # a bad override fails here, before anything runs
-    build_world(cfg.world)
-    world = load_world(cfg.world.dir)
+    build_world(world_config(cfg))
+    world = load_world(world_config(cfg).dir)
     train_rows = [r for r in load_rows([f"{world['dir']}/data/train.jsonl"]) if r["domain"] == "add"]
     eval_rows = [r for r in load_rows([f"{world['dir']}/data/eval.jsonl"]) if r["domain"] == "add"]
     _write_jsonl(train_rows, data_dir / "train_add.jsonl")
@@ -278,6 +279,7 @@ def run_mopd(plan: dict[str, Any], out: Path) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(plan["threads"])
+    import mopd.world  # noqa: F401 - registers the world: section mopd.yaml has
     from mopd.config import load_config
     from mopd.jsonl import read_metrics
     from mopd.ray_cluster import cluster_address, init_ray

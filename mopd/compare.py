@@ -4,6 +4,9 @@ Each run is `base` + its overrides with `trainer.max_wallclock_s = budget_s` (st
 before/after evaluations are not charged), so a cheaper objective gets more steps, as it would in
 practice, and `trainer.schedule_horizon = wallclock`, so every run's LR schedule (warm-up, decay) spans
 its budget whatever its step count: a comparison does not stop runs halfway through their decay.
+
+A spec's `base` names the config file the runs start from, relative to the working directory as CONFIG on
+the command line is (a config file's own `base:` is relative to that file); the spec itself is no config.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ The schema is the single source of truth for keys, types, defaults and ranges:
 - checks that span sections (teacher bundles fall back to rollout's, the default teacher must exist, ...)
   run once more in `validate` after the whole config is built.
 
+A YAML file may start from another (`base: quickstart.yaml`, relative to the file) and say only what it
+changes. Layers above the core add top-level sections of their own (`register_section`): the core knows
+data files and model paths, not what builds them, and its schema names no such section.
+
 `load_config` turns every OmegaConf error, YAML syntax error and out-of-range value into a one-line
 `ConfigError` that names the key, the value given and what is allowed, so a typo in a 40-line YAML is a
 one-line fix rather than a stack trace.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from mopd.objectives import OBJECTIVES
@@ -140,8 +145,9 @@ def _fmt(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-class _Checker:
-    """Range checks for one section: `_Checker("trainer", self).num("lr", gt=0)`."""
+class Checker:
+    """Range checks for one section: `Checker("trainer", self).num("lr", gt=0)`; sections that upper layers
+    register (`register_section`) use it too, so their errors read like the core's."""
 
     def __init__(self, prefix: str, obj: Any) -> None:
         self.prefix, self.obj = prefix, obj
@@ -205,6 +211,12 @@ class _Checker:
             ok = isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
             _check(ok, f"{self.key(name)}.{k}", w, what)
 
+    def counts(self, name: str, ge: int) -> None:
+        """Every value of the mapping `name` an integer >= `ge`."""
+        for k, n in getattr(self.obj, name).items():
+            _check(isinstance(n, int) and not isinstance(n, bool) and n >= ge, f"{self.key(name)}.{k}", n,
+                   f"an integer >= {ge}")
+
 
 def _coerce(key: str, value: Any, enum: type[_Choice], nullable: str | None = None) -> Any:
     if value is None and nullable is not None:
@@ -219,11 +231,11 @@ def _coerce(key: str, value: Any, enum: type[_Choice], nullable: str | None = No
 # ---------------------------------------------------------------------------------------------- schema
 @dataclass
 class StudentConfig:
-    path: str = "${world.dir}/student"  # Hugging Face model folder
+    path: str = MISSING  # Hugging Face model folder or hub id; required
     dtype: Dtype = Dtype.float32  # trainer and engine dtype: float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
-        c = _Checker("student", self)
+        c = Checker("student", self)
         c.text("path", "a Hugging Face model folder or hub id")
         c.choice("dtype", Dtype)
 
@@ -265,7 +277,7 @@ class TeacherConfig:
 
     def check(self, key: str) -> None:
         """Validate this teacher as `key` (`teachers.<name>`); a vllm_server teacher's replicas = its URLs."""
-        c = _Checker(key, self)
+        c = Checker(key, self)
         _check(self.backend in TEACHER_BACKENDS, f"{key}.backend", self.backend,
                " | ".join(TEACHER_BACKENDS) + " (register others with teachers.backends.register_teacher_backend)")
         backend = TEACHER_BACKENDS[self.backend]
@@ -321,15 +333,15 @@ class AutoMixConfig:
     floor: float = 0.3
 
     def __post_init__(self) -> None:
-        c = _Checker("data.auto_mix", self)
+        c = Checker("data.auto_mix", self)
         c.num("ema", ge=0, lt=1)
         c.num("floor", ge=0, le=1, note="1: the static data.domain_mix")
 
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=lambda: ["${world.dir}/data/train.jsonl"])  # non-empty
-    eval_files: list[str] = field(default_factory=lambda: ["${world.dir}/data/eval.jsonl"])  # non-empty
+    train_files: list[str] = MISSING  # required, non-empty: JSONL or Parquet rows {"prompt", "domain", ...}
+    eval_files: list[str] = MISSING  # required, non-empty
     # Sampling weight (>= 0) per domain; empty means proportional to the rows in the train files.
     domain_mix: dict[str, float] = field(default_factory=dict)
     max_prompt_tokens: int = 32  # >= 1
@@ -341,8 +353,10 @@ class DataConfig:
     auto_mix: AutoMixConfig = field(default_factory=AutoMixConfig)
 
     def __post_init__(self) -> None:
-        c = _Checker("data", self)
+        c = Checker("data", self)
         for name in ("train_files", "eval_files"):
+            if getattr(self, name) == MISSING:  # direct construction; `load_config` refuses a missing value
+                continue
             files = list(getattr(self, name))
             _check(bool(files) and all(isinstance(f, str) and f.strip() for f in files), c.key(name), files,
                    "a non-empty list of JSONL or Parquet file paths")
@@ -374,7 +388,7 @@ class RolloutConfig:
     eval_temperature: float = 0.0  # >= 0
 
     def __post_init__(self) -> None:
-        c = _Checker("rollout", self)
+        c = Checker("rollout", self)
         c.count("n", 1)
         c.num("temperature", gt=0, note="0 (greedy) is for evaluation: rollout.eval_temperature")
         c.num("top_p", gt=0, le=1)
@@ -418,7 +432,7 @@ class AlgorithmConfig:
     loss_agg_mode: LossAggMode = LossAggMode.seq_mean_token_mean
 
     def __post_init__(self) -> None:
-        c = _Checker("algorithm", self)
+        c = Checker("algorithm", self)
         _check(self.objective in OBJECTIVES, "algorithm.objective", self.objective,
                " | ".join(OBJECTIVES) + " (register others with mopd.objectives.register_objective)")
         c.num("alpha_orm", ge=0, note="0: pure on-policy distillation")
@@ -488,7 +502,7 @@ class TrainerConfig:
     num_threads: int = 0  # >= 0
 
     def __post_init__(self) -> None:
-        c = _Checker("trainer", self)
+        c = Checker("trainer", self)
         c.choice("backend", TrainerBackend)
         _check(self.zero_stage in (1, 2, 3) and not isinstance(self.zero_stage, bool), "trainer.zero_stage",
                self.zero_stage, "1 | 2 | 3")
@@ -527,6 +541,9 @@ class LoggingConfig:
     run_dir: str = "runs/${experiment}"
     sinks: list[Sink] = field(default_factory=lambda: [Sink.jsonl])  # jsonl | tensorboard | wandb | mlflow
     progress_bar: bool = True
+    # > 0: with stderr not a terminal (a log file), one plain progress line at most every this many seconds
+    # instead of the bar's redraws.
+    progress_every_s: float = 30.0
     dashboard_every: int = 10  # >= 0; re-render RUN_DIR/dashboard.html every N steps (0: only at the end)
     # Optional sinks (tensorboard | wandb | mlflow in `sinks`): W&B project and MLflow experiment name.
     project: str = "mopd"
@@ -537,60 +554,17 @@ class LoggingConfig:
     mlflow_tracking_uri: str | None = None
 
     def __post_init__(self) -> None:
-        c = _Checker("logging", self)
+        c = Checker("logging", self)
         c.text("run_dir", "a directory path")
         self.sinks = [_coerce("logging.sinks", s, Sink) for s in self.sinks]
         dup = sorted({s.value for s in self.sinks if self.sinks.count(s) > 1})
         _check(not dup, "logging.sinks", [s.value for s in self.sinks], f"each sink once (repeated: {dup})")
         c.count("dashboard_every", 0, "0: only at the end")
+        c.num("progress_every_s", gt=0, note="seconds between progress lines in a log file")
         c.text("project")
         c.choice("wandb_mode", WandbMode)
         c.text("wandb_entity", null="your default W&B entity")
         c.text("mlflow_tracking_uri", "a tracking URI", null="SQLite store in RUN_DIR/mlflow")
-
-
-@dataclass
-class WorldConfig:
-    """The quickstart world: synthetic domains, their teachers and the warm-started student."""
-
-    dir: str = ".cache/world"
-    seed: int = 0  # >= 0
-    domains: list[str] = field(default_factory=lambda: ["add", "rev", "sort"])
-    train_rows_per_domain: int = 4000  # >= 1
-    eval_rows_per_domain: int = 200  # >= 1
-    teacher_steps: int = 250  # >= 1; SFT steps per teacher ...
-    # ... unless overridden here: addition has carries and needs more.
-    teacher_steps_by_domain: dict[str, int] = field(default_factory=lambda: {"add": 400})
-    teacher_lr: float = 2e-3  # > 0; peak AdamW lr; linear warmup, cosine decay to 10%
-    student_steps: int = 300  # >= 1; the student's short mixed warm-start
-    student_lr: float = 2e-3  # > 0
-    # Share (>= 0) of each domain in the student's warm-start batches (missing domains: 1). Skewed to the
-    # slow domains so that the student ends weak but not hopeless everywhere, leaving MOPD room on each.
-    student_mix: dict[str, float] = field(default_factory=lambda: {"add": 5.0, "rev": 2.0, "sort": 1.0})
-    batch_size: int = 64  # >= 1
-    warmup_steps: int = 30  # >= 0
-    # Torch threads while building; the weights depend on it. One thread is no slower for models this
-    # small (the whole build took 159 s with one thread, 189 s with two, both on a loaded machine).
-    num_threads: int = 1  # >= 1
-
-    def __post_init__(self) -> None:
-        c = _Checker("world", self)
-        c.text("dir", "a directory path")
-        c.count("seed", 0)
-        c.names("domains", _TEACHER_NAME, "synthetic domain names (add, rev, sort)")
-        c.count("train_rows_per_domain", 1)
-        c.count("eval_rows_per_domain", 1)
-        c.count("teacher_steps", 1)
-        for d, s in self.teacher_steps_by_domain.items():
-            _check(isinstance(s, int) and not isinstance(s, bool) and s >= 1,
-                   f"world.teacher_steps_by_domain.{d}", s, "an integer >= 1")
-        c.num("teacher_lr", gt=0)
-        c.count("student_steps", 1)
-        c.num("student_lr", gt=0)
-        c.weights("student_mix", "a share >= 0")
-        c.count("batch_size", 1)
-        c.count("warmup_steps", 0)
-        c.count("num_threads", 1)
 
 
 @dataclass
@@ -608,7 +582,7 @@ class RuntimeEnvConfig:
     env_vars_from_env: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        c = _Checker("ray.runtime_env", self)
+        c = Checker("ray.runtime_env", self)
         c.text("working_dir", "a directory path")
         for p in self.excludes:
             _check(isinstance(p, str) and bool(p.strip()), "ray.runtime_env.excludes", p,
@@ -640,7 +614,7 @@ class RayConfig:
     runtime_env: RuntimeEnvConfig = field(default_factory=RuntimeEnvConfig)
 
     def __post_init__(self) -> None:
-        c = _Checker("ray", self)
+        c = Checker("ray", self)
         c.text("address", "a cluster address (127.0.0.1:6379, auto) or dashboard URL",
                null="a private local cluster")
         c.count("num_cpus", 1)
@@ -661,8 +635,9 @@ class MopdConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    world: WorldConfig = field(default_factory=WorldConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # The typed extension sections this config has (`register_section`), by name; top-level keys in YAML.
+    sections: dict[str, Any] = field(default_factory=dict, metadata={"omegaconf_ignore": True})
 
     def __post_init__(self) -> None:
         _check(isinstance(self.experiment, str) and bool(_NAME.fullmatch(self.experiment))
@@ -685,6 +660,53 @@ class MopdConfig:
                 _check(t.replicas == reps, f"teachers.{name}.replicas", t.replicas,
                        f"{reps}, as teachers.{first}.replicas: teachers in actor_group '{t.actor_group}' share "
                        "one actor per replica")
+
+
+# ---------------------------------------------------------------------------------------------- extensions
+@dataclass(frozen=True)
+class Section:
+    """A top-level config section that a layer above the core defines (`register_section`)."""
+
+    schema: type  # a dataclass validating its values in __post_init__, as the core's sections do
+    # Keys of the section that name local directories a job on a cluster must reach by their absolute path
+    # (a cache outside the uploaded working dir): `mopd submit` pins them, as it pins logging.run_dir.
+    dirs: tuple[str, ...] = ()
+
+
+_SECTIONS: dict[str, Section] = {}
+
+
+def register_section(name: str, schema: type, dirs: tuple[str, ...] = ()) -> None:
+    """Let configs hold a top-level `name:` section validated by the dataclass `schema`.
+
+    The core knows data files and model paths; what builds them (a synthetic task generator, a recipe) sits
+    above it and registers its own section here when imported. `load_config` then validates the section like a core
+    one (unknown keys, types, ranges), lets the core's values interpolate it (`${name.key}`), keeps the typed
+    object in `cfg.sections[name]` and `to_yaml` writes it back. A config that names no such section has none.
+    """
+    core = {f.name for f in dataclasses.fields(MopdConfig)}
+    if name in core or name == "base" or not _TEACHER_NAME.fullmatch(name):
+        raise ValueError(f"config section name {name!r}: taken by the core schema or not a plain name")
+    if not dataclasses.is_dataclass(schema):
+        raise TypeError(f"config section {name!r}: the schema must be a dataclass, got {schema!r}")
+    unknown = [k for k in dirs if k not in {f.name for f in dataclasses.fields(schema)}]
+    if unknown:
+        raise ValueError(f"config section {name!r}: dirs {unknown} are not keys of {schema.__name__}")
+    old = _SECTIONS.get(name)
+    if old is not None and (old.schema.__module__, old.schema.__qualname__) != (schema.__module__,
+                                                                                 schema.__qualname__):
+        raise ValueError(f"config section {name!r} is already registered by {old.schema.__module__}")
+    _SECTIONS[name] = Section(schema, tuple(dirs))
+
+
+def section_dirs(cfg: MopdConfig) -> dict[str, str]:
+    """`section.key` -> value of every directory key the config's registered sections declare."""
+    return {f"{name}.{key}": getattr(sec, key) for name, sec in cfg.sections.items()
+            for key in _SECTIONS[name].dirs}
+
+
+def _core_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(MopdConfig) if not f.metadata.get("omegaconf_ignore")]
 
 
 # ---------------------------------------------------------------------------------------------- cross-section
@@ -734,11 +756,13 @@ def _schema_type(key: str) -> Any:
     """The annotated type at a dotted key (`logging.sinks[1]`: the list's element type), or None."""
     t: Any = MopdConfig
     parts = [p for p in key.split(".") if p]
-    for part in parts:
+    for i, part in enumerate(parts):
         m = re.fullmatch(r"([^\[]*)((?:\[\d+\])*)", part)
         name, index = (m.group(1), m.group(2)) if m else (part, "")
         t = _strip_optional(t)
-        if dataclasses.is_dataclass(t):
+        if i == 0 and name in _SECTIONS:
+            t = _SECTIONS[name].schema
+        elif dataclasses.is_dataclass(t):
             hints = typing.get_type_hints(t)
             if name not in hints:
                 return None
@@ -787,7 +811,9 @@ def _describe(t: Any) -> str:
 
 def _keys_at(path: str) -> list[str]:
     """Field names of the schema node at a dotted path (teacher entries under `teachers.<name>`)."""
-    node = _strip_optional(_schema_type(path)) if path else MopdConfig
+    if not path:
+        return [*_core_keys(), *_SECTIONS]
+    node = _strip_optional(_schema_type(path))
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
@@ -802,8 +828,11 @@ def _friendly(err: OmegaConfBaseException, source: str, key_hint: str = "",
         close = difflib.get_close_matches(leaf, allowed, n=1, cutoff=0.6)
         hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ";"
         where = f" under '{parent}'" if parent else ""
+        # A top-level section may belong to a layer above the core that registers it when imported.
+        extension = "" if parent or close else (" (a section that code above the core adds is known once that "
+                                                "code is imported: mopd.config.register_section)")
         return ConfigError(f"{source}: unknown config key '{key}'{hint} allowed keys{where}: "
-                           f"{', '.join(allowed)}")
+                           f"{', '.join(allowed)}{extension}")
     t = _schema_type(key) if key and isinstance(err, ValidationError) else None
     if t is not None:
         got = getattr(err, "value", None) if getattr(err, "full_key", None) else value_hint
@@ -838,48 +867,112 @@ def _load_file(p: Path) -> DictConfig:
         raise _friendly(e, f"config file {p}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {p}: the top level is a {type(loaded).__name__}; allowed: a mapping "
-                          f"of sections ({', '.join(_keys_at(''))})")
+                          f"of sections ({', '.join(_keys_at(''))}) and base:")
     return loaded
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MopdConfig:
-    """Merge schema <- YAML <- `key=value` overrides, validate, and return a typed, resolved config."""
-    base = OmegaConf.structured(MopdConfig)
-    if path is not None:
-        try:
-            base = OmegaConf.merge(base, _load_file(Path(path)))
-        except OmegaConfBaseException as e:
-            raise _friendly(e, str(path)) from None
-    for ov in overrides or []:
-        key = ov.split("=", 1)[0].strip()
-        if "=" not in ov or not key:
+def _config_chain(p: Path, named_by: list[Path] | None = None) -> list[tuple[str, DictConfig]]:
+    """`p` and the files it inherits from (`base:`), base first, each without its `base` key.
+
+    A variant says only what it changes: `base: quickstart.yaml` (relative to the file that names it, or
+    absolute) is loaded first, recursively, and the file merged on top of it (mappings merge key by key,
+    lists and values replace).
+    """
+    chain = [*(named_by or []), p]
+    node = _load_file(p)
+    if "base" not in node:
+        return [(str(p), node)]
+    if OmegaConf.is_interpolation(node, "base"):
+        raise ConfigError(f"config file {p}: base: {node._get_node('base')._value()!r} is an interpolation; "
+                          "allowed: a path to a YAML file (relative to this file, or absolute)")
+    ref = node.base
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(f"config file {p}: base: got {ref!r}; allowed: a path to a YAML file (relative to "
+                          "this file, or absolute)")
+    with open_dict(node):
+        del node["base"]
+    target = Path(ref).expanduser()
+    target = Path(os.path.normpath(target if target.is_absolute() else p.parent / target))
+    seen = [q.resolve() for q in chain]
+    if target.resolve() in seen:
+        names = " -> ".join(str(q) for q in [*chain, target])
+        raise ConfigError(f"config file {chain[0]}: base: chain {names} is a cycle (each file's base: names "
+                          "the next); a base must not inherit from a file that names it: remove one of those "
+                          "base: lines")
+    if not target.is_file():
+        raise ConfigError(f"config file {p}: base: {ref} not found (looked for {target}; a base path is relative "
+                          "to the file that names it, or absolute)")
+    return [*_config_chain(target, chain), (str(p), node)]
+
+
+def compose_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """The merged tree, unresolved: schema (plus the registered sections the config names) <- base YAML(s)
+    <- YAML <- `key=value` overrides, every merge error a one-line `ConfigError`. `load_config` builds on it."""
+    layers = _config_chain(Path(path)) if path is not None else []
+    overrides = list(overrides or [])
+    for ov in overrides:
+        if "=" not in ov or not ov.split("=", 1)[0].strip():
             raise ConfigError(f"override {ov!r} is not of the form key=value (e.g. trainer.steps=10)")
+    named = {str(k) for _, layer in layers for k in layer} | {ov.split("=", 1)[0].strip().split(".")[0]
+                                                              for ov in overrides}
+    tree = OmegaConf.structured(MopdConfig)
+    with open_dict(tree):  # in the same tree, so that `${section.key}` interpolations resolve
+        for name in (n for n in _SECTIONS if n in named):
+            tree[name] = OmegaConf.structured(_SECTIONS[name].schema)
+    for source, layer in layers:
         try:
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist([ov]))
+            tree = OmegaConf.merge(tree, layer)
+        except OmegaConfBaseException as e:
+            raise _friendly(e, source) from None
+    for ov in overrides:
+        key, value = ov.split("=", 1)[0].strip(), ov.split("=", 1)[1]
+        try:
+            tree = OmegaConf.merge(tree, OmegaConf.from_dotlist([ov]))
         except yaml.YAMLError as e:
             raise _yaml_error(e, f"override {ov!r}: the value is", positions=False) from None
         except OmegaConfBaseException as e:
-            raise _friendly(e, f"override {ov!r}", key, ov.split("=", 1)[1]) from None
+            raise _friendly(e, f"override {ov!r}", key, value) from None
+    return tree  # type: ignore[return-value]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MopdConfig:
+    """Merge schema <- base YAML(s) <- YAML <- `key=value` overrides, validate, and return a typed, resolved
+    config; registered sections the config names are in `cfg.sections`."""
+    tree = compose_config(path, overrides)
     try:
-        OmegaConf.resolve(base)
-        missing = sorted(OmegaConf.missing_keys(base))
+        OmegaConf.resolve(tree)
+        missing = sorted(OmegaConf.missing_keys(tree))
         if missing:
             raise ConfigError(f"config keys without a value: {', '.join(missing)} (set them in the YAML or "
                               "as key=value)")
         # The sections' __post_init__ checks run here and raise ConfigError (a ValueError) unwrapped.
-        cfg: MopdConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
+        sections = {name: OmegaConf.to_object(tree[name]) for name in _SECTIONS if name in tree}
+        with open_dict(tree):
+            for name in sections:
+                del tree[name]
+        cfg: MopdConfig = OmegaConf.to_object(tree)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise _friendly(e, str(path or "config")) from None
+    cfg.sections = sections
     validate(cfg)
     return cfg
 
 
+def _tree(cfg: MopdConfig) -> DictConfig:
+    """The config with its registered sections at top level, as a YAML file holds them."""
+    tree = OmegaConf.structured(cfg)
+    with open_dict(tree):
+        for name, section in cfg.sections.items():
+            tree[name] = OmegaConf.structured(section)
+    return tree
+
+
 def to_yaml(cfg: MopdConfig) -> str:
     """The resolved config as YAML; choices are written as their plain strings."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(_tree(cfg))
 
 
 def to_dict(cfg: MopdConfig) -> dict[str, Any]:
     """Plain Python values (choices as str), e.g. for a metrics sink's run config."""
-    out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    out = OmegaConf.to_container(_tree(cfg), resolve=True, enum_to_str=True)
     return out  # type: ignore[return-value]

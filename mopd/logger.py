@@ -17,9 +17,11 @@ import numbers
 import re
 import secrets
 import string
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from tqdm import tqdm
 
@@ -58,21 +60,56 @@ class MultiplexLogger:
 
 
 class ProgressLogger:
-    """tqdm bar over the run's steps; the postfix shows teacher KL and per-domain verifier accuracy."""
+    """Progress over the run's steps with teacher KL and per-domain verifier accuracy.
 
-    def __init__(self, total: int, start: int) -> None:
-        self.bar = tqdm(total=total, initial=start, desc="mopd", dynamic_ncols=True)
+    On a terminal, a tqdm bar. Anywhere else (stderr piped to a file or a job log) a bar's redraws are noise:
+    `make quickstart > log` wrote two full frames per step, 257 kB in 43 "lines". There it prints one plain
+    line at the first training step, then at most one every `every_s` seconds, and a last one at close; the
+    rate is over the steps since the previous line (what tqdm shows), the time since the first step.
+    """
+
+    def __init__(self, total: int, start: int, every_s: float = 30.0, stream: IO[str] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.total, self.n, self.every_s, self.clock = total, start, every_s, clock
+        self.postfix = ""
+        self.first: float | None = None  # when the first training step was logged
+        self.last: tuple[float, int] | None = None  # (time, step) of the last plain line
+        tty = getattr(self.stream, "isatty", None)
+        self.bar = (tqdm(total=total, initial=start, desc="mopd", dynamic_ncols=True, file=self.stream)
+                    if tty is not None and tty() else None)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if "mopd/teacher_kl" not in metrics and not any(k.startswith("reward/") for k in metrics):
-            return  # an eval record: the bar follows training steps
+            return  # an eval record: the progress follows training steps
         acc = " ".join(f"{k.split('/')[1]}={v:.2f}" for k, v in metrics.items()
                        if k.startswith("reward/") and isinstance(v, float) and v == v)
-        self.bar.set_postfix_str(f"kl={metrics.get('mopd/teacher_kl', float('nan')):.3f} {acc}")
-        self.bar.update(max(0, step - self.bar.n))
+        self.postfix = f"kl={metrics.get('mopd/teacher_kl', float('nan')):.3f} {acc}".rstrip()
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.postfix)
+            self.bar.update(max(0, step - self.bar.n))
+            return
+        self.n = max(self.n, step)
+        if self.last is None or self.clock() - self.last[0] >= self.every_s:
+            self._line()
+
+    def _line(self) -> None:
+        now = self.clock()
+        if self.first is None:
+            self.first = now
+        rate = ""
+        if self.last is not None and now > self.last[0]:
+            rate = f" {(self.n - self.last[1]) / (now - self.last[0]):.2f} steps/s"
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        print(f"mopd step {self.n}/{self.total}{pct}{rate}, {now - self.first:.0f} s"
+              + (f", {self.postfix}" if self.postfix else ""), file=self.stream, flush=True)
+        self.last = (now, self.n)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+        elif self.last is not None and self.last[1] != self.n:  # the last step's line, unless it is already out
+            self._line()
 
 
 class DashboardLogger:
@@ -97,7 +134,7 @@ def make_run_logger(cfg: MopdConfig, run_dir: Path, resume_step: int | None) -> 
     loggers: list[Logger] = make_sinks([str(getattr(n, "value", n)) for n in cfg.logging.sinks], run_dir,
                                        resume_step, cfg)
     if cfg.logging.progress_bar:
-        loggers.append(ProgressLogger(cfg.trainer.steps, resume_step or 0))
+        loggers.append(ProgressLogger(cfg.trainer.steps, resume_step or 0, cfg.logging.progress_every_s))
     loggers.append(DashboardLogger(run_dir, cfg.logging.dashboard_every))
     return MultiplexLogger(loggers)
 

@@ -40,12 +40,3 @@ def result_table(result: dict) -> str:
         ["domain", "student before", "teacher", "student after", "after/teacher", "headroom captured",
          "teacher KL before", "teacher KL after"], rows)
 
-
-def world_table(info: dict) -> str:
-    """Every model of the quickstart world on every domain (greedy exact match), plus build time."""
-    domains = info["domains"]
-    acc = info["accuracy"]
-    rows = [[name, *[acc[name][d] for d in domains]] for name in [*(f"teacher/{d}" for d in domains), "student"]]
-    total = info.get("timings", {}).get("total", {}).get("wall_s", float("nan"))
-    return (f"quickstart world in {info.get('dir', '')} (built in {total:.0f} s)\n\n"
-            + markdown_table(["model", *domains], rows))

@@ -2,9 +2,11 @@
 dashboard (job submission API), with this directory uploaded as the job's working directory.
 
 The config is loaded and validated here first, so a typo fails before anything is uploaded. The job's
-working directory is a temporary copy on the cluster: relative `world.dir` and `logging.run_dir` are
-therefore made absolute (relative to the working directory given here) so the world cache is found and
-the run's outputs outlive the job; on a multi-node cluster point both at shared storage.
+working directory is a temporary copy on the cluster: a relative `logging.run_dir`, and the relative
+directories that registered config sections declare (`mopd.config.register_section(..., dirs=...)`: caches
+kept outside the upload, such as the quickstart world's), are therefore made absolute (relative to the working
+directory given here) so they are found and the run's outputs outlive the job; on a multi-node cluster point
+them at shared storage.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ray._private.thirdparty.pathspec import PathSpec
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from mopd.config import MopdConfig
+from mopd.config import MopdConfig, section_dirs
 
 START_HEAD = ("start one from the project's virtualenv with `ray start --head --node-ip-address 127.0.0.1 "
               "--dashboard-host 127.0.0.1 --dashboard-port 8265` (README: Submitting to a cluster)")
@@ -103,7 +105,7 @@ def entrypoint(config: str, overrides: list[str], cfg: MopdConfig, resume: bool 
     if PathSpec.from_lines("gitwildmatch", cfg.ray.runtime_env.excludes).match_file(str(rel)):
         raise SubmitError(f"config {rel} matches ray.runtime_env.excludes, so it is not uploaded: copy it to "
                           "configs/ (or another uploaded folder) and submit that copy")
-    paths = {"world.dir": cfg.world.dir, "logging.run_dir": cfg.logging.run_dir}
+    paths = {**section_dirs(cfg), "logging.run_dir": cfg.logging.run_dir}
     pinned = [f"{key}={wd / value}" for key, value in paths.items() if not Path(value).is_absolute()]
     return shlex.join(["mopd", "train", str(rel), *overrides, *pinned, *(["--resume"] if resume else [])])
 

@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+import mopd.world  # noqa: F401 - registers the world: config section that configs/quickstart.yaml has
+
 # One thread: engine actors and the test process share two cores; oversubscription costs 10-100x.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,8 +29,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """A small world: same code path as the quickstart, far fewer steps (accuracy is not the point)."""
-    from mopd.config import WorldConfig
     from mopd.world.build import build_world
+    from mopd.world.config import WorldConfig
 
     cfg = WorldConfig(dir=str(tmp_path_factory.mktemp("world")), seed=0, train_rows_per_domain=300,
                       eval_rows_per_domain=32, teacher_steps=40, teacher_steps_by_domain={"add": 40},

@@ -103,6 +103,9 @@ OVERRIDES: list[tuple[list[str], list[str]]] = [
     (["ray.runtime_env.env_vars.HF_TOKEN=abc"], ["'ray.runtime_env.env_vars.HF_TOKEN'", "env_vars_from_env"]),
 ]
 
+# The keys without a default (the files below each get one thing wrong).
+REQUIRED = "student: {path: /s}\ndata: {train_files: [/t.jsonl], eval_files: [/e.jsonl]}\n"
+
 # (file name, file text, fragments): config files that are not valid configs
 FILES: list[tuple[str, str, list[str]]] = [
     ("unclosed.yaml", "trainer:\n  steps: [1, 2\n  lr: 0.1\n", ["unclosed.yaml", "not valid YAML", "line"]),
@@ -112,10 +115,13 @@ FILES: list[tuple[str, str, list[str]]] = [
     ("typo.yaml", "rollout:\n  temprature: 0.5\n", ["unknown config key 'rollout.temprature'",
                                                      "did you mean 'rollout.temperature'"]),
     ("nopath.yaml", "teachers:\n  t:\n    domains: [a]\n", ["teachers.t.path", "without a value"]),
-    ("nodomains.yaml", "teachers:\n  t:\n    path: /x\n", ["'teachers.t.domains'", "a non-empty list"]),
-    ("badname.yaml", "teachers:\n  my teacher:\n    path: /x\n    domains: [a]\n",
+    ("nodomains.yaml", REQUIRED + "teachers:\n  t:\n    path: /x\n",
+     ["'teachers.t.domains'", "a non-empty list"]),
+    ("badname.yaml", REQUIRED + "teachers:\n  my teacher:\n    path: /x\n    domains: [a]\n",
      ["'teachers.my teacher'", "teacher names of letters"]),
-    ("noteachers.yaml", "experiment: x\n", ["'teachers'", "at least one teacher", "objective=pg"]),
+    ("noteachers.yaml", REQUIRED + "experiment: x\n", ["'teachers'", "at least one teacher", "objective=pg"]),
+    ("nodata.yaml", "experiment: x\n", ["config keys without a value: data.eval_files, data.train_files, "
+                                        "student.path"]),
 ]
 
 

@@ -5,8 +5,8 @@ and teachers: missing, without weights, a NaN weight, teacher_top_k over the voc
 traceback. Every input is refused before Ray starts: `init_ray` is a tripwire here (reaching it fails the
 test), so none of these starts a cluster or an engine.
 
-The models are tiny real ones (`mopd.world.models`) in folders outside `world.dir`, so `mopd train` never
-builds the quickstart world.
+The models are tiny real ones (`mopd.world.models`) and the configs have no `world:` section, so `mopd train`
+never builds the quickstart world.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def write_jsonl(path: Path, rows: list) -> str:
 def write_config(tmp_path: Path, models: Path, *, train: str | None = None, eval_: str | None = None,
                  **sections) -> str:
     train = train or write_jsonl(tmp_path / "train.jsonl", GOOD_ROWS)
-    cfg = {"experiment": "bad_io", "world": {"dir": str(tmp_path / "world")},
+    cfg = {"experiment": "bad_io",
            "student": {"path": str(models / "student")},
            "teachers": {"t": {"path": str(models / "teacher"), "domains": ["rev"]}},
            "data": {"train_files": [train], "eval_files": [eval_ or train]},

@@ -26,11 +26,12 @@ from mopd.config import (
     StudentConfig,
     TrainerBackend,
     TrainerConfig,
-    WorldConfig,
+    compose_config,
     load_config,
     to_dict,
     to_yaml,
 )
+from mopd.world import WorldConfig, has_world, world_config
 
 QS = "configs/quickstart.yaml"
 
@@ -154,8 +155,7 @@ def test_new_keys_and_defaults():
 
 
 def _merged(*overrides: str):
-    return OmegaConf.merge(OmegaConf.structured(MopdConfig), OmegaConf.load(QS),
-                           OmegaConf.from_dotlist(list(overrides)))
+    return compose_config(QS, list(overrides))
 
 
 @pytest.mark.parametrize("override, key", [
@@ -214,8 +214,9 @@ def test_objectives_registered_in_code_are_accepted_by_the_config():
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     served = {d for t in cfg.teachers.values() for d in t.domains}
-    if cfg.student.path.startswith(cfg.world.dir):  # a quickstart world: a teacher for each of its domains
-        assert served == set(cfg.world.domains), path
+    world = world_config(cfg) if has_world(cfg) else None
+    if world is not None and cfg.student.path.startswith(world.dir):  # a quickstart world: a teacher per domain
+        assert served == set(world.domains), path
 
 
 def test_compare_spec_runs_all_load():
@@ -224,3 +225,154 @@ def test_compare_spec_runs_all_load():
     spec = OmegaConf.to_container(OmegaConf.load("configs/compare.yaml"))
     for name, over in spec["runs"].items():
         assert load_config(spec["base"], over).algorithm.objective in name  # each run trains what it is named for
+
+
+# -- configs that inherit: base: ---------------------------------------------------------------------------
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flat(v, key) if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def _changes(variant: str) -> dict:
+    """What a shipped variant's resolved config changes relative to the quickstart's, key by key."""
+    base, var = _flat(to_dict(load_config(QS))), _flat(to_dict(load_config(f"configs/{variant}")))
+    return {k: var.get(k, "<absent>") for k in base.keys() | var.keys()
+            if base.get(k, "<absent>") != var.get(k, "<absent>")}
+
+
+def test_base_chain_merges_in_order_with_paths_relative_to_each_file(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    qs = Path(QS).resolve()
+    (tmp_path / "root.yaml").write_text(f"base: {qs}\ntrainer: {{steps: 11, lr: 0.5}}\nrollout: {{n: 2}}\n")
+    (tmp_path / "a" / "mid.yaml").write_text("base: ../root.yaml\ntrainer: {steps: 12}\nexperiment: mid\n")
+    (tmp_path / "a" / "b" / "leaf.yaml").write_text("base: ../mid.yaml\nrollout: {n: 3}\n")
+    cfg = load_config(tmp_path / "a" / "b" / "leaf.yaml")
+    assert (cfg.trainer.steps, cfg.trainer.lr, cfg.rollout.n) == (12, 0.5, 3)  # the nearer file wins
+    assert cfg.experiment == "mid" and cfg.logging.run_dir == "runs/mid"  # interpolations see the merged tree
+    assert cfg.teachers["add_teacher"].domains == ["add"] and cfg.trainer.warmup_steps == 50  # from quickstart
+    assert "base" not in yaml.safe_load(to_yaml(cfg))
+    # key=value overrides win over every file of the chain.
+    over = load_config(tmp_path / "a" / "b" / "leaf.yaml", ["trainer.steps=5", "rollout.n=7", "experiment=o"])
+    assert (over.trainer.steps, over.rollout.n, over.logging.run_dir) == (5, 7, "runs/o")
+
+
+def test_a_base_that_is_a_cycle_is_refused_naming_the_chain(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: ./a.yaml\ntrainer: {steps: 2}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "a.yaml")
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    assert str(e.value).startswith(f"config file {a}: base: chain {a} -> {b} -> {a} is a cycle"), str(e.value)
+    assert "\n" not in str(e.value)
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(ConfigError, match=r"chain .*self.yaml -> .*self.yaml is a cycle"):
+        load_config(tmp_path / "self.yaml")
+
+
+def test_a_missing_or_malformed_base_names_the_file_that_refers_to_it(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "top.yaml").write_text("base: sub/mid.yaml\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: nope.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "top.yaml")
+    assert str(e.value).startswith(f"config file {tmp_path / 'sub' / 'mid.yaml'}: base: nope.yaml not found "
+                                   f"(looked for {tmp_path / 'sub' / 'nope.yaml'}"), str(e.value)
+    (tmp_path / "list.yaml").write_text("base: [a.yaml, b.yaml]\n")
+    with pytest.raises(ConfigError, match=r"list.yaml: base: got \['a.yaml', 'b.yaml'\]; allowed: a path"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "typo.yaml").write_text(f"base: {Path(QS).resolve()}\ntrainer: {{stpes: 1}}\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key 'trainer.stpes'; did you mean"):
+        load_config(tmp_path / "typo.yaml")
+
+
+@pytest.mark.parametrize("variant, changes", [
+    ("quickstart_bf16.yaml", {"rollout.dtype": "bfloat16", "algorithm.r3_capture": True}),
+    ("quickstart_topk.yaml", {"algorithm.objective": "mixed", "algorithm.teacher_top_k": 16,
+                              "algorithm.advantage_norm": "center", "algorithm.kl_coef": 4.0}),
+    ("remote_teacher.yaml", {"teachers.rev_teacher.backend": "vllm_server",
+                             "teachers.rev_teacher.urls": ["http://127.0.0.1:8100"]}),
+])
+def test_variants_change_only_what_they_say(variant, changes):
+    name = variant.removesuffix(".yaml")
+    assert _changes(variant) == {**changes, "experiment": name, "logging.run_dir": f"runs/{name}"}
+    assert "base:" in Path("configs", variant).read_text()
+
+
+def test_the_four_domain_variant_is_a_world_of_its_own():
+    cfg = load_config("configs/quickstart_4domain.yaml")
+    changed = _changes("quickstart_4domain.yaml")
+    assert {k for k in changed if not k.startswith("teachers.spell_teacher.")} == {
+        "experiment", "logging.run_dir", "world.dir", "world.domains", "world.student_mix.spell", "student.path",
+        "teachers.add_teacher.path", "teachers.rev_teacher.path", "teachers.sort_teacher.path", "data.train_files",
+        "data.eval_files", "data.domain_mix.spell", "data.domain_mix.add", "data.domain_mix.rev",
+        "data.max_prompt_tokens", "rollout.max_tokens", "rollout.num_cpus_per_engine"}
+    paths = [cfg.student.path, *cfg.data.train_files, *cfg.data.eval_files, *(t.path for t in cfg.teachers.values())]
+    assert all(p.startswith(".cache/world4/") for p in paths), paths
+    assert cfg.data.domain_mix == {"add": 1.0, "rev": 1.0, "sort": 1.0, "spell": 1.0}
+    assert cfg.teachers["spell_teacher"].domains == ["spell"] and world_config(cfg).student_mix["spell"] == 1.0
+    assert (cfg.data.max_prompt_tokens, cfg.rollout.max_tokens, cfg.rollout.num_cpus_per_engine) == (16, 32, 0.2)
+    # The recipe is the quickstart's.
+    assert (cfg.algorithm.objective, cfg.trainer.steps, cfg.trainer.max_staleness) == ("reverse_kl", 1200, 1)
+
+
+# -- sections registered above the core: world: ------------------------------------------------------------
+def test_the_world_section_is_validated_interpolated_and_written_back(tmp_path):
+    cfg = load_config(QS, ["world.dir=/tmp/w", "world.train_rows_per_domain=10"])
+    world = world_config(cfg)
+    assert isinstance(world, WorldConfig) and cfg.sections == {"world": world}
+    assert (world.dir, world.train_rows_per_domain, world.seed) == ("/tmp/w", 10, 0)
+    assert cfg.student.path == "/tmp/w/student" and cfg.data.train_files == ["/tmp/w/data/train.jsonl"]
+    assert not hasattr(cfg, "world")  # only through the accessor: the core schema has no such field
+    text = to_yaml(cfg)
+    assert yaml.safe_load(text)["world"]["train_rows_per_domain"] == 10
+    assert to_dict(cfg)["world"]["dir"] == "/tmp/w"
+    p = tmp_path / "config.yaml"
+    p.write_text(text)
+    assert load_config(p) == cfg  # RUN_DIR/config.yaml round-trips, section included
+    for override, fragments in [
+        ("world.sead=1", ["unknown config key 'world.sead'", "did you mean 'world.seed'", "train_rows_per_domain"]),
+        ("world.seed=abc", ["config key 'world.seed'", "'abc'", "an integer"]),
+        ("world.batch_size=0", ["config key 'world.batch_size'", "an integer >= 1"]),
+        ("world.teacher_steps_by_domain.add=0", ["'world.teacher_steps_by_domain.add'", "an integer >= 1"]),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_config(QS, [override])
+        assert all(f in str(e.value) for f in fragments), (override, str(e.value))
+
+
+def test_a_config_without_a_world_section_has_none(tmp_path):
+    cfg = load_config("configs/gpu_cluster.yaml")
+    assert cfg.sections == {} and "world" not in yaml.safe_load(to_yaml(cfg))
+    with pytest.raises(ConfigError, match="has no world: section"):
+        world_config(cfg)
+    # An override alone brings the section in, with its defaults.
+    assert world_config(load_config("configs/gpu_cluster.yaml", ["world.seed=3"])).dir == ".cache/world"
+    (tmp_path / "c.yaml").write_text("student: {path: '${world.dir}/s'}\ndata: {train_files: [a], eval_files: [b]}\n")
+    with pytest.raises(ConfigError, match=r"'student.path'.*world.dir"):
+        load_config(tmp_path / "c.yaml", ["teachers.t.path=x", "teachers.t.domains=[a]"])
+
+
+def test_the_core_schema_keys_are_required_where_the_world_used_to_fill_them(tmp_path):
+    (tmp_path / "c.yaml").write_text("teachers: {t: {path: /t, domains: [a]}}\n")
+    with pytest.raises(ConfigError, match=r"^config keys without a value: data.eval_files, data.train_files, "
+                                          r"student.path \(set them"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_a_world_section_without_mopd_world_imported_is_refused_in_one_line():
+    code = ("from mopd.config import ConfigError, load_config\n"
+            "try:\n    load_config('configs/quickstart.yaml')\nexcept ConfigError as e:\n    print(e)\n"
+            "import sys; print(sorted(m for m in sys.modules if m.startswith('mopd.world')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    msg, imported = out.splitlines()
+    assert msg.startswith("configs/quickstart.yaml: unknown config key 'world'"), msg
+    assert "register_section" in msg and imported == "[]"
+
+
+def test_the_core_schema_does_not_mention_the_world():
+    """Issue 19's contract: the world sits above the core (import-linter holds the imports, this the text)."""
+    source = Path("mopd/config.py").read_text()
+    assert "world" not in source.lower(), [ln for ln in source.splitlines() if "world" in ln.lower()]

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tiny_config import write_config
+from tiny_config import REQUIRED_OVERRIDES, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mopd.config import ConfigError, load_config
@@ -136,8 +136,9 @@ def test_generate_greedy_and_seeded_sampling(folders):
 
 
 def test_actor_group_config_and_bundles():
-    base = ["teachers.a.path=/x", "teachers.a.domains=[add]", "teachers.b.path=/y", "teachers.b.domains=[rev]",
-            "teachers.c.path=/z", "teachers.c.domains=[sort]", "rollout.num_cpus_per_engine=0.25"]
+    base = [*REQUIRED_OVERRIDES, "teachers.a.path=/x", "teachers.a.domains=[add]", "teachers.b.path=/y",
+            "teachers.b.domains=[rev]", "teachers.c.path=/z", "teachers.c.domains=[sort]",
+            "rollout.num_cpus_per_engine=0.25"]
     hf = ["teachers.a.backend=hf", "teachers.b.backend=hf", "teachers.a.actor_group=small",
           "teachers.b.actor_group=small"]
     cfg = load_config(None, [*base, *hf, "teachers.a.replicas=2", "teachers.b.replicas=2", "teachers.b.num_cpus=1"])

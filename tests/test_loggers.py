@@ -3,6 +3,7 @@ short real `mopd train` run that writes TensorBoard events."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -13,7 +14,7 @@ from test_train_loop import world_overrides
 
 from mopd.config import ConfigError, load_config
 from mopd.jsonl import read_metrics
-from mopd.logger import make_sinks
+from mopd.logger import ProgressLogger, make_sinks
 
 NAN, INF = float("nan"), float("inf")
 # Real-looking step records, including what external sinks must survive: NaN, inf, a string, an int
@@ -206,3 +207,60 @@ def test_train_writes_tensorboard_events(tiny_world, ray_local, tmp_path):
     for step, value in tb["mopd/teacher_kl"]:
         assert math.isclose(value, jsonl[step]["mopd/teacher_kl"], rel_tol=1e-6, abs_tol=1e-6)
     assert "timing_s/step" in tb and "eval/add/acc" in tb
+
+
+# -- progress: a bar on a terminal, a few plain lines in a log file ---------------------------------------
+def _step_record(step: int) -> dict:
+    return {"mopd/teacher_kl": 1.0 / step, "reward/add": 0.5, "reward/rev": float("nan"), "timing_s/step": 0.01}
+
+
+def test_progress_in_a_log_file_is_a_handful_of_plain_lines():
+    out = io.StringIO()  # not a terminal
+    p = ProgressLogger(total=2000, start=0, every_s=30.0, stream=out)
+    for step in range(1, 2001):  # fast steps: well under 30 s in all
+        p.log(step, _step_record(step))
+        if step % 500 == 0:
+            p.log(step, {"eval/add/acc": 0.9})  # eval records do not count
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2, lines  # the first step, and the last at close
+    assert lines[0].startswith("mopd step 1/2000 (0%), 0 s, kl=1.000 add=0.50"), lines[0]
+    assert lines[1].startswith("mopd step 2000/2000 (100%) ") and " steps/s, " in lines[1], lines[1]
+    assert lines[1].endswith("kl=0.001 add=0.50") and "\r" not in out.getvalue()
+
+
+def test_progress_lines_come_at_most_every_n_seconds():
+    now = [0.0]
+    out = io.StringIO()
+    p = ProgressLogger(total=1000, start=100, every_s=30.0, stream=out, clock=lambda: now[0])
+    for step in range(101, 1001):  # 0.125 s a step (exact in binary): 112.5 s in all
+        now[0] += 0.125
+        p.log(step, _step_record(step))
+    p.close()
+    lines = out.getvalue().splitlines()
+    steps = [int(line.split()[2].split("/")[0]) for line in lines]
+    assert steps == [101, 341, 581, 821, 1000], lines  # 30 s apart, then the last step at close
+    assert "8.00 steps/s" in lines[1] and lines[1].split(", ")[1] == "30 s", lines[1]
+    p.close()
+    assert len(out.getvalue().splitlines()) == 5  # nothing new: no repeated last line
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    p = ProgressLogger(total=10, start=0, stream=out)
+    assert p.bar is not None
+    for step in range(1, 11):
+        p.log(step, _step_record(step))
+    p.close()
+    assert "\r" in out.getvalue() and "10/10" in out.getvalue() and "kl=0.100" in out.getvalue()
+    assert ProgressLogger(total=10, start=0, stream=io.StringIO()).bar is None
+
+
+def test_progress_every_s_is_validated():
+    assert load_config("configs/quickstart.yaml").logging.progress_every_s == 30.0
+    with pytest.raises(ConfigError, match=r"'logging.progress_every_s': got 0.0; allowed: a number > 0"):
+        load_config("configs/quickstart.yaml", ["logging.progress_every_s=0"])

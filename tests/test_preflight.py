@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from tiny_config import REQUIRED_OVERRIDES
 from tiny_config import write_config as write_tiny_config
 from tiny_models import save_tiny_models, set_weight
 from transformers import AutoTokenizer
@@ -35,7 +36,8 @@ def write_config(path: Path, world: dict, teachers: dict, **sections) -> str:
 
 
 def test_server_teacher_config_errors_name_key_and_fix(tmp_path):
-    base = ["teachers.t.path=/x", "teachers.t.domains=[rev]", "teachers.t.backend=vllm_server"]
+    base = [*REQUIRED_OVERRIDES, "teachers.t.path=/x", "teachers.t.domains=[rev]",
+            "teachers.t.backend=vllm_server"]
     with pytest.raises(ConfigError, match=r"teachers\.t\.urls.*one base URL per server replica.*for backend vllm_server"):
         load_config(None, base)
     with pytest.raises(ConfigError, match=r"teachers\.t\.urls.*'127\.0\.0\.1:8100'.*http://127\.0\.0\.1:8100"):
@@ -47,7 +49,8 @@ def test_server_teacher_config_errors_name_key_and_fix(tmp_path):
         load_config(None, [*base, "teachers.t.urls=[http://127.0.0.1:1]", "teachers.t.api_key_env=sk-live/4a5b"])
     assert "sk-live" not in str(e.value)
     with pytest.raises(ConfigError, match=r"teachers\.t\.urls.*backend vllm_server"):
-        load_config(None, ["teachers.t.path=/x", "teachers.t.domains=[rev]", "teachers.t.urls=[http://127.0.0.1:1]"])
+        load_config(None, [*REQUIRED_OVERRIDES, "teachers.t.path=/x", "teachers.t.domains=[rev]",
+                           "teachers.t.urls=[http://127.0.0.1:1]"])
     cfg = load_config(None, [*base, "teachers.t.urls=[http://127.0.0.1:1,http://127.0.0.1:2]"])
     assert cfg.teachers["t"].replicas == 2
 
@@ -221,7 +224,8 @@ def test_truncated_or_sharded_weights_are_refused(folders, tmp_path):
 def test_check_model_folders_on_resume_names_the_checkpoint(folders):
     from teachers.preflight import ModelCheckError, check_model_folders
 
-    cfg = load_config(None, [f"student.path={folders}/student", f"teachers.t.path={folders}/teacher",
+    cfg = load_config(None, [*REQUIRED_OVERRIDES, f"student.path={folders}/student",
+                             f"teachers.t.path={folders}/teacher",
                              "teachers.t.domains=[rev]"])
     assert check_model_folders(cfg, weights=False)[0].endswith("config.json and weights present")
     ck = str(folders / "inf_student")  # as if checkpoints/step_N/model held it
@@ -237,7 +241,8 @@ def test_check_model_folders_on_resume_names_the_checkpoint(folders):
 def test_hub_ids_are_left_to_the_hub_unless_offline(folders, monkeypatch):
     from teachers.preflight import ModelCheckError, check_model_folders
 
-    cfg = load_config(None, ["student.path=no-such-org/no-such-model", f"teachers.t.path={folders}/teacher",
+    cfg = load_config(None, [*REQUIRED_OVERRIDES, "student.path=no-such-org/no-such-model",
+                             f"teachers.t.path={folders}/teacher",
                              "teachers.t.domains=[rev]"])
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -255,7 +260,8 @@ def test_nonfinite_teacher_logprobs_say_so_first_and_point_at_the_weight(folders
     tok = build_tokenizer()
     rows = [{"prompt": "rev:abc=", "answer": "cba", "domain": "rev", "id": "r0"}]
     for folder, ok in [("teacher", True), ("nan_teacher", False)]:
-        cfg = load_config(None, [f"teachers.t.path={folders}/{folder}", "teachers.t.domains=[rev]",
+        cfg = load_config(None, [*REQUIRED_OVERRIDES, f"teachers.t.path={folders}/{folder}",
+                                 "teachers.t.domains=[rev]",
                                  "algorithm.teacher_top_k=-1"])
         checks = run_preflight(cfg, {"t": [TransformersTeacher(folders / folder)]}, tok, rows)
         report = format_report(checks)

@@ -214,6 +214,16 @@ def test_entrypoint_pins_relative_outputs_to_the_working_dir(tmp_path):
         entrypoint("runs/quickstart/config.yaml", [], cfg)
 
 
+def test_entrypoint_pins_only_the_directories_the_config_has():
+    """The core pins logging.run_dir; other directories come from registered sections the config names."""
+    wd = Path(".").resolve()
+    no_world = load_config("configs/gpu_cluster.yaml", ["logging.run_dir=runs/g"])
+    cmd = entrypoint("configs/gpu_cluster.yaml", [], no_world)
+    assert cmd == f"mopd train configs/gpu_cluster.yaml logging.run_dir={wd}/runs/g" and "world" not in cmd
+    with_world = load_config("configs/gpu_cluster.yaml", ["logging.run_dir=/abs/g", "world.dir=w"])
+    assert entrypoint("configs/gpu_cluster.yaml", [], with_world).endswith(f"world.dir={wd}/w")
+
+
 def test_dashboard_url_in_config_yields_to_the_jobs_ray_address(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what Ray sets for a job's entrypoint
     assert cluster_address("http://127.0.0.1:8265") == "127.0.0.1:6379"

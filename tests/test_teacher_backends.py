@@ -50,6 +50,7 @@ def folders(tmp_path_factory):
 
 def config(d, *over):
     return load_config(None, [f"student.path={d}/student", f"data.train_files=[{d}/none.jsonl]",
+                              f"data.eval_files=[{d}/none.jsonl]",
                               "rollout.num_cpus_per_engine=0.25", "algorithm.teacher_top_k=8",
                               f"teachers.a.path={d}/a", "teachers.a.domains=[add]", "teachers.a.backend=in_driver",
                               f"teachers.b.path={d}/b", "teachers.b.domains=[rev]", "teachers.b.backend=in_driver",

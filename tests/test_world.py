@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mopd.config import WorldConfig
 from mopd.world.build import MANIFEST, build_world, config_hash
+from mopd.world.config import WorldConfig
+from mopd.world.report import world_table
 from mopd.world.sft import _batches, collate, encode_sft_examples, lr_factor
 from mopd.world.tasks import (
     DIGIT_WORDS,
@@ -220,3 +221,13 @@ def test_foreign_folder_is_never_replaced(tmp_path):
 def test_unknown_domain_is_refused(tmp_path):
     with pytest.raises(ValueError, match="known domains"):
         build_world(tiny(tmp_path / "w", domains=["add", "chess"]))
+
+
+def test_world_table_lists_every_model_on_every_domain():
+    info = {"dir": "/w", "domains": ["add", "rev"], "timings": {"total": {"wall_s": 12.4}},
+            "accuracy": {"teacher/add": {"add": 0.99, "rev": 0.0}, "teacher/rev": {"add": 0.01, "rev": 0.98},
+                         "student": {"add": 0.2, "rev": 0.3}}}
+    lines = world_table(info).splitlines()
+    assert lines[0] == "quickstart world in /w (built in 12 s)"
+    assert lines[2:] == ["| model | add | rev |", "|---|---|---|", "| teacher/add | 0.990 | 0.000 |",
+                         "| teacher/rev | 0.010 | 0.980 |", "| student | 0.200 | 0.300 |"]

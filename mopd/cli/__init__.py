@@ -14,6 +14,7 @@ import sys
 from mopd.cli.common import DEFAULT_CONFIG
 from mopd.cli.common import config_from_args as _cfg
 from mopd.config import to_yaml
+from mopd.world import world_config
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -23,11 +24,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_world_build(args: argparse.Namespace) -> int:
     from mopd.world.build import build_world
+    from mopd.world.report import world_table
 
-    cfg = _cfg(args)
-    from mopd.report import world_table
-
-    print(world_table(build_world(cfg.world, force=args.force)))
+    print(world_table(build_world(world_config(_cfg(args)), force=args.force)))
     return 0
 
 

@@ -1,9 +1,13 @@
-"""What every `mopd` command shares: reading CONFIG plus `key=value` overrides from its arguments."""
+"""What every `mopd` command shares: reading CONFIG plus `key=value` overrides from its arguments.
+
+The quickstart world's `world:` section is registered here (importing `mopd.world`, cheap: no torch), so every
+command reads the shipped configs."""
 
 from __future__ import annotations
 
 import argparse
 
+import mopd.world  # noqa: F401 - registers the world: config section
 from mopd.config import MopdConfig, load_config
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"

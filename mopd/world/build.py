@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from mopd.config import WorldConfig
 from mopd.world.accuracy import accuracy
+from mopd.world.config import WorldConfig
 from mopd.world.models import build_student, build_teacher, num_params, save_model
 from mopd.world.sft import sft
 from mopd.world.tasks import GENERATORS, make_splits, write_jsonl
