@@ -21,6 +21,7 @@ from mopd.ray_cluster import force_loopback
 force_loopback()  # both simulated nodes on 127.0.0.1
 import ray
 from ray.cluster_utils import Cluster
+import mopd.world  # registers the world: config section
 from mopd.config import load_config
 from mopd.jsonl import read_metrics
 from mopd.train import train
