@@ -4,7 +4,7 @@ with mopd, scored by one exact reverse-KL function, printed as one table with th
     .venv/bin/pip install -c constraints/cpu.txt trl==1.16.0          # once; or the extra: ... -e '.[peer]'
     .venv/bin/python benchmarks/peer_trl.py [--steps 300] [--mopd-steps 600] [--prompts 32] [--max-new-tokens 8]
                                             [--lr 3e-3] [--eval-every 25] [--teacher-backend hf|vllm] [--threads 2]
-                                            [--ray-niceness N] [key=value ...]
+                                            [--ray-niceness N] [--seeds 0,1,2,3,4,5] [key=value ...]
 
 TRL is not a dependency of mopd: the `peer` extra holds it, `make test` never installs it and no test imports
 it. With the constraints file the install adds trl, datasets, multiprocess, pandas, python-dateutil and tzdata
@@ -225,6 +225,12 @@ def run_trl(plan: dict[str, Any], out: Path) -> dict[str, Any]:
             counts["tokens"] += sum(len(c) for c in completion_ids)
             return out_
 
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            counts.setdefault("train_kl", []).append(float(loss.detach()))  # token-mean reverse KL of the batch
+            return loss
+
         def _get_last_hidden_state(self, unwrapped_model: Any, *a: Any, **kw: Any) -> Any:
             if torch.is_grad_enabled():  # the student's forward
                 return super()._get_last_hidden_state(unwrapped_model, *a, **kw)
@@ -267,7 +273,7 @@ def run_trl(plan: dict[str, Any], out: Path) -> dict[str, Any]:
     if counts["steps_checked"] != steps:
         raise RuntimeError(f"TRL generated {counts['steps_checked']} batches for {steps} steps")
     wall = clock.wall
-    return {"wall_s": wall, "tokens": counts["tokens"], "points": clock.points,
+    return {"wall_s": wall, "tokens": counts["tokens"], "points": clock.points, "train_kl": counts["train_kl"],
             "stages": {"rollout": stage["rollout"] / steps, "teacher": stage["teacher"] / steps,
                        "train+other": (wall - stage["rollout"] - stage["teacher"]) / steps},
             "peak_rss_gb": _peak_rss_gb(), "tree": mem.peak, "total_s": time.perf_counter() - t_start}
@@ -321,6 +327,7 @@ def run_mopd(plan: dict[str, Any], out: Path) -> dict[str, Any]:
     stages["first_step"] = recs[0]["timing_s/step"]
     equal = recs[:plan["steps"]]  # the steps TRL also ran: wall and tokens/s at equal work
     return {"wall_s": sum(m["timing_s/step"] for m in equal), "wall_all_s": cum,
+            "train_kl": [m["distillation/reverse_kl"] for m in equal],
             "tokens": sum(m["perf/tokens_per_s"] * m["timing_s/step"] for m in equal),
             "points": points, "stages": stages,
             "mem_gb_total": max(m.get("perf/mem_gb/total", 0.0) for m in recs),
@@ -523,6 +530,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds (e.g. 0,1,2,3,4,5): run the whole comparison once per seed (data order "
+                        "and sampling both follow the seed) and report each side's mean and spread and the paired "
+                        "mopd - TRL difference; at lr 3e-3 two runs of the *same* update diverge within ~15 steps, so "
+                        "one seed says nothing about learning per step")
     p.add_argument("--eval-every", type=int, default=25, help="checkpoint (and score) both sides every N steps")
     p.add_argument("--eval-prompts", type=int, default=200)
     p.add_argument("--eval-samples", type=int, default=4, help="sampled continuations per eval prompt")
@@ -549,6 +561,55 @@ def main(argv: list[str]) -> None:
         (WORK / f"{args.side}.json").write_text(json.dumps(res, indent=1))
         return
 
+    if args.seeds:
+        rows = []
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            args.seed = seed
+            print(f"\n=== seed {seed}", flush=True)
+            rows.append(one_comparison(args, overrides))
+            keep = WORK / "seeds" / f"seed_{seed}"
+            keep.mkdir(parents=True, exist_ok=True)
+            for f in ("curves.json", "trl.json", "mopd.json", "trl.log", "mopd.log"):
+                if (WORK / f).is_file():
+                    shutil.copy(WORK / f, keep / f)
+        print()
+        print(seed_table(rows))
+        return
+    one_comparison(args, overrides)
+
+
+def seed_summary(plan: dict[str, Any], results: dict[str, dict], curves: dict[str, list[dict]]) -> dict[str, float]:
+    """One seed's figures for the spread table: eval KL per sequence at step `--steps` and averaged over the last
+    five checkpoints up to it, and the mean on-policy training KL per token over the equal steps."""
+    n = plan["steps"]
+    out: dict[str, float] = {"seed": plan["seed"]}
+    for side in ("trl", "mopd"):
+        pts = [p for p in curves[side] if 0 < p["step"] <= n]
+        out[f"{side}_kl"] = pts[-1]["seq_kl"]
+        out[f"{side}_kl_last5"] = statistics.mean(p["seq_kl"] for p in pts[-5:])
+        out[f"{side}_train_kl"] = statistics.mean(results[side]["train_kl"][:n])
+    return out
+
+
+def seed_table(rows: list[dict[str, float]]) -> str:
+    cols = [("kl", "reverse KL / seq at the last step"), ("kl_last5", "same, mean of the last 5 checkpoints"),
+            ("train_kl", "on-policy training KL / token, mean over the steps")]
+    lines = ["| seed | " + " | ".join(f"{c[1]}: TRL / mopd" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {int(r['seed'])} | " + " | ".join(f"{r['trl_' + k]:.3f} / {r['mopd_' + k]:.3f}"
+                                                           for k, _ in cols) + " |")
+    if len(rows) > 1:
+        for k, name in cols:
+            a, b = [r["trl_" + k] for r in rows], [r["mopd_" + k] for r in rows]
+            d = [y - x for x, y in zip(a, b, strict=True)]
+            se = statistics.stdev(d) / len(d) ** 0.5
+            lines.append(f"\n{name}: TRL {statistics.mean(a):.3f} (sd {statistics.stdev(a):.3f}), mopd "
+                         f"{statistics.mean(b):.3f} (sd {statistics.stdev(b):.3f}); mopd - TRL {statistics.mean(d):+.3f} "
+                         f"+- {se:.3f} (standard error of the paired mean, {len(d)} seeds)")
+    return "\n".join(lines)
+
+
+def one_comparison(args: argparse.Namespace, overrides: list[str]) -> dict[str, float]:
     t0 = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
     plan = make_plan(args, overrides)
@@ -574,6 +635,7 @@ def main(argv: list[str]) -> None:
     print()
     print(curve_lines(curves))
     print(f"\nwhole benchmark: {time.perf_counter() - t0:.0f} s; results in {WORK}/")
+    return seed_summary(plan, results, curves)
 
 
 if __name__ == "__main__":
