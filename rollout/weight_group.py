@@ -134,14 +134,21 @@ class WeightGroup:
         self.broadcast(torch.tensor([len(header)], dtype=torch.int64, device=self.device))
         self.broadcast(torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.device))
         sent = 0
-        for idx, offs, size in plan_buckets([m.nbytes for m in metas], bucket_bytes):
+        plan = plan_buckets([m.nbytes for m in metas], bucket_bytes)
+
+        def alone(idx: list[int]) -> bool:  # a tensor alone that goes as it is: no copy
+            t = items[idx[0]][1]
+            return len(idx) == 1 and t.device == self.device and t.is_contiguous()
+
+        packed = max((size for idx, _, size in plan if not alone(idx)), default=0)
+        staging = torch.empty(packed, dtype=torch.uint8, device=self.device)
+        for idx, offs, size in plan:
             if size == 0:
                 continue
-            only = items[idx[0]][1]
-            if len(idx) == 1 and only.device == self.device and only.is_contiguous():
-                buf = only.reshape(-1).view(torch.uint8)  # a tensor alone goes as it is: no copy
+            if alone(idx):
+                buf = items[idx[0]][1].reshape(-1).view(torch.uint8)
             else:
-                buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+                buf = staging[:size]  # reused: a broadcast has completed on this side when it returns
                 for i, off in zip(idx, offs, strict=True):
                     b = items[i][1].contiguous().reshape(-1).view(torch.uint8)
                     buf[off:off + b.numel()].copy_(b)
