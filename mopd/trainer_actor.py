@@ -48,6 +48,7 @@ class TrainerWorker:
 
     def __init__(self, cfg: MopdConfig) -> None:
         self.cfg = cfg
+        self.weight_group: WeightGroup | None = None  # rank 0, rollout.weight_sync=collective
         torch.set_num_threads(_threads(cfg))
 
     def address(self) -> tuple[str, int]:
@@ -91,7 +92,8 @@ class TrainerWorker:
 
     def join_weight_group(self, world: int, backend: str) -> None:
         """Rank 0: form the group on the store `open_weight_group` opened; blocks until every engine joined."""
-        store, self._weight_store = self._weight_store, None
+        store = self._weight_store  # kept until the next open_weight_group: if forming the group fails here, the
+        # engines still reach the store and fail on their own at once, instead of waiting to connect to it
         self.weight_group = WeightGroup(store, 0, world, backend, store.host)
 
     def send_weights(self, full: bool, bucket_bytes: int) -> dict[str, float]:
@@ -102,7 +104,7 @@ class TrainerWorker:
         sd = self.trainer.state_dict(trained_only=not full)
         if self.rank != 0:
             return {}
-        group = getattr(self, "weight_group", None)
+        group = self.weight_group
         if group is None:
             raise RuntimeError("trainer rank 0 is in no weight-sync group: RemoteTrainer.connect forms it")
         t0 = time.perf_counter()
