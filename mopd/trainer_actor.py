@@ -248,9 +248,10 @@ class RemoteTrainer:
             for ref in ready:
                 self._get(ref)
         except Exception:
-            for ref in refs:
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=_SETTLE_S)
+            for ref in done:
                 try:
-                    ray.get(ref, timeout=_SETTLE_S)
+                    ray.get(ref)
                 except ray.exceptions.RayActorError:
                     raise
                 except Exception:  # noqa: BLE001 - the first failure is raised below
