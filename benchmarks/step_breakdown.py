@@ -9,6 +9,15 @@ one run per value, side by side, and each run's tokens/s as a ratio of the first
 `--vary trainer.max_staleness=0,1` (synchronous loop vs one-step-off pipeline) or
 `--vary trainer.num_workers=1,2 trainer.num_cpus=0.5` (data-parallel trainer workers: on 2 cores the ratio
 measures the overhead of the gradient all-reduce and the extra process more than a speed-up).
+
+    .venv/bin/python benchmarks/step_breakdown.py --sync [--buckets MB,MB,...] [--repeats N] [key=value ...]
+
+measures weight sync alone, in one run: a real trainer actor and `rollout.num_engines` real vLLM engine actors,
+`rollout.weight_sync=object_store` against `collective` at each bucket size, on a student of the quickstart's
+shape and on a ~100 MB one of the same family (both built fresh into .cache/bench: sync speed depends on the
+shapes, not the values). Each sync is timed from the driver's call until every engine holds the weights,
+reloaded and repacked (`RemoteTrainer.sync(wait=True)`); the table gives MB/s of fp32 weights and the ratio to
+the object store.
 """
 
 from __future__ import annotations
@@ -110,28 +119,129 @@ def run(config: str, overrides: list[str]) -> dict[str, float]:
     every = read_metrics(f"{cfg.logging.run_dir}/metrics.jsonl")  # memory is read on step 1 and every 10th
     out["cpu_busy"] = cpu.busy()
     out["pss_gb"] = max((m["perf/pss_gb/total"] for m in every if "perf/pss_gb/total" in m), default=math.nan)
-    # Weight sync per MB of parameters: the student's weights as the trainer sends them (fp32; frozen ones,
-    # trainer.freeze, are not resent).
+    out["weights_mb"] = weights_mb(cfg.student.path, cfg.trainer.freeze)  # weight sync per MB of parameters
+    return out
+
+
+# A student of the quickstart's family and ~100 MB of fp32 weights (25M parameters) that two cores still run.
+SYNC_STUDENTS = {"quickstart": {}, "100MB": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                                                 num_key_value_heads=4, head_dim=64, moe_intermediate_size=448)}
+
+
+def sync_students(root: Path) -> dict[str, str]:
+    """The benchmark's students (built once into `root`): name -> model folder."""
+    from mopd.world.models import build_student, save_model
+    from mopd.world.tokenizer import build_tokenizer
+
+    out = {}
+    for name, size in SYNC_STUDENTS.items():
+        path = root / f"student_{name}"
+        if not (path / "config.json").exists():
+            tok = build_tokenizer()
+            save_model(build_student(tok, seed=0, **size), tok, path)
+        out[name] = str(path)
+    return out
+
+
+def sync_run(config: str, overrides: list[str], buckets_mb: list[float], repeats: int) -> list[dict]:
+    """Per student: MB sent, the object store's seconds per sync, and each bucket size's (median of `repeats`)."""
+    import ray
+    from ray.util import placement_group
+
+    from mopd.config import load_config
+    from mopd.engine_group import engine_spec
+    from mopd.placement import BundlePlan, Placement
+    from mopd.ray_cluster import init_ray
+    from mopd.trainer_actor import RemoteTrainer
+    from rollout.actors import start_student_engines
+
+    rows = []
+    for name, path in sync_students(Path(".cache/bench")).items():
+        cfg = load_config(config, [f"student.path={path}", *overrides])
+        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.host, log_to_driver=False)
+        r, t = cfg.rollout, cfg.trainer
+        plan = BundlePlan()  # the trainer's and the student engines' bundles (no teachers in this benchmark)
+        plan.add("trainer", t.num_workers, t.num_cpus, t.num_gpus, "trainer")
+        plan.add("student", r.num_engines, r.num_cpus_per_engine, r.num_gpus_per_engine, "rollout")
+        pg = placement_group(plan.bundles)
+        assert pg.wait(timeout_seconds=60), "the private cluster cannot hold the trainer and the engines"
+        placement = Placement(pg, plan, 0.0)
+        tr = RemoteTrainer(cfg, path, placement)
+        engines = start_student_engines(
+            engine_spec(cfg, path, dtype=r.dtype or cfg.student.dtype, max_model_len=64,
+                        **plan.actor_resources("student")), r.num_engines, placement.strategies("student"))
+        ray.get([e.ready.remote() for e in engines])
+        tr.ready()
+        try:
+            mb = weights_mb(path, [])
+            variants = [("object_store", None)] + [("collective", b) for b in buckets_mb]
+            times: dict[str, list[float]] = {}
+            assert tr.connect(engines), "the collective group could not be formed"
+            for i in range(repeats + 1):  # the first round warms up
+                for mode, bucket in variants:
+                    tr.weight_sync = mode
+                    if bucket is not None:
+                        tr.bucket_bytes = int(bucket * 1e6)
+                    t0 = time.perf_counter()
+                    tr.sync(engines, version=i, full=False)
+                    if i:
+                        times.setdefault(f"{mode}:{bucket}", []).append(time.perf_counter() - t0)
+            rows.append({"student": name, "mb": mb, "engines": len(engines),
+                         **{k: statistics.median(v) for k, v in times.items()}})
+        finally:
+            for e in engines:
+                ray.kill(e)
+            tr.close()
+            placement.remove()
+    return rows
+
+
+def print_sync_table(rows: list[dict], buckets_mb: list[float], repeats: int) -> None:
+    print(f"weight sync, median of {repeats} syncs each (driver call -> every engine reloaded); "
+          f"{rows[0]['engines']} engine(s)")
+    head = ["student", "MB", "object_store s", "MB/s"]
+    for b in buckets_mb:
+        head += [f"collective {b:g} MB s", "MB/s", "ratio"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        base = r["object_store:None"]
+        cells = [r["student"], f"{r['mb']:.1f}", f"{base:.4f}", f"{r['mb'] / base:,.0f}"]
+        for b in buckets_mb:
+            s = r[f"collective:{b}"]
+            cells += [f"{s:.4f}", f"{r['mb'] / s:,.0f}", f"{base / s:.2f}x"]
+        print("| " + " | ".join(cells) + " |")
+    print("(ratio: collective MB/s over object_store MB/s)")
+
+
+def weights_mb(student_path: str, freeze: list[str]) -> float:
+    """The student's weights as the trainer sends them, in MB (fp32; frozen ones, trainer.freeze, are not resent)."""
     import fnmatch
 
     from safetensors import safe_open
 
     numel = 0
-    for f in Path(cfg.student.path).glob("*.safetensors"):
+    for f in Path(student_path).glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
             numel += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys()
-                         if not any(fnmatch.fnmatch(k, p) for p in cfg.trainer.freeze))
-    out["weights_mb"] = numel * 4 / 1e6
-    return out
+                         if not any(fnmatch.fnmatch(k, p) for p in freeze))
+    return numel * 4 / 1e6
 
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="?", default="configs/quickstart.yaml")
     ap.add_argument("--vary", default="", help="KEY=V1,V2,...: one run per value, side by side")
+    ap.add_argument("--sync", action="store_true", help="weight sync alone: object store vs collective")
+    ap.add_argument("--buckets", default="4,32,128", help="--sync: collective bucket sizes (MB)")
+    ap.add_argument("--repeats", type=int, default=5, help="--sync: timed syncs per variant")
     args, overrides = ap.parse_known_args(argv)
     if args.config and "=" in args.config:
         overrides, args.config = [args.config, *overrides], "configs/quickstart.yaml"
+    if args.sync:
+        buckets = [float(b) for b in args.buckets.split(",")]
+        print_sync_table(sync_run(args.config, overrides, buckets, args.repeats), buckets, args.repeats)
+        return
     variants: list[tuple[str, list[str]]] = [("run", [])]
     if args.vary:
         key, _, values = args.vary.partition("=")

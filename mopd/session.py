@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 from transformers import AutoTokenizer
 
 from mopd.atomic import write_text
@@ -135,9 +134,10 @@ class RunSession:
         self.engines = start_engines(cfg, registry, self.placement)
         self.stop = _StopSignals()
         self.trainer.ready()
+        self.trainer.connect(self.engines.students)  # the weight-sync group, while no rollout is queued
         if ck is not None:  # the engines loaded student.path
             self.trainer.sync(self.engines.students, version=self.state.step)
-        log(f"engines up in {self.engines.startup_s:.1f} s")
+        log(f"engines up in {self.engines.startup_s:.1f} s; weight sync: {self.trainer.weight_sync}")
         # The same checks as `mopd teachers check`, on the engines this run will use.
         require_preflight(cfg, self.engines.teachers, self.tokenizer, rows, log=log)
         self.logger = make_run_logger(cfg, self.run_dir, self.state.step if ck else None)
@@ -200,8 +200,7 @@ class RunSession:
         (an earlier update that failed raises here)."""
         with timed("sync", metrics):
             if self.updates:
-                ready, self.updates = ray.wait(self.updates, num_returns=len(self.updates), timeout=0)
-                ray.get(ready)
+                self.updates = self.trainer.check_updates(self.updates)
             self.updates += self.trainer.sync(self.engines.students, version=step,
                                               wait=self.cfg.trainer.max_staleness == 0, full=False)
         self.pipeline.weights_sent(step)
@@ -266,6 +265,7 @@ class RunSession:
         done = self.state.step
         f["faults/engine_restarts"] += len(restarted)
         f["faults/redone_steps"] += failed_step - done
+        self.trainer.connect(self.engines.students)  # a restarted engine (or trainer) is in no weight-sync group
         self.trainer.sync(self.engines.students, version=done)
         if logged and done == failed_step and self._save_due(done) and self.saved_step != done:
             self.save()  # the save that the death interrupted

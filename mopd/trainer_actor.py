@@ -4,16 +4,25 @@ engines' and a submitted job's driver (on the head node) holds no model.
 `TrainerWorker` runs in each actor around an unchanged `mopd.trainer.Trainer`; `RemoteTrainer` is the driver's
 blocking handle with the few calls the step loop makes. With `trainer.num_workers` = N > 1 the N actors form one
 `torch.distributed` group (gloo on CPU, NCCL on GPU; rank 0 picks the rendezvous address on its node), each
-trains on its share of every batch and the gradients are averaged. Weight sync is pushed from rank 0 (every
-rank takes part in the gather under ZeRO-3): the state dict goes into the object store once and every engine
-pulls it from there; the driver submits the engines' updates, ordered with its rollouts. Checkpoints are written by rank 0 and hold whole weights and optimizer state, so a run can
-resume with a different worker count; they must be on storage every worker's node sees.
+trains on its share of every batch and the gradients are averaged.
+
+Weight sync is pushed from rank 0 (every rank takes part in the gather under ZeRO-3), by `rollout.weight_sync`:
+`collective` (the default) broadcasts the weights bucket by bucket in a second `torch.distributed` group that
+only rank 0 and the student engines join (`rollout/weight_group.py`: its own store and port, apart from the
+data-parallel group); `object_store` puts the state dict into Ray's object store once and every engine pulls
+it. Either way the driver submits the engines' side of each update, so it is ordered with its rollouts; the
+collective falls back to the object store, with a warning, if its group cannot be formed.
+
+Checkpoints are written by rank 0 and hold whole weights and optimizer state, so a run can resume with a
+different worker count; they must be on storage every worker's node sees.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +35,11 @@ from mopd.checkpoint import load_checkpoint, save_checkpoint
 from mopd.config import MopdConfig
 from mopd.placement import Placement
 from mopd.trainer import NonFiniteError, Trainer
+from rollout.weight_group import WeightGroup, node_ip, open_store
+
+# A sync's calls still running when one of them failed: how long to wait for them before raising (a dead
+# engine's peers fail within moments, as the group's connections close).
+_SETTLE_S = 60.0
 
 
 class TrainerWorker:
@@ -34,6 +48,7 @@ class TrainerWorker:
 
     def __init__(self, cfg: MopdConfig) -> None:
         self.cfg = cfg
+        self.weight_group: WeightGroup | None = None  # rank 0, rollout.weight_sync=collective
         torch.set_num_threads(_threads(cfg))
 
     def address(self) -> tuple[str, int]:
@@ -69,6 +84,37 @@ class TrainerWorker:
         sd = self.trainer.state_dict(trained_only=not full)
         return [ray.put(sd)] if self.rank == 0 else []
 
+    def open_weight_group(self, world: int) -> tuple[str, int]:
+        """Rank 0: the weight-sync group's rendezvous store on this node's IP and a port of its own."""
+        self.weight_group = None
+        self._weight_store = open_store(node_ip(), world)
+        return self._weight_store.host, self._weight_store.port
+
+    def join_weight_group(self, world: int, backend: str) -> None:
+        """Rank 0: form the group on the store `open_weight_group` opened; blocks until every engine joined."""
+        store = self._weight_store  # kept until the next open_weight_group: if forming the group fails here, the
+        # engines still reach the store and fail on their own at once, instead of waiting to connect to it
+        self.weight_group = WeightGroup(store, 0, world, backend, store.host)
+
+    def send_weights(self, full: bool, bucket_bytes: int) -> dict[str, float]:
+        """Broadcast the weights to the engines in the weight-sync group (rank 0; `full` as in `publish`); blocks
+        until every engine has received them. A failure (a dead engine) leaves the group: the driver forms it again."""
+        if self.rank != 0 and not self.trainer.gathers:
+            return {}
+        sd = self.trainer.state_dict(trained_only=not full)
+        if self.rank != 0:
+            return {}
+        group = self.weight_group
+        if group is None:
+            raise RuntimeError("trainer rank 0 is in no weight-sync group: RemoteTrainer.connect forms it")
+        t0 = time.perf_counter()
+        try:
+            sent = group.send(sd.items(), bucket_bytes)
+        except BaseException:
+            self.weight_group = None  # closes its connections: the engines still waiting fail at once
+            raise
+        return {"mb": sent / 1e6, "s": time.perf_counter() - t0}
+
     def save(self, run_dir: str, step: int, extra: dict) -> str:
         state = self.trainer.checkpoint_state()  # every rank: a collective under DeepSpeed
         if self.rank != 0:
@@ -94,6 +140,11 @@ class RemoteTrainer:
     needs them blocks. Every call goes to every worker; rank 0 answers."""
 
     def __init__(self, cfg: MopdConfig, model_path: str, placement: Placement) -> None:
+        r = cfg.rollout
+        self.weight_sync = str(r.weight_sync)  # collective | object_store; a failed group falls back for good
+        self.bucket_bytes = int(r.weight_sync_bucket_mb * 1e6)
+        self.backend = "nccl" if cfg.trainer.num_gpus > 0 and r.num_gpus_per_engine > 0 else "gloo"
+        self.members: list[Any] | None = None  # the engines in the weight-sync group with rank 0
         res = placement.plan.actor_resources("trainer")
         env = {"OMP_NUM_THREADS": str(_threads(cfg)), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                "TOKENIZERS_PARALLELISM": "false"}
@@ -140,18 +191,73 @@ class RemoteTrainer:
         ref = ray.put(batch) if len(self.actors) > 1 else batch  # one copy in the object store for all workers
         return self._all([a.step.remote(ref, progress) for a in self.actors])
 
+    def connect(self, engines: list[Any]) -> bool:
+        """Form the weight-sync group of rank 0 and `engines` (again, if one was formed before: an engine Ray
+        restarted is in no group, and a group one of whose members died is broken); whether syncs now go over
+        it. Every member must be free to join: call it between rollouts (an engine joins after the calls
+        queued on it before). A group that cannot be formed (anything but a dead actor) sends every later sync
+        through the object store, with a warning."""
+        self.members = None
+        if self.weight_sync != "collective":
+            return False
+        world = len(engines) + 1
+        host, port = self._all([self.actor.open_weight_group.remote(world)])
+        joins = [self.actor.join_weight_group.remote(world, self.backend),
+                 *[e.join_weight_group.remote(host, port, i + 1, world, self.backend) for i, e in enumerate(engines)]]
+        try:
+            self.check_updates(joins, wait=True)
+        except ray.exceptions.RayActorError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            self.weight_sync = "object_store"
+            warnings.warn(f"rollout.weight_sync=collective: the {self.backend} group of trainer rank 0 and "
+                          f"{len(engines)} engine(s) could not be formed ({str(e).splitlines()[0]}); weights go "
+                          "through the Ray object store for the rest of this run", stacklevel=2)
+            return False
+        self.members = list(engines)
+        return True
+
     def sync(self, engines: list[Any], version: int | None = None, wait: bool = True, full: bool = True) -> list[Any]:
         """Send the trainer's current weights (policy `version`, stamped on the samples generated with them) to
         every engine. The driver submits the engines' updates, so they are ordered with its own generate calls
         (a rollout submitted afterwards samples with these weights). `wait`: return when every engine holds
-        them; otherwise return the updates' references at once (the engines apply them between requests).
-        `full=False`: only the trained tensors, for engines that already hold this run's frozen ones (not a
-        restarted engine, not after a resume: those loaded `student.path`)."""
-        [ref] = self._all([a.publish.remote(full) for a in self.actors])
-        updates = [e.update_weights.remote(ref, version) for e in engines]
+        them; otherwise return the updates' references at once (the engines apply them between requests;
+        `check_updates` raises a failure). `full=False`: only the trained tensors, for engines that already
+        hold this run's frozen ones (not a restarted engine, not after a resume: those loaded `student.path`).
+
+        Collective: rank 0's broadcast and every engine's receive are submitted together; rank 0 waits in its
+        broadcast until each engine has served the rollouts queued on it before the update, then the weights
+        go bucket by bucket (a trainer call submitted later waits behind it). The group is formed on first use
+        (`connect`)."""
+        if self.weight_sync == "collective" and (self.members == list(engines) or self.connect(engines)):
+            sends = [a.send_weights.remote(full, self.bucket_bytes) for a in self.actors]
+            updates = [e.receive_weights.remote(version) for e in engines] + sends
+        else:
+            [ref] = self._all([a.publish.remote(full) for a in self.actors])
+            updates = [e.update_weights.remote(ref, version) for e in engines]
         if wait:
-            ray.get(updates)
+            self.check_updates(updates, wait=True)
         return updates
+
+    def check_updates(self, refs: list[Any], wait: bool = False) -> list[Any]:
+        """Raise the first failure among a sync's finished calls and return those still running (`wait`: wait
+        for all). A dead actor is raised before the collective errors its death caused in its peers (their
+        connections to it closed): the step loop recovers from the first, not from the second."""
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
+        try:
+            for ref in ready:
+                self._get(ref)
+        except Exception:
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=_SETTLE_S)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    raise
+                except Exception:  # noqa: BLE001 - the first failure is raised below
+                    pass
+            raise
+        return pending
 
     def save(self, run_dir: Path, step: int, extra: dict) -> Path:
         return Path(self._all([a.save.remote(str(run_dir), step, extra) for a in self.actors]))

@@ -17,6 +17,7 @@ from rollout.routing_capture import routing_llm_kwargs
 from rollout.scoring import prompt_logprobs_of
 from rollout.types import Sample
 from rollout.vllm_env import apply_vllm_env
+from rollout.weight_group import WeightGroup, drain
 
 
 def make_llm(model_path: str, *, dtype: str, max_model_len: int, seed: int, max_logprobs: int,
@@ -113,7 +114,10 @@ class VllmEngine:
 
 
 class StudentEngine(VllmEngine):
-    """The student's rollout engine: takes new weights in place, without a restart."""
+    """The student's rollout engine: takes new weights in place, without a restart, from the object store
+    (`update_weights`) or from a broadcast of the trainer's rank 0 (`join_weight_group`, `receive_weights`)."""
+
+    weight_group: WeightGroup | None = None
 
     def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                        version: int | None = None) -> float:
@@ -124,6 +128,31 @@ class StudentEngine(VllmEngine):
         with _quiet_partial_reload():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
         self._after_reload(version, [k for k, _ in items])
+        return time.perf_counter() - t0
+
+    def join_weight_group(self, host: str, port: int, rank: int, world: int, backend: str = "gloo") -> None:
+        """Join the trainer's weight-sync group (rollout/weight_group.py) as `rank` of `world`, leaving any group
+        this engine was in before; blocks until every member has joined."""
+        self.weight_group = None  # closes the old group's connections
+        self.weight_group = WeightGroup.connect(host, port, rank, world, backend)
+
+    def receive_weights(self, version: int | None = None) -> float:
+        """Take the weights trainer rank 0 broadcasts, bucket by bucket, straight into the engine's parameters
+        (vLLM's in-place reload consumes them as they arrive); returns seconds taken. On any failure the group
+        is left (a dead peer breaks it): the driver forms a new one."""
+        if self.weight_group is None:
+            raise RuntimeError("this engine is in no weight-sync group (restarted since it was formed?): the "
+                               "driver must form the group again (RemoteTrainer.connect) before a collective sync")
+        t0 = time.perf_counter()
+        try:
+            names, tensors = self.weight_group.receive()
+            with _quiet_partial_reload():
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
+            drain(tensors)
+        except BaseException:
+            self.weight_group = None
+            raise
+        self._after_reload(version, names)
         return time.perf_counter() - t0
 
     def update_weights_from_path(self, path: str, version: int | None = None) -> float:

@@ -76,7 +76,9 @@ def _run(tiny_world, tmp_path, k):
         f"logging.run_dir={tmp_path}/k{k}", "trainer.steps=5", "trainer.lr=5e-3", "trainer.warmup_steps=0",
         f"trainer.max_staleness={k}",
         "algorithm.objective=reverse_kl", "algorithm.teacher_top_k=-1"])
-    train(cfg, log=lambda *_: None)
+    lines: list[str] = []
+    train(cfg, log=lines.append)
+    assert any(line.endswith("weight sync: collective") for line in lines), lines  # rank 0 broadcasts
     return cfg, [m for m in read_metrics(tmp_path / f"k{k}" / "metrics.jsonl") if "actor/grad_norm" in m]
 
 

@@ -59,6 +59,8 @@ def test_override_changes_value_and_interpolation():
         ("trainer.steps=abc", ["trainer.steps", "'abc'", "an integer"]),
         ("algorithm.correction=foo", ["algorithm.correction", "'foo'", "icepop", "tis"]),
         ("rollout.n=0", ["rollout.n", "got 0", ">= 1"]),
+        ("rollout.weight_sync=nccl", ["rollout.weight_sync", "'nccl'", "collective | object_store"]),
+        ("rollout.weight_sync_bucket_mb=0", ["rollout.weight_sync_bucket_mb", "got 0", "> 0", "MB per broadcast"]),
         ("trainer.lr=-1", ["trainer.lr", "-1.0", "> 0"]),
         ("logging.sinks=[jsonl,foo]", ["logging.sinks", "'foo'", "tensorboard"]),
         ("teachers.rev_teacher.domains=[add]", ["teachers.rev_teacher.domains", "'add'", "add_teacher"]),

@@ -65,6 +65,8 @@ def test_two_simulated_nodes_hold_engines_and_trainer_workers_and_train(tiny_wor
     where = dict(part.rsplit(" on node ", 1) for part in placed.removeprefix("placement: ").split(", "))
     assert where["trainer[0]"] != where["trainer[1]"], placed  # SPREAD: one worker per node
     assert len(set(where.values())) == 2
+    # Weight sync over the collective across the two nodes (both on loopback here).
+    assert any(line.endswith("weight sync: collective") for line in out["log"]), out["log"]
     for m in out["records"]:
         assert m["actor/grad_norm"] > 0
         assert m["training/rollout_probs_diff_max"] < 1e-3  # rank 0's sync reached the engine on its node or not

@@ -37,9 +37,12 @@ def test_mopd_steps_lower_teacher_kl_and_engines_track_trainer(tiny_world, ray_l
     cfg = load_config("configs/quickstart.yaml", world_overrides(tiny_world) + [
         f"logging.run_dir={tmp_path}/run", "trainer.steps=6", "trainer.lr=5e-3",
         "algorithm.objective=reverse_kl", "algorithm.teacher_top_k=-1", f"trainer.freeze={json.dumps(frozen)}"])
-    result = train(cfg, log=lambda *_: None)
+    lines: list[str] = []
+    result = train(cfg, log=lines.append)
     steps = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "actor/grad_norm" in m]
     assert [m["step"] for m in steps] == list(range(1, 7))
+    # The default weight sync: a gloo broadcast from trainer rank 0 (no fallback to the object store).
+    assert any(line.endswith("weight sync: collective") for line in lines), lines
     # After every sync the engine samples with the trainer's weights: pi_old == mu up to fp32 noise.
     for m in steps:
         assert m["training/rollout_probs_diff_max"] < 1e-3, m
