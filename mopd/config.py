@@ -272,6 +272,9 @@ class TeacherConfig:
     # backend hf: teachers naming the same group share one actor per replica (one process, models side by side);
     # null: an actor of its own. A group's bundle is the largest of its teachers' num_cpus/num_gpus.
     actor_group: str | None = None
+    # A small teacher of a backend whose teachers can share an actor (hf) held in the trainer's actor (rank 0),
+    # beside the student: no process, bundle or object-store hop of its own. One replica.
+    colocate: bool = False
     # Alignment mode for tokenizers that differ from the student's; only "none" (identical
     # tokenizers required) exists today.
     tokenizer_alignment: TokenizerAlignment = TokenizerAlignment.none
@@ -300,6 +303,13 @@ class TeacherConfig:
         c.count("max_retries", 0)
         c.count("max_concurrency", 1)
         c.count("request_batch_size", 1)
+        if self.colocate:
+            sharing = " | ".join(n for n, b in TEACHER_BACKENDS.items() if b.shares_actor)
+            _check(backend.shares_actor and not backend.remote, f"{key}.colocate", True,
+                   f"false for backend {self.backend}; a teacher in the trainer's actor needs backend {sharing}")
+            _check(self.replicas == 1 and self.actor_group is None, f"{key}.colocate", True,
+                   f"false with replicas {self.replicas} / actor_group {self.actor_group}: a colocated teacher is "
+                   "one replica in the trainer's actor (drop replicas and actor_group)")
         if self.actor_group is not None:
             sharing = " | ".join(n for n, b in TEACHER_BACKENDS.items() if b.shares_actor)
             _check(backend.shares_actor and isinstance(self.actor_group, str)
@@ -397,6 +407,11 @@ class RolloutConfig:
     # broadcast bucket by bucket into the engines' parameters; object_store: through Ray's object store (also
     # what collective falls back to, with a warning, when its group cannot be formed).
     weight_sync: WeightSync = WeightSync.collective
+    # The student engine lives in the trainer's actor (one accelerate worker, one engine): a weight update is an
+    # in-process copy, and the engine's process, bundle and sync traffic are gone; rollouts and training take
+    # turns in that actor (verl's hybrid engine; on GPU the engine shares the trainer's GPU,
+    # rollout.gpu_memory_utilization of it).
+    colocate: bool = False
     # > 0; collective: MB per broadcast (a larger tensor goes alone). 16 measured best on CPU (gloo, loopback):
     # 1-16 MB within 5% of each other, 64 MB 20-25% slower (README, "Weight sync over a collective").
     weight_sync_bucket_mb: float = 16.0
@@ -748,17 +763,28 @@ def validate(cfg: MopdConfig) -> None:
     if cfg.data.default_teacher is not None:
         _check(cfg.data.default_teacher in cfg.teachers, "data.default_teacher", cfg.data.default_teacher,
                f"null or one of the configured teachers: {sorted(cfg.teachers)}")
+    r, t = cfg.rollout, cfg.trainer
+    if r.colocate:
+        # The in-process vLLM engine forms its own torch.distributed world of one in the trainer's process, which a
+        # data-parallel or DeepSpeed process group there would clash with: one accelerate worker for now.
+        _check(t.num_workers == 1 and t.backend == "accelerate", "rollout.colocate", True,
+               f"false with trainer.num_workers={t.num_workers} / trainer.backend={t.backend}: a colocated engine "
+               "runs beside one accelerate trainer worker (num_workers 1, backend accelerate)")
+        _check(r.num_engines == 1, "rollout.num_engines", r.num_engines,
+               "1 with rollout.colocate: the one student engine lives in the trainer's actor")
     _validate_placement(cfg)
 
 
 def _validate_placement(cfg: MopdConfig) -> None:
     """Bundle sizes: a bad value fails here, not after an upload."""
     r, t = cfg.rollout, cfg.trainer
-    bundles = [("rollout.num_cpus_per_engine", "rollout.num_gpus_per_engine", r.num_cpus_per_engine,
-                r.num_gpus_per_engine), ("trainer.num_cpus", "trainer.num_gpus", t.num_cpus, t.num_gpus)]
+    bundles = [("trainer.num_cpus", "trainer.num_gpus", t.num_cpus, t.num_gpus)]
+    if not r.colocate:  # colocated, the engine has no bundle of its own
+        bundles.append(("rollout.num_cpus_per_engine", "rollout.num_gpus_per_engine", r.num_cpus_per_engine,
+                        r.num_gpus_per_engine))
     for name, tc in cfg.teachers.items():
-        if TEACHER_BACKENDS[tc.backend].remote:
-            continue  # its replicas run elsewhere: nothing is reserved for them
+        if TEACHER_BACKENDS[tc.backend].remote or tc.colocate:
+            continue  # its replicas run elsewhere (or in the trainer's actor): nothing is reserved for them
         bundles.append((f"teachers.{name}.num_cpus", f"teachers.{name}.num_gpus",
                         r.num_cpus_per_engine if tc.num_cpus is None else tc.num_cpus,
                         r.num_gpus_per_engine if tc.num_gpus is None else tc.num_gpus))

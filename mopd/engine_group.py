@@ -12,10 +12,11 @@ import ray
 from transformers import AutoConfig
 
 from mopd.config import ConfigError, MopdConfig
-from mopd.placement import Placement, reserve, teacher_roles
+from mopd.placement import Placement, colocated_teachers, reserve, teacher_roles
 from rollout.actors import start_student_engines
 from rollout.types import EngineSpec
 from teachers.backends import TeacherLaunch, get_teacher_backend
+from teachers.hf_teacher import teacher_handle
 from teachers.registry import TeacherRegistry
 
 
@@ -26,12 +27,24 @@ class EngineGroup:
     startup_s: float
     engine_startup_s: dict[str, float]
     placement: Placement | None = None  # the run's placement group, removed at shutdown
+    # Engines held in the trainer's actors (rollout.colocate, teachers.<name>.colocate): not actors of their own,
+    # so they are neither restarted, counted, nor killed as engines (the trainer's own recovery covers them).
+    hosted: frozenset[str] = frozenset()
 
     def named_actors(self) -> dict[str, Any]:
-        """Every engine actor by a readable name: student[i], teacher:<name>[i]."""
-        out = {f"student[{i}]": a for i, a in enumerate(self.students)}
-        out.update({f"teacher:{n}[{i}]": a for n, reps in self.teachers.items() for i, a in enumerate(reps)})
+        """Every engine actor by a readable name: student[i], teacher:<name>[i] (not those in the trainer's)."""
+        out = {f"student[{i}]": a for i, a in enumerate(self.students)} if "student" not in self.hosted else {}
+        out.update({f"teacher:{n}[{i}]": a for n, reps in self.teachers.items() if n not in self.hosted
+                    for i, a in enumerate(reps)})
         return out
+
+    def rehost(self, trainer_actors: list[Any]) -> None:
+        """A rebuilt trainer's actors now hold the colocated engines."""
+        if "student" in self.hosted:
+            self.students[:] = trainer_actors  # in place: the batch producer holds this list
+        for name in self.teachers:
+            if name in self.hosted:
+                self.teachers[name][:] = [teacher_handle(trainer_actors[0], name)]
 
     def pids(self) -> dict[str, int]:
         """Each engine actor's process id (a new one after Ray restarted it)."""
@@ -93,46 +106,64 @@ def engine_spec(cfg: MopdConfig, model_path: str, **fields: Any) -> EngineSpec:
                       **fields)
 
 
-def start_engines(cfg: MopdConfig, registry: TeacherRegistry, placement: Placement | None = None) -> EngineGroup:
+def student_spec(cfg: MopdConfig, model_path: str, resources: dict[str, float]) -> EngineSpec:
+    """The student engine's spec (an engine actor's, or the one a colocated trainer worker builds)."""
+    return engine_spec(cfg, model_path, dtype=cfg.rollout.dtype or cfg.student.dtype, max_model_len=max_model_len(cfg),
+                       capture_routing=cfg.algorithm.r3 or cfg.algorithm.r3_capture, **resources)
+
+
+def start_engines(cfg: MopdConfig, registry: TeacherRegistry, placement: Placement | None = None,
+                  trainer: Any = None) -> EngineGroup:
     """Engines in their placement-group bundles; without `placement` (no trainer in this run) a group
-    holding only the engines' bundles is reserved here."""
+    holding only the engines' bundles is reserved here. `trainer` (a `RemoteTrainer`): the run's trainer, whose
+    actors hold the colocated engines (`rollout.colocate`, `teachers.<name>.colocate`)."""
     t0 = time.perf_counter()
     r = cfg.rollout
     mml = max_model_len(cfg)
     placement = placement or reserve(cfg, trainer=False)
-    students = start_student_engines(
-        engine_spec(cfg, cfg.student.path, dtype=r.dtype or cfg.student.dtype, max_model_len=mml,
-                    capture_routing=cfg.algorithm.r3 or cfg.algorithm.r3_capture,
-                    **placement.plan.actor_resources("student")),
-        r.num_engines, placement.strategies("student"))
-    teachers = start_teachers(cfg, registry, placement, mml)
+    hosted = set()
+    if "student" in placement.plan.roles:
+        students = start_student_engines(student_spec(cfg, cfg.student.path, placement.plan.actor_resources("student")),
+                                         r.num_engines, placement.strategies("student"))
+    else:  # rollout.colocate: the trainer's workers hold them
+        students, hosted = list(trainer.actors), {"student"}
+    teachers = start_teachers(cfg, registry, placement, mml, host=trainer.actor if trainer is not None else None)
+    if trainer is not None and "trainer" in placement.plan.roles:
+        hosted |= set(colocated_teachers(cfg))
     names = [f"student[{i}]" for i in range(len(students))] + [
         f"{n}[{i}]" for n, reps in teachers.items() for i in range(len(reps))]
-    actors = students + [a for reps in teachers.values() for a in reps]
+    ready = [a.engine_ready.remote() if "student" in hosted else a.ready.remote() for a in students]
+    ready += [a.ready.remote() for reps in teachers.values() for a in reps]
     try:
-        info = ray.get([a.ready.remote() for a in actors])
+        info = ray.get(ready)
     except Exception as e:  # noqa: BLE001
         raise RuntimeError(f"an engine failed to start: {e}") from e
     return EngineGroup(students, teachers, time.perf_counter() - t0,
-                       {n: round(i["startup_s"], 2) for n, i in zip(names, info, strict=True)}, placement)
+                       {n: round(i["startup_s"], 2) for n, i in zip(names, info, strict=True)}, placement,
+                       frozenset(hosted))
 
 
 def start_teachers(cfg: MopdConfig, registry: TeacherRegistry, placement: Placement,
-                   mml: int | None = None) -> dict[str, list[Any]]:
+                   mml: int | None = None, host: Any = None) -> dict[str, list[Any]]:
     """Each placement role's teachers started by their backend (teachers.backends): one actor per replica in
     the role's bundles (teachers of one `actor_group` share it), or, for a remote backend, a client per URL
-    that reserves nothing. Not waited on here."""
+    that reserves nothing. `host`: trainer rank 0's actor, which holds the colocated teachers when the placement
+    has the trainer (their handles address it). Not waited on here."""
     mml = mml or max_model_len(cfg)
-    roles = {name: role for role, names in teacher_roles(cfg).items() for name in names}
+    hosting = host is not None and "trainer" in placement.plan.roles
+    roles = {name: role for role, names in teacher_roles(cfg, hosting).items() for name in names}
     groups: dict[str, list[TeacherLaunch]] = {}  # role (or the remote teacher's own name) -> its teachers
+    out: dict[str, list[Any]] = {}
     for name, spec in registry.teachers.items():
         tcfg, role = cfg.teachers[name], roles.get(name)
+        if hosting and tcfg.colocate:
+            out[name] = [teacher_handle(host, name)]
+            continue
         launch = TeacherLaunch(name, tcfg, None, cfg.ray.max_restarts)
         if role is not None:  # in the cluster: an engine spec in its bundle
             launch.spec = engine_spec(cfg, spec.path, dtype=spec.dtype, max_model_len=mml,
                                       max_top_k=cfg.algorithm.teacher_top_k, **placement.plan.actor_resources(role))
         groups.setdefault(role or f"remote:{name}", []).append(launch)
-    out: dict[str, list[Any]] = {}
     for role, launches in groups.items():
         backend = get_teacher_backend(launches[0].config.backend)
         out.update(backend.starter()(launches, registry.teachers[launches[0].name].replicas,

@@ -53,12 +53,15 @@ class BundlePlan:
 
 
 def plan_bundles(cfg: MopdConfig, trainer: bool = True) -> BundlePlan:
-    """Bundles from the config alone (no Ray): engines first, then teachers in config order, then the trainer."""
+    """Bundles from the config alone (no Ray): engines first, then teachers in config order, then the trainer.
+    Without the trainer (`mopd round`, `mopd teachers check`) what would live in its actor (`colocate`) gets
+    bundles of its own."""
     r = cfg.rollout
     plan = BundlePlan()
-    plan.add("student", r.num_engines, r.num_cpus_per_engine, r.num_gpus_per_engine,
-             "rollout.num_engines x rollout.num_cpus_per_engine/num_gpus_per_engine")
-    for role, names in teacher_roles(cfg).items():
+    if not (trainer and r.colocate):
+        plan.add("student", r.num_engines, r.num_cpus_per_engine, r.num_gpus_per_engine,
+                 "rollout.num_engines x rollout.num_cpus_per_engine/num_gpus_per_engine")
+    for role, names in teacher_roles(cfg, trainer).items():
         ts = [cfg.teachers[n] for n in names]  # one teacher, or an hf actor group: its largest bundle
         cpus = max(r.num_cpus_per_engine if t.num_cpus is None else t.num_cpus for t in ts)
         gpus = max(r.num_gpus_per_engine if t.num_gpus is None else t.num_gpus for t in ts)
@@ -66,19 +69,27 @@ def plan_bundles(cfg: MopdConfig, trainer: bool = True) -> BundlePlan:
         plan.add(role, ts[0].replicas, cpus, gpus,
                  f"{keys}.replicas x {keys}.num_cpus/num_gpus (default: rollout.num_*_per_engine)")
     if trainer:
+        hosts = [x for x, on in (("the student engine", r.colocate),
+                                 ("teachers " + ", ".join(colocated_teachers(cfg)), colocated_teachers(cfg))) if on]
         plan.add("trainer", cfg.trainer.num_workers, cfg.trainer.num_cpus, cfg.trainer.num_gpus,
-                 "trainer.num_workers x trainer.num_cpus/num_gpus")
+                 "trainer.num_workers x trainer.num_cpus/num_gpus" + (f" (also holds {' and '.join(hosts)})"
+                                                                      if hosts else ""))
     return plan
 
 
-def teacher_roles(cfg: MopdConfig) -> dict[str, list[str]]:
+def colocated_teachers(cfg: MopdConfig) -> list[str]:
+    """The teachers held in the trainer's actor (`teachers.<name>.colocate`)."""
+    return [n for n, t in cfg.teachers.items() if t.colocate]
+
+
+def teacher_roles(cfg: MopdConfig, trainer: bool = True) -> dict[str, list[str]]:
     """Bundle role -> the teachers whose actors fill it, in config order: "teacher:<name>" for a teacher of
     its own, "<backend>_group:<group>" for teachers sharing one actor (`actor_group`, e.g. hf_group:small); a
-    remote teacher (vllm_server) runs elsewhere, so it has none."""
+    remote teacher (vllm_server) runs elsewhere, and a colocated one in the trainer's actor, so they have none."""
     roles: dict[str, list[str]] = {}
     for name, t in cfg.teachers.items():
         backend = get_teacher_backend(t.backend)
-        if backend.remote:
+        if backend.remote or (trainer and t.colocate):
             continue
         group = t.actor_group if backend.shares_actor else None
         roles.setdefault(f"teacher:{name}" if group is None else f"{t.backend}_group:{group}", []).append(name)

@@ -131,13 +131,13 @@ class RunSession:
         if ck is not None:
             self.state = RunState.from_checkpoint(self.trainer.load(ck))
             log(f"resumed from {ck} at step {self.state.step}")
-        self.engines = start_engines(cfg, registry, self.placement)
+        self.engines = start_engines(cfg, registry, self.placement, self.trainer)
         self.stop = _StopSignals()
         self.trainer.ready()
         self.trainer.connect(self.engines.students)  # the weight-sync group, while no rollout is queued
         if ck is not None:  # the engines loaded student.path
             self.trainer.sync(self.engines.students, version=self.state.step)
-        log(f"engines up in {self.engines.startup_s:.1f} s; weight sync: {self.trainer.weight_sync}")
+        log(f"engines up in {self.engines.startup_s:.1f} s; weight sync: {self.trainer.sync_mode}")
         # The same checks as `mopd teachers check`, on the engines this run will use.
         require_preflight(cfg, self.engines.teachers, self.tokenizer, rows, log=log)
         self.logger = make_run_logger(cfg, self.run_dir, self.state.step if ck else None)
@@ -254,6 +254,7 @@ class RunSession:
             self.trainer.close()
             last = latest_checkpoint(self.run_dir)
             self.trainer = RemoteTrainer(cfg, str(last / "model") if last else cfg.student.path, self.placement)
+            self.engines.rehost(self.trainer.actors)  # the colocated engines went with the dead trainer
             st = self.trainer.load(last) if last else {}
             self.state.step, self.state.train_s = st.get("step", 0), st.get("train_s", 0.0)
             self.saved_step = self.state.step

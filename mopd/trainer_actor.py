@@ -33,9 +33,13 @@ from transformers import AutoTokenizer
 from mopd.batch import TrainBatch
 from mopd.checkpoint import load_checkpoint, save_checkpoint
 from mopd.config import MopdConfig
-from mopd.placement import Placement
+from mopd.engine_group import max_model_len, student_spec
+from mopd.placement import Placement, colocated_teachers
 from mopd.trainer import NonFiniteError, Trainer
+from rollout.vllm_engine import StudentEngine
+from rollout.vllm_env import vllm_env
 from rollout.weight_group import WeightGroup, node_ip, open_store
+from teachers.hf_teacher import HfTeacherGroup
 
 # A sync's calls still running when one of them failed: how long to wait for them before raising (a dead
 # engine's peers fail within moments, as the group's connections close).
@@ -68,9 +72,55 @@ class TrainerWorker:
         self.rank = rank
         self.trainer = Trainer(self.cfg, model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.student.path)
+        # Colocated engines come after the trainer: vLLM forms its own one-process world, which must not be
+        # taken for the trainer's data-parallel group.
+        self.engine = self.teachers = None
+        threads = torch.get_num_threads()
+        if self.cfg.rollout.colocate:
+            spec = student_spec(self.cfg, model_path, {})
+            self.engine = StudentEngine(spec.model_path, **{**spec.engine_kwargs(), "seed": spec.seed + rank},
+                                        capture_routing=spec.capture_routing)
+        hosted = colocated_teachers(self.cfg) if rank == 0 else []
+        if hosted:
+            mml = max_model_len(self.cfg)
+            self.teachers = HfTeacherGroup({n: {"model_path": self.cfg.teachers[n].path, "max_model_len": mml,
+                                                "dtype": str(self.cfg.teachers[n].dtype), "seed": self.cfg.trainer.seed}
+                                            for n in hosted}, num_threads=threads)
+        torch.set_num_threads(threads)  # what the engines' start-up may have changed
 
     def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "threads": torch.get_num_threads()}
+
+    # -- the colocated student engine (rollout.colocate): the engine calls the batch producer makes -----------
+    def engine_ready(self) -> dict[str, Any]:
+        return self._engine().ready()
+
+    def generate(self, prompt_ids: list[list[int]], **kw: Any) -> Any:
+        return self._engine().generate(prompt_ids, **kw)
+
+    def sync_engine(self, version: int | None = None, full: bool = True) -> float:
+        """The new weights into this actor's own engine: an in-process copy, no object store, no group."""
+        return self._engine().update_weights(self.trainer.state_dict(trained_only=not full), version)
+
+    def _engine(self) -> Any:
+        if self.engine is None:
+            raise RuntimeError("this trainer worker holds no student engine (rollout.colocate is off)")
+        return self.engine
+
+    # -- colocated teachers (teachers.<name>.colocate): what `teacher_handle` calls --------------------------
+    def ready_as(self, name: str) -> dict:
+        return self._teachers().ready_as(name)
+
+    def score_as(self, name: str, sequences: list[list[int]], prompt_lens: list[int], top_k: int = 0) -> Any:
+        return self._teachers().score_as(name, sequences, prompt_lens, top_k)
+
+    def generate_as(self, name: str, prompt_ids: list[list[int]], **kw: Any) -> Any:
+        return self._teachers().generate_as(name, prompt_ids, **kw)
+
+    def _teachers(self) -> HfTeacherGroup:
+        if self.teachers is None:
+            raise RuntimeError("this trainer worker holds no teacher (teachers.<name>.colocate is off)")
+        return self.teachers
 
     def step(self, batch: TrainBatch, progress: float | None = None) -> dict[str, float]:
         return self.trainer.step(batch, progress)
@@ -148,6 +198,9 @@ class RemoteTrainer:
         res = placement.plan.actor_resources("trainer")
         env = {"OMP_NUM_THREADS": str(_threads(cfg)), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                "TOKENIZERS_PARALLELISM": "false"}
+        self.colocated = bool(r.colocate)
+        if self.colocated:  # an in-process engine; the trainer's thread count wins
+            env = {**vllm_env(_threads(cfg), r.kv_cache_gb), **env}
         self.actors = [ray.remote(TrainerWorker).options(**res, scheduling_strategy=strategy,
                                                          runtime_env={"env_vars": env}).remote(cfg)
                        for strategy in placement.strategies("trainer") or []]
@@ -161,6 +214,11 @@ class RemoteTrainer:
     def actor(self) -> Any:
         """Rank 0."""
         return self.actors[0]
+
+    @property
+    def sync_mode(self) -> str:
+        """How weights reach the engines now (a collective that could not form has fallen back)."""
+        return "in-process (colocated)" if self.colocated else self.weight_sync
 
     def named_actors(self) -> dict[str, Any]:
         if len(self.actors) == 1:
@@ -198,7 +256,7 @@ class RemoteTrainer:
         queued on it before). A group that cannot be formed (anything but a dead actor) sends every later sync
         through the object store, with a warning."""
         self.members = None
-        if self.weight_sync != "collective":
+        if self.weight_sync != "collective" or self.colocated:  # colocated: an in-process copy, no group
             return False
         world = len(engines) + 1
         host, port = self._all([self.actor.open_weight_group.remote(world)])
@@ -229,7 +287,9 @@ class RemoteTrainer:
         broadcast until each engine has served the rollouts queued on it before the update, then the weights
         go bucket by bucket (a trainer call submitted later waits behind it). The group is formed on first use
         (`connect`)."""
-        if self.weight_sync == "collective" and (self.members == list(engines) or self.connect(engines)):
+        if self.colocated:  # the engines are this trainer's own actors: each copies its weights in-process
+            updates = [a.sync_engine.remote(version, full) for a in self.actors]
+        elif self.weight_sync == "collective" and (self.members == list(engines) or self.connect(engines)):
             sends = [a.send_weights.remote(full, self.bucket_bytes) for a in self.actors]
             updates = [e.receive_weights.remote(version) for e in engines] + sends
         else:
