@@ -46,16 +46,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mopd.logger import check_logger_packages
-    from mopd.run_dir import prepare_run_dir
+    from mopd.run_dir import hold_run_dir, prepare_run_dir
     from mopd.train import main_train
     from mopd.world.prepare import prepare_world
 
     cfg = _cfg(args)
     # Cheap checks before a world build that takes minutes (train repeats the run-dir one: it is idempotent).
+    # The run dir's lock is taken first and held through the world build and the run (the session re-enters it).
     check_logger_packages(cfg.logging.sinks, cfg)
-    prepare_run_dir(Path(cfg.logging.run_dir), args.resume, args.overwrite, log=print)
-    prepare_world(cfg)
-    return main_train(cfg, resume=args.resume, overwrite=False)
+    run_dir = Path(cfg.logging.run_dir)
+    with hold_run_dir(run_dir, args.resume, args.overwrite, log=print):
+        prepare_run_dir(run_dir, args.resume, args.overwrite, log=print)
+        prepare_world(cfg)
+        return main_train(cfg, resume=args.resume, overwrite=False)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
