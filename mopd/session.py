@@ -44,6 +44,7 @@ from mopd.run_dir import hold_run_dir, prepare_run_dir
 from mopd.run_lock import RunDirLock
 from mopd.samples import domain_summary
 from mopd.timing import timed
+from mopd.trainer import check_freeze
 from mopd.trainer_actor import RemoteTrainer
 from teachers.preflight import check_model_folders, require_preflight
 from teachers.registry import TeacherRegistry
@@ -113,7 +114,9 @@ class RunSession:
         write_text(self.run_dir / "config.yaml", to_yaml(cfg))
         # -- data, teachers, engines: every check that can fail runs before step 1 ---------------------
         check_logger_packages(cfg.logging.sinks, cfg)
-        check_model_folders(cfg, student_path=str(ck / "model") if ck else None, log=log)
+        student = str(ck / "model") if ck else cfg.student.path
+        check_model_folders(cfg, student_path=student if ck else None, log=log)
+        check_freeze(cfg.trainer.freeze, student)  # the trainer actor would refuse it only after the cluster starts
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.student.path)
         self.registry = registry = TeacherRegistry.from_config(cfg, self.tokenizer)
         rows = load_rows(cfg.data.train_files)
@@ -133,7 +136,7 @@ class RunSession:
         if len(set(where.values())) > 1:  # several nodes: say which actor runs where
             log("placement: " + ", ".join(f"{label} on node {node[:8]}" for label, node in where.items()))
         # The trainer actor loads its model while the engines start.
-        self.trainer = RemoteTrainer(cfg, str(ck / "model") if ck else cfg.student.path, self.placement)
+        self.trainer = RemoteTrainer(cfg, student, self.placement)
         if ck is not None:
             self.state = RunState.from_checkpoint(self.trainer.load(ck))
             log(f"resumed from {ck} at step {self.state.step}")

@@ -26,6 +26,8 @@ from tiny_models import save_tiny_models, set_weight
 import mopd.ray_cluster
 import mopd.session
 from mopd.cli import main
+from mopd.world.models import build_teacher, save_model
+from mopd.world.tokenizer import build_tokenizer
 
 NAN_STUDENT_WEIGHT = "model.layers.0.mlp.gate.weight"  # the first MoE router
 NAN_TEACHER_WEIGHT = "model.layers.0.mlp.down_proj.weight"
@@ -56,6 +58,9 @@ def models(tmp_path_factory) -> Path:
     for src, dst in [("student", "nan_student"), ("teacher", "nan_teacher"), ("student", "student_no_weights"),
                      ("teacher", "teacher_no_weights"), ("teacher", "teacher_no_config")]:
         shutil.copytree(d / src, d / dst)
+    tok = build_tokenizer()
+    save_model(build_teacher(tok, seed=2, vocab_size=128), tok, d / "wide_teacher")  # same tokenizer, 128 ids
+    save_model(build_teacher(tok, seed=3, vocab_size=32), tok, d / "narrow_teacher")
     set_weight_nan(d / "nan_student", NAN_STUDENT_WEIGHT)
     set_weight_nan(d / "nan_teacher", NAN_TEACHER_WEIGHT)
     (d / "student_no_weights" / "model.safetensors").unlink()
@@ -203,6 +208,14 @@ MODELS: list[tuple[str, list[str], list[str]]] = [
       "re-export it or resume from an earlier checkpoint"]),
     ("teacher weight is NaN", ["teachers.t.path={m}/nan_teacher"],
      [f"teacher 't' weight {NAN_TEACHER_WEIGHT} has NaN", "teachers.t.path=", "re-export it"]),
+    # The same tokenizer, but the teacher's embedding is wider: the preflight passed it and step 1 failed.
+    ("teacher vocabulary larger than the student's", ["teachers.t.path={m}/wide_teacher"],
+     ["teachers.t.path=", "wide_teacher", "config.json vocab_size 128", "larger than the student's (64)",
+      "algorithm.teacher_top_k=-1", "has no logit for", "algorithm.objective=pg with algorithm.teacher_top_k=0",
+      "has vocab_size 64"]),
+    ("teacher vocabulary smaller than the student's", ["teachers.t.path={m}/narrow_teacher"],
+     ["teachers.t.path=", "narrow_teacher", "vocab_size 32", "smaller than the student's (64)",
+      "cannot score", "vocab_size equals the student's"]),
 ]
 
 
@@ -212,6 +225,45 @@ def test_bad_model_folder(capsys, tmp_path, models, command, name, overrides, fr
     cfg = write_config(tmp_path, models)
     code, err = run(capsys, [*command, cfg, *(o.format(m=models) for o in overrides)])
     assert_one_line_error(code, err, fragments)
+
+
+FREEZE: list[tuple[str, list[str], list[str]]] = [
+    ("pattern matching nothing", ["trainer.freeze=[model.layers.*.mlp.router.*]"],
+     ["config key 'trainer.freeze'", "pattern 'model.layers.*.mlp.router.*' matches no parameter of the student",
+      "fix the pattern", "its parameters include: ", "model.layers.0.mlp.gate.weight"]),
+    ("pattern matching everything", ["trainer.freeze=['*']"],
+     ["config key 'trainer.freeze'", "freezes every parameter; nothing would train", "leave some out"]),
+    # The checkpoint stores experts one tensor each; the trainer's parameter is the fused one, and that is
+    # what a pattern must match (a pattern of the stored names is a typo for the trainer).
+    ("pattern of the checkpoint's per-expert names", ["trainer.freeze=[model.layers.0.mlp.experts.0.*]"],
+     ["pattern 'model.layers.0.mlp.experts.0.*' matches no parameter", "model.layers.0.mlp.experts.gate_up_proj"]),
+]
+
+
+@pytest.mark.parametrize("name, overrides, fragments", FREEZE, ids=[c[0] for c in FREEZE])
+def test_bad_freeze_patterns_are_refused_before_ray(capsys, tmp_path, models, name, overrides, fragments):
+    """These used to reach the user from the trainer actor, after the cluster and engines had started."""
+    assert_one_line_error(*run(capsys, ["train", write_config(tmp_path, models), *overrides]), fragments)
+
+
+def test_freeze_names_are_the_trainers(models):
+    """The pre-cluster names (model on the meta device) are exactly the loaded model's parameter names."""
+    from transformers import AutoModelForCausalLM
+
+    from mopd.trainer import check_freeze, frozen_names
+
+    names = [n for n, _ in AutoModelForCausalLM.from_pretrained(models / "student").named_parameters()]
+    check_freeze(["*.mlp.gate.*", "*.experts.gate_up_proj"], str(models / "student"))
+    assert frozen_names(names, ["*.mlp.gate.*"]) == {n for n in names if ".mlp.gate." in n}
+
+
+def test_wider_teacher_passes_when_only_the_sampled_token_is_scored(tmp_path, models):
+    from mopd.config import load_config
+    from teachers.preflight import check_model_folders
+
+    cfg = load_config(write_config(tmp_path, models), [f"teachers.t.path={models}/wide_teacher",
+                                                       "algorithm.objective=pg", "algorithm.teacher_top_k=0"])
+    assert check_model_folders(cfg, weights=False)[-1].startswith("models checked")
 
 
 def test_good_models_pass_the_model_check(tmp_path, models):

@@ -7,12 +7,12 @@ transformers) costs about 3 s here, which `mopd config show`, `mopd check` and `
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 
 from mopd.cli.common import DEFAULT_CONFIG
 from mopd.cli.common import config_from_args as _cfg
+from mopd.cli.errors import describe_chain, error_line
 from mopd.config import to_yaml
 from mopd.world import world_config
 
@@ -150,32 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except Exception as e:  # noqa: BLE001 - every failure a user sees is one line; --debug shows the traceback
+        line, code = error_line(e)
         if debug:
+            print(f"mopd: error: {line}\nmopd: the error's chain, outermost first:\n{describe_chain(e)}",
+                  file=sys.stderr)
             raise
-        print(f"mopd: error: {_one_line(e)}", file=sys.stderr)
-        return 2 if _user_error(e) else 1
-
-
-# Errors the project raises itself (bad config, data, rows, teachers, run dirs, rules, a diverged run) say
-# what to fix: exit 2. Everything else (a crashed actor, a full disk) is exit 1, still one line.
-_PROJECT = ("mopd", "teachers", "rollout", "rewards", "stability")
-
-
-def _user_error(e: BaseException) -> bool:
-    return type(e).__module__.split(".")[0] in _PROJECT
-
-
-def _one_line(e: BaseException) -> str:
-    if _user_error(e):
-        msg = str(e)
-    elif isinstance(e, OSError) and e.strerror:
-        msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-        if e.errno == errno.ENOSPC:
-            msg += " (free some space; finished steps and checkpoints already written are intact)"
-    else:
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        msg = f"{type(e).__name__}: {first} (run with --debug for the traceback)"
-    return msg
+        print(f"mopd: error: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
