@@ -119,11 +119,11 @@ class RunSession:
         check_freeze(cfg.trainer.freeze, student)  # the trainer actor would refuse it only after the cluster starts
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.student.path)
         self.registry = registry = TeacherRegistry.from_config(cfg, self.tokenizer)
-        rows = load_rows(cfg.data.train_files)
+        rows = load_rows(cfg.data.train_files, cfg.data.dedupe, log)
         registry.group([r["domain"] for r in rows], [r["id"] for r in rows])
         check_domain_mix(rows, cfg.data.domain_mix)
         prompt_ids = encode_rows(self.tokenizer, rows, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens)
-        self.evals = eval_rows(cfg)
+        self.evals = eval_rows(cfg, log)
         registry.group([r["domain"] for r in self.evals], [r["id"] for r in self.evals])
         self.eval_ids = encode_rows(self.tokenizer, self.evals, cfg.data.max_prompt_tokens,
                                     cfg.data.add_special_tokens)

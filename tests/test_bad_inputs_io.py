@@ -141,6 +141,17 @@ DATA_FILES: list[tuple[str, str, bytes, list[str]]] = [
      ["row 'train-0'", "needs a tokenizer with a chat template", "chat_template"]),
     ("domain no teacher serves", "train.jsonl", _lines(GOOD_ROWS[0], {"prompt": "sort:cab=", "domain": "sort"}),
      ["row 'train-1' has domain 'sort'", "registered domains: rev", "data.default_teacher"]),
+    ("duplicate row ids", "train.jsonl",
+     _lines({**GOOD_ROWS[0], "id": "a"}, {**GOOD_ROWS[1], "id": "b"}, {**GOOD_ROWS[1], "id": "a"},
+            {**GOOD_ROWS[0], "id": 7}, {**GOOD_ROWS[0], "id": "7"}),
+     ["2 row(s) repeat an earlier row's id", "id 'a' at ", "train.jsonl line 3 repeats ", "train.jsonl line 1",
+      "id '7' at ", "train.jsonl line 5 repeats", "give each row its own id", "data.dedupe=true"]),
+    ("id null", "train.jsonl", _lines({**GOOD_ROWS[0], "id": "x"}, {**GOOD_ROWS[1], "id": None}),
+     ["train.jsonl line 2", "'id' is None", "a non-empty string or an integer", "drop the key"]),
+    ("id that is a list", "train.jsonl", _lines({**GOOD_ROWS[0], "id": ["x"]}),
+     ["train.jsonl line 1", "'id' is ['x']", "a non-empty string or an integer"]),
+    ("NaN answer", "train.jsonl", _lines(GOOD_ROWS[0], '{"prompt": "rev:ab=", "domain": "rev", "answer": NaN}'),
+     ["train.jsonl line 2", "'answer' is nan", "written as NaN", "give the answer as a string", "(null)"]),
 ]
 
 
@@ -167,6 +178,45 @@ def test_missing_and_folder_data_files(capsys, tmp_path, models):
     (tmp_path / "data_dir").mkdir()
     assert_one_line_error(*run(capsys, ["train", write_config(tmp_path, models, train=str(tmp_path / "data_dir"))]),
                           ["data_dir is a folder", "JSONL or Parquet files"])
+
+
+def test_ids_repeated_across_files_and_in_parquet(capsys, tmp_path, models):
+    """Generated ids of two files with one stem collide too; a Parquet id column with a null is refused."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = write_jsonl(tmp_path / "a" / "train.jsonl", GOOD_ROWS), write_jsonl(tmp_path / "b" / "train.jsonl", GOOD_ROWS)
+    cfg = write_config(tmp_path, models, eval_=write_jsonl(tmp_path / "eval.jsonl", GOOD_ROWS),
+                       data={"train_files": [a, b]})
+    assert_one_line_error(*run(capsys, ["train", cfg]),
+                          ["2 row(s) repeat", "id 'train-0' at ", "b/train.jsonl line 1 repeats ", "a/train.jsonl line 1"])
+    p = tmp_path / "ids.parquet"
+    pq.write_table(pa.Table.from_pylist([{**GOOD_ROWS[0], "id": "p0"}, {**GOOD_ROWS[1], "id": None}]), p)
+    assert_one_line_error(*run(capsys, ["train", write_config(tmp_path, models, train=str(p))]),
+                          ["ids.parquet row 2", "'id' is None"])
+
+
+def test_dedupe_drops_later_repeats_and_says_so(tmp_path):
+    from mopd.data import load_rows
+
+    f = write_jsonl(tmp_path / "t.jsonl", [{**GOOD_ROWS[0], "id": "a"}, {**GOOD_ROWS[1], "id": "a"},
+                                           {**GOOD_ROWS[1], "id": "b"}])
+    log: list[str] = []
+    rows = load_rows([f], dedupe=True, log=log.append)
+    assert [(r["id"], r["answer"]) for r in rows] == [("a", "cba"), ("b", "olleh")]  # the first of each id is kept
+    assert len(log) == 1 and log[0].startswith("data.dedupe: dropped 1 row(s)") and "t.jsonl line 2" in log[0], log
+
+
+def test_dedupe_reaches_the_run(capsys, tmp_path, models, monkeypatch):
+    """`data.dedupe=true` in a config: the repeated row no longer stops `mopd train` at the data (it gets as far as
+    the cluster, the tripwire here), and the run's log says what it dropped."""
+    f = tmp_path / "train.jsonl"
+    f.write_bytes(_lines({**GOOD_ROWS[0], "id": "a"}, {**GOOD_ROWS[1], "id": "a"}))
+    cfg = write_config(tmp_path, models, train=str(f), eval_=write_jsonl(tmp_path / "eval.jsonl", GOOD_ROWS),
+                       data={"dedupe": True})
+    with pytest.raises(AssertionError, match="reached init_ray"):
+        main(["--debug", "train", cfg])
+    out = capsys.readouterr().out
+    assert "data.dedupe: dropped 1 row(s) whose id repeats an earlier row's: id 'a' at " in out, out
 
 
 def test_domain_mix_naming_an_absent_domain(capsys, tmp_path, models):
@@ -367,7 +417,7 @@ def test_config_file_that_is_a_folder(capsys, tmp_path):
 
 
 def test_at_least_twenty_five_cases():
-    n = len(DATA_FILES) + len(MODELS) + len(RULES) + 12  # + the single tests above
+    n = len(DATA_FILES) + len(MODELS) + len(RULES) + len(FREEZE) + 14  # + the single tests above
     assert n >= 25, n
 
 
