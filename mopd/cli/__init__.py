@@ -64,11 +64,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from mopd.submit import job_status, stop_job, submit
 
+    if args.status or args.stop:  # a job id and the cluster's address: a config only when one is given
+        cfg = _cfg(args) if args.config is not None else None
+        return (job_status if args.status else stop_job)(args.status or args.stop, args.address, cfg)
+    if args.config is None:
+        args.config = DEFAULT_CONFIG
     cfg = _cfg(args)  # validated here: a bad key fails before anything is uploaded
-    if args.status:
-        return job_status(args.status, args.address, cfg)
-    if args.stop:
-        return stop_job(args.stop, args.address, cfg)
     return submit(cfg, args.config, args.overrides, args.address, wait=not args.no_wait, resume=args.resume)
 
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = sp.add_mutually_exclusive_group()
     jobs.add_argument("--status", metavar="JOB_ID", help="print a submitted job's status")
     jobs.add_argument("--stop", metavar="JOB_ID", help="stop a submitted job")
-    sp.set_defaults(fn=cmd_submit)
+    sp.set_defaults(fn=cmd_submit, config=None)  # --status / --stop need no config (default: quickstart.yaml)
 
     sp = sub.add_parser("compare", help="several objectives at equal wall-clock, one table per domain")
     sp.add_argument("spec", nargs="?", default="configs/compare.yaml")
