@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import shlex
 import socket
 import sys
 import threading
@@ -67,7 +68,7 @@ class Holder:
     @classmethod
     def me(cls) -> Holder:
         since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
-        return cls(os.getpid(), socket.gethostname(), since, " ".join(["mopd", *sys.argv[1:]])[:300])
+        return cls(os.getpid(), socket.gethostname(), since, _command())
 
     def to_json(self) -> str:
         return json.dumps({"pid": self.pid, "host": self.host, "since": self.since, "command": self.command}) + "\n"
@@ -227,6 +228,15 @@ def _busy(run_dir: Path, holder: Holder | None) -> str:
         stop = f" (pid {holder.pid} is gone, but a process it started holds the lock: `fuser -v {run_dir / LOCK_NAME}` finds it)"
     return (f"run dir {run_dir} is in use by {who}: one run writes a run dir at a time. Wait for it to finish "
             f"or stop it{stop}, or choose another logging.run_dir")
+
+
+def _command() -> str:
+    """This process's command line as a user would type it: `mopd train ...` for the CLI however it was started
+    (the `mopd` script, `python -m mopd.cli`), else the program's name and arguments."""
+    argv0 = Path(sys.argv[0] if sys.argv and sys.argv[0] else "python")
+    prog = "mopd" if argv0.name == "mopd" or "mopd" in argv0.parts[:-1] else (
+        argv0.parent.name if argv0.name == "__main__.py" else argv0.name)
+    return shlex.join([prog, *sys.argv[1:]])[:300]
 
 
 def _same_file(fd: int, path: Path) -> bool:
