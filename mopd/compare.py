@@ -71,7 +71,7 @@ def load_spec(spec_path: str | Path) -> dict[str, Any]:
     runs = spec.get("runs")
     if not isinstance(runs, dict) or not runs:
         raise ConfigError(f"compare spec {p} defines no runs (runs: {runs!r}); give at least one, NAME: [key=value, "
-                          "...] each, e.g. runs: {{reverse_kl: [algorithm.objective=reverse_kl]}}")
+                          "...] each, e.g. runs: {reverse_kl: [algorithm.objective=reverse_kl]}")
     for name, over in runs.items():
         if over is None:
             runs[name] = over = []

@@ -55,8 +55,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             print(f"mopd dashboard: error: {'; '.join(sk.describe() for sk in skipped)}: fix or remove them, or "
                   "drop --strict to draw the rest", file=sys.stderr)
             return 2
-        for sk in skipped:
-            print(f"mopd dashboard: warning: {sk.describe()}: not drawn", file=sys.stderr)
         path = render_dashboard(runs, out, bands=bands)
     except (FileNotFoundError, RulesError) as e:
         print(f"mopd dashboard: error: {e}", file=sys.stderr)
@@ -66,6 +64,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         print(f"mopd dashboard: error: {flag}: cannot write {out} ({e.strerror or e}): choose a writable "
               f"folder{'' if args.out else ' with --out FILE'}", file=sys.stderr)
         return 2
+    for sk in skipped:
+        print(f"mopd dashboard: warning: {sk.describe()}: not drawn", file=sys.stderr)
     print(f"dashboard: {path} ({len(runs)} run(s))")
     return 0
 
