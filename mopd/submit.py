@@ -49,7 +49,7 @@ def dashboard_url(address: str | None, cfg: MopdConfig | None, environ: Mapping[
     found = [(src, v) for src, v in sources if v]
     if not found:
         where = " or set ray.address in the config" if cfg is not None else ""
-        raise SubmitError("no Ray cluster to talk to: pass --address http://127.0.0.1:8265 or export "
+        raise SubmitError("no Ray cluster to submit to: pass --address http://127.0.0.1:8265 or export "
                           f"RAY_ADDRESS=http://127.0.0.1:8265{where}; no cluster yet? {START_HEAD}")
     src, url = found[0]
     if "://" not in url:

@@ -231,7 +231,7 @@ def test_submit_status_needs_no_config(capsys, tmp_path, monkeypatch):
         assert_one_line(code, err, ["no Ray job server answers at http://127.0.0.1:9"])
         assert "config" not in err.split("(")[0], err
     code, _, err = run(capsys, ["submit", "--status", "raysubmit_x"])
-    assert_one_line(code, err, ["no Ray cluster to talk to", "--address http://127.0.0.1:8265"])
+    assert_one_line(code, err, ["no Ray cluster to submit to", "--address http://127.0.0.1:8265"])
     assert "configs/quickstart.yaml" not in err and "ray.address in the config" not in err, err
 
 
