@@ -146,8 +146,9 @@ def _check_row(r: Any, where: str) -> None:
         raise DataError(f"{where}: needs a 'domain' string naming the teacher's domain (teachers.<name>.domains); "
                         f"got {r.get('domain')!r}")
     if "id" in r and (isinstance(r["id"], bool) or not isinstance(r["id"], str | int) or r["id"] == ""):
-        raise DataError(f"{where}: 'id' is {r['id']!r}; give a non-empty string or an integer, or drop the key "
-                        "(a row without one is named <file stem>-<index>)")
+        got = json.dumps(r["id"], default=str)
+        raise DataError(f"{where}: 'id' is {got}; give a non-empty string or an integer, or drop the key (a row "
+                        "without one is named <file stem>-<index>)")
     answer = r.get("answer")
     if isinstance(answer, float) and not math.isfinite(answer):
         raise DataError(f"{where}: 'answer' is {answer} (a missing value written as NaN, e.g. by pandas); a verifier "

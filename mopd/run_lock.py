@@ -225,7 +225,8 @@ def _busy(run_dir: Path, holder: Holder | None) -> str:
     who = holder.describe() if holder is not None else "another process (it has not written its name yet)"
     stop = f" (kill -TERM {holder.pid} stops it after its current step)" if holder and holder.pid else ""
     if holder is not None and holder.alive_here() is False:  # a child it forked still has the file open
-        stop = f" (pid {holder.pid} is gone, but a process it started holds the lock: `fuser -v {run_dir / LOCK_NAME}` finds it)"
+        stop = (f" (pid {holder.pid} is gone, but a process it started holds the lock: "
+                f"`fuser -v {run_dir / LOCK_NAME}` finds it)")
     return (f"run dir {run_dir} is in use by {who}: one run writes a run dir at a time. Wait for it to finish "
             f"or stop it{stop}, or choose another logging.run_dir")
 

@@ -147,9 +147,9 @@ DATA_FILES: list[tuple[str, str, bytes, list[str]]] = [
      ["2 row(s) repeat an earlier row's id", "id 'a' at ", "train.jsonl line 3 repeats ", "train.jsonl line 1",
       "id '7' at ", "train.jsonl line 5 repeats", "give each row its own id", "data.dedupe=true"]),
     ("id null", "train.jsonl", _lines({**GOOD_ROWS[0], "id": "x"}, {**GOOD_ROWS[1], "id": None}),
-     ["train.jsonl line 2", "'id' is None", "a non-empty string or an integer", "drop the key"]),
+     ["train.jsonl line 2", "'id' is null", "a non-empty string or an integer", "drop the key"]),
     ("id that is a list", "train.jsonl", _lines({**GOOD_ROWS[0], "id": ["x"]}),
-     ["train.jsonl line 1", "'id' is ['x']", "a non-empty string or an integer"]),
+     ["train.jsonl line 1", "'id' is [\"x\"]", "a non-empty string or an integer"]),
     ("NaN answer", "train.jsonl", _lines(GOOD_ROWS[0], '{"prompt": "rev:ab=", "domain": "rev", "answer": NaN}'),
      ["train.jsonl line 2", "'answer' is nan", "written as NaN", "give the answer as a string", "(null)"]),
 ]
@@ -192,7 +192,7 @@ def test_ids_repeated_across_files_and_in_parquet(capsys, tmp_path, models):
     p = tmp_path / "ids.parquet"
     pq.write_table(pa.Table.from_pylist([{**GOOD_ROWS[0], "id": "p0"}, {**GOOD_ROWS[1], "id": None}]), p)
     assert_one_line_error(*run(capsys, ["train", write_config(tmp_path, models, train=str(p))]),
-                          ["ids.parquet row 2", "'id' is None"])
+                          ["ids.parquet row 2", "'id' is null"])
 
 
 def test_dedupe_drops_later_repeats_and_says_so(tmp_path):

@@ -5,7 +5,8 @@ An error raised inside a Ray actor arrives wrapped: a `RayTaskError(ConfigError)
 traceback with ANSI colour codes and the actor's repr. `error_chain` walks such wrappers (`RayTaskError.cause`)
 and explicit `raise ... from` links (`__cause__`); the line shows the innermost project error's own message
 (exit 2: bad input the user can fix), or else the error a Ray wrapper carries as `Type: first line` and where it
-was raised (exit 1), never a repr and never colour codes. `--debug` prints the chain and re-raises for the whole traceback.
+was raised (exit 1), never a repr and never colour codes. `--debug` prints the chain and re-raises for the whole
+traceback.
 
 Ray is not imported here (`mopd config show` must start instantly): a Ray error can only exist once Ray was
 imported, so its class is looked up in `sys.modules`.
