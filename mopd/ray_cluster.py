@@ -43,16 +43,22 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # 2 s it notes those processes and their descendants (the agents and workers the raylet starts); as soon as
 # the driver is gone (this process was re-parented: checked every 0.25 s) or every one of them has ended, it
 # kills what is left of them (psutil refuses a pid since reused by another process) and exits.
-_REAPER = r"""
+_REAPER = r"""# mopd: the reaper of a private Ray cluster
 import os, sys, time
 import psutil
-driver, roots = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+driver, roots = int(sys.argv[1]), []
+for pid in sys.argv[2:]:
+    try:
+        roots.append(psutil.Process(int(pid)))  # holds its start time: a reused pid is not this process
+    except psutil.Error:
+        pass
 seen = {}
 while os.getppid() == driver:
     alive = 0
-    for pid in roots:
+    for root in roots:
         try:
-            root = psutil.Process(pid)
+            if not root.is_running():
+                continue
             family = [root, *root.children(recursive=True)]
         except psutil.Error:
             continue
@@ -70,7 +76,7 @@ for p in seen.values():
     except psutil.Error:
         pass
 """
-_reaper: subprocess.Popen | None = None
+_reapers: list[subprocess.Popen] = []  # one per private cluster this process started (kept: no zombies, no warnings)
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -139,10 +145,9 @@ def init_ray(address: str | None = None, num_cpus: int = 2, host: str = "127.0.0
 
 def _start_reaper(ray: Any) -> None:
     """Start `_REAPER` for the private cluster just started (see the module docstring); without the pids of
-    the cluster's processes (Ray's internals moved) there is nothing to watch and no reaper."""
-    global _reaper
-    if _reaper is not None and _reaper.poll() is None:
-        return
+    the cluster's processes (Ray's internals moved) there is nothing to watch and no reaper. A reaper of an
+    earlier cluster of this process (ray.shutdown, then init_ray again) ends with that cluster."""
+    _reapers[:] = [r for r in _reapers if r.poll() is None]
     try:
         node = ray._private.worker._global_node
         roots = sorted({info.process.pid for infos in node.all_processes.values() for info in infos
@@ -150,6 +155,7 @@ def _start_reaper(ray: Any) -> None:
     except Exception:  # noqa: BLE001 - private API: no reaper rather than no cluster
         return
     if roots:
-        _reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), *map(str, roots)],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   start_new_session=True)
+        reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), *map(str, roots)],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        _reapers.append(reaper)
