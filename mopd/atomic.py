@@ -4,7 +4,9 @@ the new one, never half of one, and no temporary behind (a killed process can le
 
 Everything is fsynced before it is swapped in, and the parent folder after, so a power cut cannot turn a
 swapped-in file into an empty one. Files are created 0644 and folders 0755 (mkstemp/mkdtemp make 0600 and
-0700, which would hide checkpoints from other users and containers).
+0700, which would hide checkpoints from other users and containers); `write_dir` sets every file and folder
+its `fill` wrote the same way, whatever the writer used (safetensors' writer, under transformers'
+`save_pretrained`, leaves `model.safetensors` 0600).
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _share_tree(root: Path) -> None:
+    """Every folder under `root` 0755 and every regular file 0644 (links are left alone)."""
+    for dirpath, dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, FILE_MODE)
+        for name in dirs:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, DIR_MODE)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -94,6 +109,7 @@ def write_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
         fill(tmp)
         if not tmp.is_dir():
             raise OSError(f"writing {path} failed: its temporary folder {tmp} vanished while it was filled")
+        _share_tree(tmp)
         _fsync_tree(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")

@@ -367,6 +367,8 @@ class DataConfig:
     eval_size_per_domain: int = 200  # >= 1
     # add_special_tokens when encoding prompts (BOS etc.); null: the tokenizer's own default.
     add_special_tokens: bool | None = None
+    # Rows repeating an earlier row's id: false refuses them naming both rows; true drops every later one (logged).
+    dedupe: bool = False
     auto_mix: AutoMixConfig = field(default_factory=AutoMixConfig)
 
     def __post_init__(self) -> None:

@@ -10,7 +10,9 @@ says how to fix it; training loads, validates and encodes all of it before any a
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,15 @@ class DataError(ValueError):
     pass
 
 
-def load_rows(files: list[str]) -> list[dict]:
-    """Rows from JSONL or Parquet files; each needs `prompt` (str or chat messages) and `domain`."""
+def load_rows(files: list[str], dedupe: bool = False, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Rows from JSONL or Parquet files; each needs `prompt` (str or chat messages) and `domain`.
+
+    A row's `id` (a string or an integer; without one it is `<file stem>-<index>`) names it everywhere (batch
+    digests, errors, samples), so ids must be unique across `files`: a repeated id is refused naming both rows,
+    or with `dedupe` (`data.dedupe`) every later row of a repeated id is dropped and the drop logged.
+    """
     rows: list[dict] = []
+    where_of: list[str] = []
     for f in files:
         p = Path(f)
         if p.is_dir():
@@ -47,11 +55,42 @@ def load_rows(files: list[str]) -> list[dict]:
             where = f"{p} row {i + 1}" if parquet else f"{p} line {r[0]}"
             r = recs[i] = r if parquet else r[1]
             _check_row(r, where)
-            r.setdefault("id", f"{p.stem}-{i}")
+            if "id" not in r:
+                r["id"] = f"{p.stem}-{i}"
+            where_of.append(where)
         rows.extend(recs)
     if not rows:
         raise DataError(f"no rows in {files}")
-    return rows
+    return _unique_ids(rows, where_of, dedupe, log)
+
+
+def _unique_ids(rows: list[dict], where_of: list[str], dedupe: bool,
+                log: Callable[[str], None] | None) -> list[dict]:
+    first: dict[str, int] = {}
+    repeats: list[tuple[int, int]] = []  # (index of the repeat, index of the first row with that id)
+    for i, r in enumerate(rows):
+        key = _id_key(r["id"])
+        if key in first:
+            repeats.append((i, first[key]))
+        else:
+            first[key] = i
+    if not repeats:
+        return rows
+    listed = "; ".join(f"id {rows[i]['id']!r} at {where_of[i]} repeats {where_of[j]}" for i, j in repeats[:MAX_LISTED])
+    more = f" and {len(repeats) - MAX_LISTED} more" if len(repeats) > MAX_LISTED else ""
+    if not dedupe:
+        raise DataError(f"{len(repeats)} row(s) repeat an earlier row's id: {listed}{more}. Row ids name rows in "
+                        "batch digests and errors, so they must be unique: give each row its own id (or drop the "
+                        "'id' key: rows without one are named <file stem>-<index>), or set data.dedupe=true to "
+                        "drop every later row of a repeated id")
+    drop = {i for i, _ in repeats}
+    if log is not None:
+        log(f"data.dedupe: dropped {len(drop)} row(s) whose id repeats an earlier row's: {listed}{more}")
+    return [r for i, r in enumerate(rows) if i not in drop]
+
+
+def _id_key(v: Any) -> str:
+    return str(v)  # 7 and "7" name the same row wherever ids are printed or digested
 
 
 def _read_parquet(p: Path) -> list[dict]:
@@ -106,6 +145,15 @@ def _check_row(r: Any, where: str) -> None:
     if not isinstance(r.get("domain"), str) or not r["domain"]:
         raise DataError(f"{where}: needs a 'domain' string naming the teacher's domain (teachers.<name>.domains); "
                         f"got {r.get('domain')!r}")
+    if "id" in r and (isinstance(r["id"], bool) or not isinstance(r["id"], str | int) or r["id"] == ""):
+        got = json.dumps(r["id"], default=str)
+        raise DataError(f"{where}: 'id' is {got}; give a non-empty string or an integer, or drop the key (a row "
+                        "without one is named <file stem>-<index>)")
+    answer = r.get("answer")
+    if isinstance(answer, float) and not math.isfinite(answer):
+        raise DataError(f"{where}: 'answer' is {answer} (a missing value written as NaN, e.g. by pandas); a verifier "
+                        "would compare samples with the text 'nan': give the answer as a string, or drop the key "
+                        "(null) for a row without one")
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[dict], add_special_tokens: bool | None = None) -> list[int]:

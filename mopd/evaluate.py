@@ -5,6 +5,7 @@ greedy accuracy on its domains (the "teacher" column of the result table, measur
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from transformers import AutoTokenizer
@@ -19,10 +20,10 @@ from mopd.samples import domain_summary
 from teachers.registry import TeacherRegistry
 
 
-def eval_rows(cfg: MopdConfig) -> list[dict]:
+def eval_rows(cfg: MopdConfig, log: Callable[[str], None] | None = None) -> list[dict]:
     """The first `data.eval_size_per_domain` rows of each domain, in file order (a fixed eval set)."""
     rows, seen = [], {}
-    for r in load_rows(cfg.data.eval_files):
+    for r in load_rows(cfg.data.eval_files, cfg.data.dedupe, log):
         if seen.get(r["domain"], 0) < cfg.data.eval_size_per_domain:
             rows.append(r)
             seen[r["domain"]] = seen.get(r["domain"], 0) + 1

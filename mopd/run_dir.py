@@ -11,7 +11,10 @@ and a resume:
   found, never a silent fresh start over the old metrics;
 - temporaries a crash left under `checkpoints/` (`.step_N.tmp*`, `.*.old`, `.latest.*`) are removed, and a
   `.step_N.old` whose `step_N` is gone (a crash mid-swap) is put back;
-- a run dir that is a file, cannot be created or is not writable is a `RunDirError` with a clear message.
+- a run dir that is a file, cannot be created or is not writable is a `RunDirError` with a clear message;
+- one process writes a run dir at a time (`mopd.run_lock`): `hold_run_dir` takes `RUN_DIR/.lock` for the whole
+  run, and `prepare_run_dir` holds it while it deletes or cleans anything, so `--overwrite` never deletes a
+  run another process is writing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mopd.checkpoint import STEP_RE, checkpoints_dir, is_complete, resolve_latest
+from mopd.run_lock import RunDirError, RunDirLock, lock_run_dir
+
+__all__ = ["RunDirError", "clean_stale", "hold_run_dir", "holds_run", "prepare_run_dir"]
 
 # What a run writes and `--overwrite` deletes (config.yaml is rewritten by every start anyway).
 RUN_FILES = ("metrics.jsonl", "result.json", "result.md", "dashboard.html")
@@ -32,10 +38,6 @@ RUN_DIRS = ("checkpoints", "tensorboard")
 _TMP_RE = re.compile(r"\.step_\d+\.tmp.*")  # write_dir's temporaries and prune's renames
 _OLD_RE = re.compile(r"\.(.+)\.old")  # write_dir's previous version during a swap
 _LATEST_TMP_RE = re.compile(r"\.latest\..+")  # write_text's temporary for `latest`
-
-
-class RunDirError(ValueError):
-    """The run dir cannot be used as asked; the message says what was found and what to do."""
 
 
 def _is_stale(name: str) -> bool:
@@ -108,20 +110,50 @@ def _require_dir(run_dir: Path) -> None:
                           "logging.run_dir")
 
 
+def _check_request(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """What can be refused before anything is created."""
+    if resume and overwrite:
+        raise RunDirError("--resume continues the run in the run dir and --overwrite discards it: give one")
+    _require_dir(run_dir)
+    if resume and not run_dir.exists():
+        raise RunDirError(f"--resume: run dir {run_dir} does not exist, so there is no run to resume "
+                          "(drop --resume to start one)")
+
+
+def _create(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create run dir {run_dir}: {e.strerror or e}") from e
+
+
+def hold_run_dir(run_dir: Path, resume: bool = False, overwrite: bool = False,
+                 log: Callable[[str], None] = print) -> RunDirLock:
+    """Take the run dir's lock for a run asked with `resume` / `overwrite` (the request is checked first, so
+    nothing is created for one that will be refused); a fresh run's folder is created. Raises RunDirError,
+    or `RunDirBusy` naming the process that holds it. Release it with `.release()` or a `with` block."""
+    run_dir = Path(run_dir)
+    _check_request(run_dir, resume, overwrite)
+    if not resume:
+        _create(run_dir)
+    return lock_run_dir(run_dir, log)
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool,
                     log: Callable[[str], None] = print) -> Path | None:
     """Make `run_dir` ready for a run; returns the checkpoint to resume from, or None for a fresh run.
 
-    Raises RunDirError (a ValueError) when the folder cannot be used as asked. See the module docstring.
+    Raises RunDirError (a ValueError) when the folder cannot be used as asked, `RunDirBusy` when another
+    process holds it. The lock is held while this runs (re-entrant: a caller that holds it keeps it). See the
+    module docstring.
     """
     run_dir = Path(run_dir)
-    if resume and overwrite:
-        raise RunDirError("--resume continues the run in the run dir and --overwrite discards it: give one")
-    _require_dir(run_dir)
+    with hold_run_dir(run_dir, resume, overwrite, log):
+        return _prepare(run_dir, resume, overwrite, log)
+
+
+def _prepare(run_dir: Path, resume: bool, overwrite: bool, log: Callable[[str], None]) -> Path | None:
     if resume:
-        if not run_dir.exists():
-            raise RunDirError(f"--resume: run dir {run_dir} does not exist, so there is no run to resume "
-                              "(drop --resume to start one)")
         _require_writable(run_dir, "run dir")
         ckdir = checkpoints_dir(run_dir)
         if ckdir.is_dir():
@@ -137,10 +169,6 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool,
             log(f"--resume: {found.note}")
         return found.path
 
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunDirError(f"cannot create run dir {run_dir}: {e.strerror or e}") from e
     _require_writable(run_dir, "run dir")
     present = holds_run(run_dir)
     if present and not overwrite:

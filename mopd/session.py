@@ -1,6 +1,8 @@
 """The run session: everything a run owns besides its step loop.
 
-`RunSession` is a context manager. Entering it runs every check that can fail before step 1 (run dir, logger
+`RunSession` is a context manager. Entering it takes the run dir's lock (one writer per run dir: a second run
+into it is refused naming this one; held until the session closes), then runs every check that can fail before
+step 1 (run dir, logger
 packages, model folders, data, teachers' domains and tokenizers), then starts the cluster, the trainer actor
 and the engines, runs the teachers' preflight, evaluates the student (and the teachers) before training and
 starts the batch pipeline. Leaving it stops all of them, whatever happened. In between it keeps the run's
@@ -37,9 +39,11 @@ from mopd.placement import reserve
 from mopd.producer import BatchProducer, Pipeline, StepBatch
 from mopd.ray_cluster import cluster_address, init_ray
 from mopd.report import result_table
-from mopd.run_dir import prepare_run_dir
+from mopd.run_dir import hold_run_dir, prepare_run_dir
+from mopd.run_lock import RunDirLock
 from mopd.samples import domain_summary
 from mopd.timing import timed
+from mopd.trainer import check_freeze
 from mopd.trainer_actor import RemoteTrainer
 from teachers.preflight import check_model_folders, require_preflight
 from teachers.registry import TeacherRegistry
@@ -83,6 +87,7 @@ class RunSession:
         self.trainer: Any = None
         self.engines: Any = None
         self.stop: _StopSignals | None = None
+        self.lock: RunDirLock | None = None  # taken first, released last
         self.updates: list = []  # engine weight updates in flight (max_staleness > 0 does not wait for them)
         self.faults = dict.fromkeys(_FAULTS, 0)
         t = cfg.trainer
@@ -103,18 +108,21 @@ class RunSession:
 
     def _open(self) -> None:
         cfg, log = self.cfg, self.log
+        self.lock = hold_run_dir(self.run_dir, self.resume, self.overwrite, log)  # before anything is written
         ck = prepare_run_dir(self.run_dir, self.resume, self.overwrite, log)
         write_text(self.run_dir / "config.yaml", to_yaml(cfg))
         # -- data, teachers, engines: every check that can fail runs before step 1 ---------------------
         check_logger_packages(cfg.logging.sinks, cfg)
-        check_model_folders(cfg, student_path=str(ck / "model") if ck else None, log=log)
+        student = str(ck / "model") if ck else cfg.student.path
+        check_model_folders(cfg, student_path=student if ck else None, log=log)
+        check_freeze(cfg.trainer.freeze, student)  # the trainer actor would refuse it only after the cluster starts
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.student.path)
         self.registry = registry = TeacherRegistry.from_config(cfg, self.tokenizer)
-        rows = load_rows(cfg.data.train_files)
+        rows = load_rows(cfg.data.train_files, cfg.data.dedupe, log)
         registry.group([r["domain"] for r in rows], [r["id"] for r in rows])
         check_domain_mix(rows, cfg.data.domain_mix)
         prompt_ids = encode_rows(self.tokenizer, rows, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens)
-        self.evals = eval_rows(cfg)
+        self.evals = eval_rows(cfg, log)
         registry.group([r["domain"] for r in self.evals], [r["id"] for r in self.evals])
         self.eval_ids = encode_rows(self.tokenizer, self.evals, cfg.data.max_prompt_tokens,
                                     cfg.data.add_special_tokens)
@@ -127,7 +135,7 @@ class RunSession:
         if len(set(where.values())) > 1:  # several nodes: say which actor runs where
             log("placement: " + ", ".join(f"{label} on node {node[:8]}" for label, node in where.items()))
         # The trainer actor loads its model while the engines start.
-        self.trainer = RemoteTrainer(cfg, str(ck / "model") if ck else cfg.student.path, self.placement)
+        self.trainer = RemoteTrainer(cfg, student, self.placement)
         if ck is not None:
             self.state = RunState.from_checkpoint(self.trainer.load(ck))
             log(f"resumed from {ck} at step {self.state.step}")
@@ -163,15 +171,20 @@ class RunSession:
 
     def close(self) -> None:
         """Stop the pipeline and every actor (an error mid-run must not leave them, or the placement group, on
-        a shared cluster)."""
-        if self.pipeline is not None:
-            self.pipeline.close()
-        if self.stop is not None:
-            self.stop.restore()
-        if self.trainer is not None:
-            self.trainer.close()
-        if self.engines is not None:
-            self.engines.shutdown()  # also removes the placement group
+        a shared cluster), then release the run dir."""
+        try:
+            if self.pipeline is not None:
+                self.pipeline.close()
+            if self.stop is not None:
+                self.stop.restore()
+            if self.trainer is not None:
+                self.trainer.close()
+            if self.engines is not None:
+                self.engines.shutdown()  # also removes the placement group
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
     def _start_pipeline(self) -> None:
         """Rollouts and teacher scoring of the next batches run while the trainer steps (trainer.max_staleness)."""

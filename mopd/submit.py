@@ -7,6 +7,11 @@ directories that registered config sections declare (`mopd.config.register_secti
 kept outside the upload, such as the quickstart world's), are therefore made absolute (relative to the working
 directory given here) so they are found and the run's outputs outlive the job; on a multi-node cluster point
 them at shared storage.
+
+The job's driver takes the run dir's lock itself (`mopd train`: one writer per run dir); where that run dir is
+visible from here too (one machine, or shared storage), a run dir another process holds is refused here
+already, before anything is uploaded. `--status` and `--stop` need no config: `--address` (or RAY_ADDRESS)
+is enough.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from mopd.config import MopdConfig, section_dirs
+from mopd.run_lock import holder_of
 
 START_HEAD = ("start one from the project's virtualenv with `ray start --head --node-ip-address 127.0.0.1 "
               "--dashboard-host 127.0.0.1 --dashboard-port 8265` (README: Submitting to a cluster)")
@@ -35,14 +41,16 @@ class SubmitError(RuntimeError):
     """A submission problem the user can fix; the message says how."""
 
 
-def dashboard_url(address: str | None, cfg: MopdConfig, environ: Mapping[str, str] = os.environ) -> str:
-    """--address, else RAY_API_SERVER_ADDRESS / RAY_ADDRESS (as `ray job submit` reads them), else ray.address."""
+def dashboard_url(address: str | None, cfg: MopdConfig | None, environ: Mapping[str, str] = os.environ) -> str:
+    """--address, else RAY_API_SERVER_ADDRESS / RAY_ADDRESS (as `ray job submit` reads them), else ray.address
+    (`cfg` None: `--status` / `--stop` without a config)."""
     sources = [("--address", address), ("RAY_API_SERVER_ADDRESS", environ.get("RAY_API_SERVER_ADDRESS")),
-               ("RAY_ADDRESS", environ.get("RAY_ADDRESS")), ("ray.address", cfg.ray.address)]
+               ("RAY_ADDRESS", environ.get("RAY_ADDRESS")), ("ray.address", cfg.ray.address if cfg else None)]
     found = [(src, v) for src, v in sources if v]
     if not found:
-        raise SubmitError("no Ray cluster to submit to: pass --address http://127.0.0.1:8265, export "
-                          f"RAY_ADDRESS=http://127.0.0.1:8265 or set ray.address in the config; no cluster yet? {START_HEAD}")
+        where = " or set ray.address in the config" if cfg is not None else ""
+        raise SubmitError("no Ray cluster to submit to: pass --address http://127.0.0.1:8265 or export "
+                          f"RAY_ADDRESS=http://127.0.0.1:8265{where}; no cluster yet? {START_HEAD}")
     src, url = found[0]
     if "://" not in url:
         url = f"http://{url}"
@@ -110,12 +118,30 @@ def entrypoint(config: str, overrides: list[str], cfg: MopdConfig, resume: bool 
     return shlex.join(["mopd", "train", str(rel), *overrides, *pinned, *(["--resume"] if resume else [])])
 
 
+def job_run_dir(cfg: MopdConfig) -> Path:
+    """The run dir the job writes (a relative one is pinned under the working dir, as `entrypoint` does)."""
+    p = Path(cfg.logging.run_dir)
+    return p if p.is_absolute() else Path(cfg.ray.runtime_env.working_dir).resolve() / p
+
+
+def check_run_dir_free(cfg: MopdConfig) -> None:
+    """Refuse a submission whose run dir another process holds, where that dir is visible from here (the job's
+    `mopd train` would be refused on the cluster anyway, after the upload)."""
+    run_dir = job_run_dir(cfg)
+    holder = holder_of(run_dir)
+    if holder is not None:
+        raise SubmitError(f"run dir {run_dir} is in use by {holder.describe()}: the job's `mopd train` would be "
+                          "refused (one run writes a run dir at a time). Wait for that run or stop it, or set "
+                          "another logging.run_dir")
+
+
 def submit(cfg: MopdConfig, config: str, overrides: list[str], address: str | None = None, wait: bool = True,
            resume: bool = False, out: Callable[..., None] = print) -> int:
     """`cfg`: `config` + `overrides` already loaded (so validated) by the caller."""
     url = dashboard_url(address, cfg)
     env = runtime_env(cfg)
     command = entrypoint(config, overrides, cfg, resume)
+    check_run_dir_free(cfg)
     client = connect(url)
     job_id = client.submit_job(entrypoint=command, runtime_env=env, metadata={"mopd_experiment": cfg.experiment})
     names = sorted(env["env_vars"])
@@ -151,7 +177,7 @@ def follow(client: Any, job_id: str, out: Callable[..., None] = print) -> int:
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
-def job_status(job_id: str, address: str | None, cfg: MopdConfig, out: Callable[..., None] = print) -> int:
+def job_status(job_id: str, address: str | None, cfg: MopdConfig | None, out: Callable[..., None] = print) -> int:
     client = connect(dashboard_url(address, cfg))
     try:
         info = client.get_job_info(job_id)
@@ -161,7 +187,7 @@ def job_status(job_id: str, address: str | None, cfg: MopdConfig, out: Callable[
     return 0
 
 
-def stop_job(job_id: str, address: str | None, cfg: MopdConfig, out: Callable[..., None] = print) -> int:
+def stop_job(job_id: str, address: str | None, cfg: MopdConfig | None, out: Callable[..., None] = print) -> int:
     client = connect(dashboard_url(address, cfg))
     try:
         stopped = client.stop_job(job_id)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from mopd.batch import TrainBatch, split_rows
 from mopd.chunked_logits import token_stats
@@ -37,22 +37,41 @@ class NonFiniteError(RuntimeError):
 
 
 def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> set[str]:
-    """Turn off the gradient of every parameter matching one of `patterns` (fnmatch); returns their names.
-    A pattern that matches nothing is a typo, not a no-op: the error lists names to pick from."""
-    names = [n for n, _ in model.named_parameters()]
+    """Turn off the gradient of every parameter matching one of `patterns` (fnmatch); returns their names."""
+    frozen = frozen_names([n for n, _ in model.named_parameters()], patterns)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    return frozen
+
+
+def check_freeze(patterns: list[str], model_path: str) -> None:
+    """`trainer.freeze` against the student's parameter names before any actor starts (the trainer repeats it
+    on the loaded model). The names come from the model built on the meta device from its config.json: no
+    weights are read, and they are the names the trainer sees (a checkpoint's tensor names can differ: MoE
+    experts are stored one per tensor and fused into one parameter when loaded)."""
+    if not patterns:
+        return
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    frozen_names([n for n, _ in model.named_parameters()], patterns)
+
+
+def frozen_names(names: list[str], patterns: list[str]) -> set[str]:
+    """The parameter names `patterns` (fnmatch) freeze. A pattern that matches nothing is a typo, not a no-op:
+    the error lists names to pick from; freezing every parameter is refused."""
     frozen: set[str] = set()
     for pat in patterns:
         hit = fnmatch.filter(names, pat)
         if not hit:
             sample = ", ".join(n for n in names if ".layers.0." in n or ".layers." not in n)
             raise ConfigError(f"config key 'trainer.freeze': pattern {pat!r} matches no parameter of the student; "
-                              f"its parameters include: {sample}")
+                              f"fix the pattern (fnmatch, e.g. '*.mlp.gate.*'); its parameters include: {sample}")
         frozen.update(hit)
     if frozen and len(frozen) == len(names):
-        raise ConfigError(f"config key 'trainer.freeze': {patterns} freezes every parameter; nothing would train")
-    for n, p in model.named_parameters():
-        if n in frozen:
-            p.requires_grad_(False)
+        raise ConfigError(f"config key 'trainer.freeze': {patterns} freezes every parameter; nothing would train: "
+                          "leave some out (e.g. freeze only '*.mlp.gate.*', the routers)")
     return frozen
 
 

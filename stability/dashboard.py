@@ -38,7 +38,7 @@ from plotly.colors import qualitative
 from plotly.offline import get_plotlyjs
 
 from stability.bands import DEFAULT_BANDS, Band
-from stability.gates import Rule, Series, check_series, read_series
+from stability.gates import Rule, Series, Skipped, check_series, read_series_checked
 
 PALETTE = qualitative.D3
 OUT_OF_BAND = "#cf222e"
@@ -57,6 +57,7 @@ class RunData:
     path: Path
     series: Series
     config: dict[str, Any]
+    skipped: Skipped | None = None  # what its metrics.jsonl held that could not be drawn (said on the page)
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,11 @@ def _run_names(paths: list[Path]) -> list[str]:
 def load_runs(run_dirs: Iterable[str | Path]) -> list[RunData]:
     """Every run's metrics and config. Raises FileNotFoundError naming a dir without metrics."""
     paths = [Path(d).resolve() for d in run_dirs]
-    return [RunData(name=n, path=p, series=read_series(p), config=_read_config(p))
-            for n, p in zip(_run_names(paths), paths, strict=True)]
+    runs = []
+    for n, p in zip(_run_names(paths), paths, strict=True):
+        series, skipped = read_series_checked(p)
+        runs.append(RunData(name=n, path=p, series=series, config=_read_config(p), skipped=skipped or None))
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------- panels
@@ -423,13 +427,15 @@ def render_html(runs: list[RunData], bands: Mapping[str, Band] = DEFAULT_BANDS) 
             "click a legend entry to hide it"]
     if missing:
         meta.append("not logged: " + ", ".join(missing) + note)
+    bad = [f'<div class="meta bad">{html.escape(r.name)}: {html.escape(r.skipped.describe())}</div>'
+           for r in runs if r.skipped]
     data = ("[" + ",".join(figs) + "]").replace("<", "\\u003c")
     return "".join([
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n',
         f"<title>{html.escape(title)} (rendering)</title>\n<style>{_CSS}</style>\n",
         f"<script>{_ERROR_JS}</script>\n<script>{get_plotlyjs()}</script>\n</head><body>\n",
         f'<h1>{html.escape(title)}</h1><div id="errors"></div>\n',
-        "".join(f'<div class="meta">{html.escape(m)}</div>' for m in meta), _summary(runs, bands), "\n",
+        "".join(f'<div class="meta">{html.escape(m)}</div>' for m in meta), *bad, _summary(runs, bands), "\n",
         "\n".join(body), "\n",
         f'<script type="application/json" id="mopd-figures">{data}</script>\n',
         f"<script>{_DRAW_JS}</script>\n</body></html>\n",

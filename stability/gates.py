@@ -25,7 +25,7 @@ import fnmatch
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +93,48 @@ def _fmt(v: float | None) -> str:
 
 # ---------------------------------------------------------------------------------------------- reading
 
+@dataclass
+class Skipped:
+    """What a read of metrics.jsonl could not use, by line number (1-based): whole lines (not JSON, not an
+    object, no numeric `step`) and single values that are not numbers where the same metric is a number on
+    other lines (a field that is never a number, such as `data/batch_digest`, is a label, not a metric)."""
+
+    path: Path
+    lines: list[tuple[int, str]] = field(default_factory=list)  # (line, why)
+    values: list[tuple[int, str, str]] = field(default_factory=list)  # (line, metric, the value's repr)
+
+    def __bool__(self) -> bool:
+        return bool(self.lines or self.values)
+
+    def describe(self, limit: int = 5) -> str:
+        """One line: `PATH: N line(s) skipped (line 3: not JSON; ...) and M non-numeric value(s) ignored (...)`."""
+        parts = []
+        if self.lines:
+            shown = "; ".join(f"line {n}: {why}" for n, why in self.lines[:limit])
+            more = f"; and {len(self.lines) - limit} more" if len(self.lines) > limit else ""
+            parts.append(f"{len(self.lines)} line(s) skipped ({shown}{more})")
+        if self.values:
+            shown = "; ".join(f"line {n}: {m} = {v}" for n, m, v in self.values[:limit])
+            more = f"; and {len(self.values) - limit} more" if len(self.values) > limit else ""
+            parts.append(f"{len(self.values)} non-numeric value(s) ignored ({shown}{more})")
+        return f"{self.path}: " + " and ".join(parts)
+
+
 def read_series(run_dir: str | Path) -> Series:
-    """Per-metric `(step, value)` lists, sorted by step, from `RUN_DIR/metrics.jsonl`.
+    """Per-metric `(step, value)` lists, sorted by step, from `RUN_DIR/metrics.jsonl` (what it could not use is
+    dropped: `read_series_checked` says what that was)."""
+    return read_series_checked(run_dir)[0]
+
+
+def read_series_checked(run_dir: str | Path) -> tuple[Series, Skipped]:
+    """Per-metric `(step, value)` lists, sorted by step, from `RUN_DIR/metrics.jsonl`, and what was skipped.
 
     Train and eval metrics of one step may sit on separate lines; both are merged by metric name. If a
     step repeats for the same metric the last line wins (what the run last said). null becomes NaN and
     the +-1e308 sentinel becomes +-inf, so the gates see non-finite values for what they were. A line
-    that does not parse (a run still writing) is skipped rather than failing the whole read; non-numeric
-    values are ignored.
+    that does not parse (a torn write, a run still writing) is skipped rather than failing the whole read, and
+    so is a non-numeric value; both are listed in the returned `Skipped` with their line numbers (`mopd check`
+    and `mopd dashboard` report them, and refuse them under --strict).
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -109,34 +143,42 @@ def read_series(run_dir: str | Path) -> Series:
                                     "wrote, e.g. runs/<experiment>")
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl, so it is not a run directory (a run writes "
                                 f"{path} from its first step): pass the run's folder")
+    skipped = Skipped(path)
+    odd: list[tuple[int, str, str]] = []  # non-numeric values; kept for the metrics numeric elsewhere
     by_metric: dict[str, dict[int, float]] = {}
-    with path.open() as f:
-        for line in f:
-            line = line.strip()
-            if not line:
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            skipped.lines.append((n, "not UTF-8"))
+            continue
+        except json.JSONDecodeError:
+            skipped.lines.append((n, "not JSON"))
+            continue
+        if not isinstance(row, dict):
+            skipped.lines.append((n, f"a JSON {type(row).__name__}, not an object"))
+            continue
+        step = row.get("step")
+        if isinstance(step, bool) or not isinstance(step, int | float):
+            skipped.lines.append((n, f"step is {step!r}, not a number"))
+            continue
+        for k, v in row.items():
+            if k == "step":
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+            if v is None:
+                val = math.nan
+            elif isinstance(v, bool) or not isinstance(v, int | float):
+                odd.append((n, k, repr(v)[:40]))
                 continue
-            if not isinstance(row, dict):
-                continue
-            step = row.get("step")
-            if isinstance(step, bool) or not isinstance(step, int | float):
-                continue
-            for k, v in row.items():
-                if k == "step":
-                    continue
-                if v is None:
-                    val = math.nan
-                elif isinstance(v, bool) or not isinstance(v, int | float):
-                    continue
-                else:
-                    val = float(v)
-                    if abs(val) >= _INF_SENTINEL:
-                        val = math.copysign(math.inf, val)
-                by_metric.setdefault(k, {})[int(step)] = val
-    return {k: sorted(d.items()) for k, d in by_metric.items()}
+            else:
+                val = float(v)
+                if abs(val) >= _INF_SENTINEL:
+                    val = math.copysign(math.inf, val)
+            by_metric.setdefault(k, {})[int(step)] = val
+    skipped.values = [x for x in odd if x[1] in by_metric]
+    return {k: sorted(d.items()) for k, d in by_metric.items()}, skipped
 
 
 # ---------------------------------------------------------------------------------------------- rules
@@ -271,12 +313,15 @@ def check_run(run_dir: str | Path, rules: str | Path | Mapping[str, Any] | list[
 
 
 def format_report(run_dir: str | Path, rules: list[Rule], violations: list[Violation],
-                  series: Series | None = None, max_per_metric: int = 5) -> str:
-    """A readable report: per rule what was checked, the violations grouped by metric (first few steps
-    and a count, so a run that failed at every step stays readable), and a PASS/FAIL line."""
+                  series: Series | None = None, max_per_metric: int = 5, skipped: Skipped | None = None) -> str:
+    """A readable report: what metrics.jsonl held that could not be read (`skipped`), per rule what was
+    checked, the violations grouped by metric (first few steps and a count, so a run that failed at every step
+    stays readable), and a PASS/FAIL line."""
     series = read_series(run_dir) if series is None else series
     names = sorted(series)
     lines = [f"check {run_dir}: {len(rules)} rule(s)"]
+    if skipped:
+        lines.append(f"  not checked: {skipped.describe()}")
     by_metric: dict[str, list[Violation]] = {}
     for v in violations:
         by_metric.setdefault(v.metric, []).append(v)

@@ -11,7 +11,9 @@ alike: both expose `ready()`, `score()` and, for servers, `tokenize()`.
 
 `check_model_folders` runs before any engine starts (training and `mopd teachers check`): every local model folder
 (the student, or the checkpoint a resume loads, and each in-cluster teacher) must hold a `config.json` and
-weights whose every tensor is finite, and `algorithm.teacher_top_k` must fit the vocabulary. A NaN weight
+weights whose every tensor is finite, every teacher's `vocab_size` must serve the student's (`vocab_problem`),
+and `algorithm.teacher_top_k` must fit the vocabulary. The live preflight repeats the vocabulary check on what
+each engine or server reports (a `vllm_server` teacher's size is only known there). A NaN weight
 would otherwise pass as a teacher that "is not deterministic" or a student that diverges at step 3.
 """
 
@@ -75,17 +77,21 @@ def run_preflight(cfg: Any, teachers: dict[str, list[Any]], student_tokenizer: A
     # The engines' context: the longest prompt, the longest response and the one token a scoring request
     # generates (the same figure the engines are started with).
     need_len = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens + 1
+    student = Path(str(cfg.student.path)).expanduser()
+    student_vocab = config_vocab_size(student) if student.is_dir() else None
     out: list[Check] = []
     for name, handles in teachers.items():
         tcfg = cfg.teachers[name]
         probe = make_probe(student_tokenizer, rows or [], tcfg.domains, need_len)
         out += check_teacher(name, tcfg, handles, student_tokenizer, probe,
-                             top_k=cfg.algorithm.teacher_top_k, need_len=need_len)
+                             top_k=cfg.algorithm.teacher_top_k, need_len=need_len, student_vocab=student_vocab)
     return out
 
 
 def check_teacher(name: str, tcfg: Any, handles: list[Any], student_tokenizer: Any, probe: Probe, *,
-                  top_k: int, need_len: int) -> list[Check]:
+                  top_k: int, need_len: int, student_vocab: int | None = None) -> list[Check]:
+    """Every check of one teacher's replicas; `student_vocab` (the student's config.json vocab_size, None:
+    unknown) adds the vocabulary check."""
     server = get_teacher_backend(tcfg.backend).remote
     out = [_tokenizer_check(name, tcfg.path, student_tokenizer)]
     first: list[float] | None = None
@@ -126,6 +132,8 @@ def check_teacher(name: str, tcfg: Any, handles: list[Any], student_tokenizer: A
             out.append(_context_check(name, info, need_len, tcfg, where))
             out.append(_server_tokenization_check(name, h, student_tokenizer, probe.texts, tcfg, where))
         out.append(_max_logprobs_check(name, info, top_k, server, tcfg, where))
+        if student_vocab is not None and info.get("vocab_size") is not None:
+            out.append(_vocab_check(name, int(info["vocab_size"]), student_vocab, top_k, where))
         diff = _max_abs_diff(a, b)
         across = None if first is None else _max_abs_diff(first, a)
         first = a if first is None else first
@@ -182,7 +190,8 @@ def check_model_folders(cfg: Any, student_path: str | None = None, log: Callable
     The student (or `student_path`: the checkpoint's `model` folder a resume loads) and every in-cluster
     (`backend: vllm` or `hf`) teacher must be a folder with `config.json` and weights (`*.safetensors`, or
     `pytorch_model*.bin`; every shard a `*.index.json` lists); with `weights` every floating tensor must be
-    finite (this reads each checkpoint once); `algorithm.teacher_top_k` must not exceed the vocabulary.
+    finite (this reads each checkpoint once); each teacher's config.json `vocab_size` must serve the student's
+    (`vocab_problem`); `algorithm.teacher_top_k` must not exceed the vocabulary.
     A `vllm_server` teacher's path is only its tokenizer source: its weights live with the server.
     Raises `ModelCheckError` with every problem found, in one line.
     """
@@ -215,7 +224,7 @@ def check_model_folders(cfg: Any, student_path: str | None = None, log: Callable
             continue
         size = config_vocab_size(folder)
         if size is not None:
-            vocab.append((size, who, path))
+            vocab.append((size, who, path, key))
         if weights:
             try:
                 bad = first_nonfinite_weight(folder)
@@ -228,8 +237,15 @@ def check_model_folders(cfg: Any, student_path: str | None = None, log: Callable
                 continue
         lines.append(f"{who}: {path}: config.json and weights present" + (", every weight finite" if weights else ""))
     top_k = int(cfg.algorithm.teacher_top_k)
+    student = next(((size, key, path) for size, who, path, key in vocab if who == "student"), None)
+    if student is not None:
+        for size, who, path, key in vocab:
+            problem = None if who == "student" else vocab_problem(size, student[0], top_k)
+            if problem:
+                problems.append(f"{key}={path!r} ({who}, config.json vocab_size {size}): {problem} ({student[1]}="
+                                f"{student[2]!r} has vocab_size {student[0]})")
     if vocab and top_k > 0:
-        size, who, path = min(vocab)
+        size, who, path, _key = min(vocab)
         if top_k > size:
             problems.append(f"algorithm.teacher_top_k={top_k} is above the vocabulary size {size} ({who}, {path}): "
                             f"give at most {size}, or -1 for the whole vocabulary")
@@ -470,6 +486,30 @@ def _max_logprobs_check(name: str, info: dict, top_k: int, server: bool, tcfg: A
             "the in-cluster engine sizes max_logprobs from algorithm.teacher_top_k; lower teacher_top_k")
     return Check(name, "max_logprobs", ok, f"{have} >= {need} needed (algorithm.teacher_top_k={top_k}: {what})"
                  if ok else f"{have} < {need} needed (algorithm.teacher_top_k={top_k}: {what})", hint, where)
+
+
+def vocab_problem(teacher_vocab: int, student_vocab: int, top_k: int) -> str | None:
+    """Why a teacher's vocabulary (its model's `vocab_size`, padding included) cannot serve this student, or
+    None. Smaller than the student's: the student can sample ids the teacher has no row for. Larger: fine for
+    the sampled token alone (`teacher_top_k` 0), but a top-k or whole-vocabulary objective would read teacher
+    log-probs of ids the student has no logit for (the loss refuses them at step 1)."""
+    if teacher_vocab == student_vocab or (teacher_vocab > student_vocab and top_k == 0):
+        return None
+    if teacher_vocab < student_vocab:
+        return (f"its vocabulary ({teacher_vocab} ids) is smaller than the student's ({student_vocab}): the student "
+                "can sample ids the teacher cannot score; use a teacher whose vocab_size equals the student's")
+    return (f"its vocabulary ({teacher_vocab} ids) is larger than the student's ({student_vocab}): with "
+            f"algorithm.teacher_top_k={top_k} the loss reads the teacher's log-probs of ids the student has no "
+            "logit for; use a teacher whose vocab_size equals the student's, or score the sampled token only "
+            "(algorithm.objective=pg with algorithm.teacher_top_k=0)")
+
+
+def _vocab_check(name: str, have: int, student_vocab: int, top_k: int, where: str) -> Check:
+    problem = vocab_problem(have, student_vocab, top_k)
+    figure = f"vocab_size {have}, the student's {student_vocab}"
+    if problem is None and have != student_vocab:
+        figure += " (larger: only the sampled token is scored, algorithm.teacher_top_k=0)"
+    return Check(name, "vocabulary", problem is None, figure, (problem or "").split(": ", 1)[-1], where)
 
 
 def _normalised_check(name: str, h: Any, info: dict, probe: Probe, server: bool) -> Check:

@@ -77,6 +77,10 @@ OVERRIDES: list[tuple[list[str], list[str]]] = [
     (["data.eval_size_per_domain=0"], ["'data.eval_size_per_domain'", "an integer >= 1"]),
     (["data.max_prompt_tokens=0"], ["'data.max_prompt_tokens'", "an integer >= 1"]),
     (["data.domain_mix.add=-1"], ["'data.domain_mix.add'", "a sampling weight >= 0"]),
+    (["data.dedupe=maybe"], ["'data.dedupe'", "'maybe'", "true | false"]),
+    # auto-mix follows the teacher KL: an objective that never measures it is refused before anything starts
+    (["data.auto_mix.enabled=true", "algorithm.objective=sft"],
+     ["'data.auto_mix.enabled'", "false with algorithm.objective=sft", "never measures"]),
     (["data.train_files=[]"], ["'data.train_files'", "a non-empty list"]),
     (["logging.dashboard_every=-2"], ["'logging.dashboard_every'", "an integer >= 0"]),
     (["world.batch_size=0"], ["'world.batch_size'", "an integer >= 1"]),

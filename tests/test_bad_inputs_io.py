@@ -26,6 +26,8 @@ from tiny_models import save_tiny_models, set_weight
 import mopd.ray_cluster
 import mopd.session
 from mopd.cli import main
+from mopd.world.models import build_teacher, save_model
+from mopd.world.tokenizer import build_tokenizer
 
 NAN_STUDENT_WEIGHT = "model.layers.0.mlp.gate.weight"  # the first MoE router
 NAN_TEACHER_WEIGHT = "model.layers.0.mlp.down_proj.weight"
@@ -56,6 +58,9 @@ def models(tmp_path_factory) -> Path:
     for src, dst in [("student", "nan_student"), ("teacher", "nan_teacher"), ("student", "student_no_weights"),
                      ("teacher", "teacher_no_weights"), ("teacher", "teacher_no_config")]:
         shutil.copytree(d / src, d / dst)
+    tok = build_tokenizer()
+    save_model(build_teacher(tok, seed=2, vocab_size=128), tok, d / "wide_teacher")  # same tokenizer, 128 ids
+    save_model(build_teacher(tok, seed=3, vocab_size=32), tok, d / "narrow_teacher")
     set_weight_nan(d / "nan_student", NAN_STUDENT_WEIGHT)
     set_weight_nan(d / "nan_teacher", NAN_TEACHER_WEIGHT)
     (d / "student_no_weights" / "model.safetensors").unlink()
@@ -136,6 +141,17 @@ DATA_FILES: list[tuple[str, str, bytes, list[str]]] = [
      ["row 'train-0'", "needs a tokenizer with a chat template", "chat_template"]),
     ("domain no teacher serves", "train.jsonl", _lines(GOOD_ROWS[0], {"prompt": "sort:cab=", "domain": "sort"}),
      ["row 'train-1' has domain 'sort'", "registered domains: rev", "data.default_teacher"]),
+    ("duplicate row ids", "train.jsonl",
+     _lines({**GOOD_ROWS[0], "id": "a"}, {**GOOD_ROWS[1], "id": "b"}, {**GOOD_ROWS[1], "id": "a"},
+            {**GOOD_ROWS[0], "id": 7}, {**GOOD_ROWS[0], "id": "7"}),
+     ["2 row(s) repeat an earlier row's id", "id 'a' at ", "train.jsonl line 3 repeats ", "train.jsonl line 1",
+      "id '7' at ", "train.jsonl line 5 repeats", "give each row its own id", "data.dedupe=true"]),
+    ("id null", "train.jsonl", _lines({**GOOD_ROWS[0], "id": "x"}, {**GOOD_ROWS[1], "id": None}),
+     ["train.jsonl line 2", "'id' is null", "a non-empty string or an integer", "drop the key"]),
+    ("id that is a list", "train.jsonl", _lines({**GOOD_ROWS[0], "id": ["x"]}),
+     ["train.jsonl line 1", "'id' is [\"x\"]", "a non-empty string or an integer"]),
+    ("NaN answer", "train.jsonl", _lines(GOOD_ROWS[0], '{"prompt": "rev:ab=", "domain": "rev", "answer": NaN}'),
+     ["train.jsonl line 2", "'answer' is nan", "written as NaN", "give the answer as a string", "(null)"]),
 ]
 
 
@@ -162,6 +178,45 @@ def test_missing_and_folder_data_files(capsys, tmp_path, models):
     (tmp_path / "data_dir").mkdir()
     assert_one_line_error(*run(capsys, ["train", write_config(tmp_path, models, train=str(tmp_path / "data_dir"))]),
                           ["data_dir is a folder", "JSONL or Parquet files"])
+
+
+def test_ids_repeated_across_files_and_in_parquet(capsys, tmp_path, models):
+    """Generated ids of two files with one stem collide too; a Parquet id column with a null is refused."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = write_jsonl(tmp_path / "a" / "train.jsonl", GOOD_ROWS), write_jsonl(tmp_path / "b" / "train.jsonl", GOOD_ROWS)
+    cfg = write_config(tmp_path, models, eval_=write_jsonl(tmp_path / "eval.jsonl", GOOD_ROWS),
+                       data={"train_files": [a, b]})
+    assert_one_line_error(*run(capsys, ["train", cfg]),
+                          ["2 row(s) repeat", "id 'train-0' at ", "b/train.jsonl line 1 repeats ", "a/train.jsonl line 1"])
+    p = tmp_path / "ids.parquet"
+    pq.write_table(pa.Table.from_pylist([{**GOOD_ROWS[0], "id": "p0"}, {**GOOD_ROWS[1], "id": None}]), p)
+    assert_one_line_error(*run(capsys, ["train", write_config(tmp_path, models, train=str(p))]),
+                          ["ids.parquet row 2", "'id' is null"])
+
+
+def test_dedupe_drops_later_repeats_and_says_so(tmp_path):
+    from mopd.data import load_rows
+
+    f = write_jsonl(tmp_path / "t.jsonl", [{**GOOD_ROWS[0], "id": "a"}, {**GOOD_ROWS[1], "id": "a"},
+                                           {**GOOD_ROWS[1], "id": "b"}])
+    log: list[str] = []
+    rows = load_rows([f], dedupe=True, log=log.append)
+    assert [(r["id"], r["answer"]) for r in rows] == [("a", "cba"), ("b", "olleh")]  # the first of each id is kept
+    assert len(log) == 1 and log[0].startswith("data.dedupe: dropped 1 row(s)") and "t.jsonl line 2" in log[0], log
+
+
+def test_dedupe_reaches_the_run(capsys, tmp_path, models, monkeypatch):
+    """`data.dedupe=true` in a config: the repeated row no longer stops `mopd train` at the data (it gets as far as
+    the cluster, the tripwire here), and the run's log says what it dropped."""
+    f = tmp_path / "train.jsonl"
+    f.write_bytes(_lines({**GOOD_ROWS[0], "id": "a"}, {**GOOD_ROWS[1], "id": "a"}))
+    cfg = write_config(tmp_path, models, train=str(f), eval_=write_jsonl(tmp_path / "eval.jsonl", GOOD_ROWS),
+                       data={"dedupe": True})
+    with pytest.raises(AssertionError, match="reached init_ray"):
+        main(["--debug", "train", cfg])
+    out = capsys.readouterr().out
+    assert "data.dedupe: dropped 1 row(s) whose id repeats an earlier row's: id 'a' at " in out, out
 
 
 def test_domain_mix_naming_an_absent_domain(capsys, tmp_path, models):
@@ -203,6 +258,14 @@ MODELS: list[tuple[str, list[str], list[str]]] = [
       "re-export it or resume from an earlier checkpoint"]),
     ("teacher weight is NaN", ["teachers.t.path={m}/nan_teacher"],
      [f"teacher 't' weight {NAN_TEACHER_WEIGHT} has NaN", "teachers.t.path=", "re-export it"]),
+    # The same tokenizer, but the teacher's embedding is wider: the preflight passed it and step 1 failed.
+    ("teacher vocabulary larger than the student's", ["teachers.t.path={m}/wide_teacher"],
+     ["teachers.t.path=", "wide_teacher", "config.json vocab_size 128", "larger than the student's (64)",
+      "algorithm.teacher_top_k=-1", "has no logit for", "algorithm.objective=pg with algorithm.teacher_top_k=0",
+      "has vocab_size 64"]),
+    ("teacher vocabulary smaller than the student's", ["teachers.t.path={m}/narrow_teacher"],
+     ["teachers.t.path=", "narrow_teacher", "vocab_size 32", "smaller than the student's (64)",
+      "cannot score", "vocab_size equals the student's"]),
 ]
 
 
@@ -212,6 +275,45 @@ def test_bad_model_folder(capsys, tmp_path, models, command, name, overrides, fr
     cfg = write_config(tmp_path, models)
     code, err = run(capsys, [*command, cfg, *(o.format(m=models) for o in overrides)])
     assert_one_line_error(code, err, fragments)
+
+
+FREEZE: list[tuple[str, list[str], list[str]]] = [
+    ("pattern matching nothing", ["trainer.freeze=[model.layers.*.mlp.router.*]"],
+     ["config key 'trainer.freeze'", "pattern 'model.layers.*.mlp.router.*' matches no parameter of the student",
+      "fix the pattern", "its parameters include: ", "model.layers.0.mlp.gate.weight"]),
+    ("pattern matching everything", ["trainer.freeze=['*']"],
+     ["config key 'trainer.freeze'", "freezes every parameter; nothing would train", "leave some out"]),
+    # The checkpoint stores experts one tensor each; the trainer's parameter is the fused one, and that is
+    # what a pattern must match (a pattern of the stored names is a typo for the trainer).
+    ("pattern of the checkpoint's per-expert names", ["trainer.freeze=[model.layers.0.mlp.experts.0.*]"],
+     ["pattern 'model.layers.0.mlp.experts.0.*' matches no parameter", "model.layers.0.mlp.experts.gate_up_proj"]),
+]
+
+
+@pytest.mark.parametrize("name, overrides, fragments", FREEZE, ids=[c[0] for c in FREEZE])
+def test_bad_freeze_patterns_are_refused_before_ray(capsys, tmp_path, models, name, overrides, fragments):
+    """These used to reach the user from the trainer actor, after the cluster and engines had started."""
+    assert_one_line_error(*run(capsys, ["train", write_config(tmp_path, models), *overrides]), fragments)
+
+
+def test_freeze_names_are_the_trainers(models):
+    """The pre-cluster names (model on the meta device) are exactly the loaded model's parameter names."""
+    from transformers import AutoModelForCausalLM
+
+    from mopd.trainer import check_freeze, frozen_names
+
+    names = [n for n, _ in AutoModelForCausalLM.from_pretrained(models / "student").named_parameters()]
+    check_freeze(["*.mlp.gate.*", "*.experts.gate_up_proj"], str(models / "student"))
+    assert frozen_names(names, ["*.mlp.gate.*"]) == {n for n in names if ".mlp.gate." in n}
+
+
+def test_wider_teacher_passes_when_only_the_sampled_token_is_scored(tmp_path, models):
+    from mopd.config import load_config
+    from teachers.preflight import check_model_folders
+
+    cfg = load_config(write_config(tmp_path, models), [f"teachers.t.path={models}/wide_teacher",
+                                                       "algorithm.objective=pg", "algorithm.teacher_top_k=0"])
+    assert check_model_folders(cfg, weights=False)[-1].startswith("models checked")
 
 
 def test_good_models_pass_the_model_check(tmp_path, models):
@@ -315,7 +417,7 @@ def test_config_file_that_is_a_folder(capsys, tmp_path):
 
 
 def test_at_least_twenty_five_cases():
-    n = len(DATA_FILES) + len(MODELS) + len(RULES) + 12  # + the single tests above
+    n = len(DATA_FILES) + len(MODELS) + len(RULES) + len(FREEZE) + 14  # + the single tests above
     assert n >= 25, n
 
 

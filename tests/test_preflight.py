@@ -184,7 +184,10 @@ def folders(tmp_path_factory) -> Path:
     import shutil
 
     d = tmp_path_factory.mktemp("preflight_models")
-    save_tiny_models(d)
+    tok = save_tiny_models(d)
+    from mopd.world.models import build_teacher, save_model
+
+    save_model(build_teacher(tok, seed=2, vocab_size=128), tok, d / "wide_teacher")  # same tokenizer, wider embedding
     shutil.copytree(d / "teacher", d / "nan_teacher")
     _set_nan(d / "nan_teacher", "model.layers.1.mlp.down_proj.weight")
     shutil.copytree(d / "student", d / "inf_student")
@@ -291,3 +294,28 @@ def test_pytorch_bin_weights_are_checked_too(tmp_path):
     assert first_nonfinite_weight(tmp_path) == ("pytorch_model.bin", "b.weight", "inf")
     torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)  # legacy format
     assert first_nonfinite_weight(tmp_path) == ("pytorch_model.bin", "b.weight", "inf")
+
+
+def test_a_teacher_vocabulary_wider_than_the_students_fails_the_preflight(folders):
+    """It used to pass every check (identical tokenizer) and fail at step 1 in the loss; the engine's reported
+    vocabulary is compared with the student's config.json now (the only place a vllm_server teacher's is known)."""
+    from mopd.world.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    rows = [{"prompt": "rev:abc=", "answer": "cba", "domain": "rev", "id": "r0"}]
+
+    def checks(teacher: str, *over: str):
+        cfg = load_config(None, [*REQUIRED_OVERRIDES, f"student.path={folders}/student", f"teachers.t.path={folders}/{teacher}",
+                                 "teachers.t.domains=[rev]", *over])
+        return run_preflight(cfg, {"t": [TransformersTeacher(folders / teacher)]}, tok, rows)
+
+    wide = checks("wide_teacher", "algorithm.teacher_top_k=-1")
+    report = format_report(wide)
+    assert [c.name for c in wide if not c.ok] == ["vocabulary"], report
+    assert "FAIL  vocabulary     [replica 0] vocab_size 128, the student's 64" in report, report
+    assert "algorithm.teacher_top_k=0" in report and "FAILED" in report.splitlines()[-1]
+    same = checks("teacher", "algorithm.teacher_top_k=-1")
+    assert all(c.ok for c in same) and any(c.name == "vocabulary" for c in same), format_report(same)
+    sampled_only = checks("wide_teacher", "algorithm.objective=pg", "algorithm.teacher_top_k=0")
+    assert all(c.ok for c in sampled_only), format_report(sampled_only)
+    assert "(larger: only the sampled token is scored" in format_report(sampled_only)

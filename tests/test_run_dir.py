@@ -395,6 +395,25 @@ def test_modes_are_0755_and_0644(tmp_path):
     assert mode(ck / "model" / "weights.bin") == 0o644
 
 
+def test_modes_of_what_the_filler_wrote_privately_are_shared_too(tmp_path):
+    """safetensors (under save_pretrained) writes model.safetensors 0600; mkdtemp makes folders 0700."""
+    def fill(t: Path) -> None:
+        import tempfile
+
+        sub = Path(tempfile.mkdtemp(dir=t))
+        fd, name = tempfile.mkstemp(dir=sub)
+        os.close(fd)
+        (t / "model.safetensors").write_bytes(b"w")
+        (t / "model.safetensors").chmod(0o600)
+        (t / "link").symlink_to(name)
+
+    write_dir(tmp_path / "ck", fill)
+    mode = lambda p: stat.S_IMODE(p.lstat().st_mode)  # noqa: E731
+    files = [p for p in (tmp_path / "ck").rglob("*") if not p.is_symlink()]
+    assert {mode(p) for p in files if p.is_file()} == {0o644} and {mode(p) for p in files if p.is_dir()} == {0o755}
+    assert mode(tmp_path / "ck" / "model.safetensors") == 0o644
+
+
 # -- metrics JSONL: torn lines and short writes ------------------------------------------------------
 
 

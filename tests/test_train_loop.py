@@ -99,7 +99,12 @@ def test_killed_run_resumes_with_same_data_order(tiny_world, ray_local, tmp_path
     ck = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
     last = max(ck, killed_at) + 3
     cfg = load_config("configs/quickstart.yaml", over + [f"trainer.steps={last}"])
-    train(cfg, resume=True, log=lambda *_: None)
+    assert json.loads((run / ".lock").read_text())["pid"] == proc.pid  # the killed run's lock file is left...
+    log: list[str] = []
+    train(cfg, resume=True, log=log.append)
+    took = [ln for ln in log if "took over the lock left by" in ln]  # ...and taken over, said in the log
+    assert len(took) == 1 and f"pid {proc.pid} " in took[0], log
+    assert not (run / ".lock").exists()  # a finished run gives its dir back
     metrics = [m for m in read_metrics(run / "metrics.jsonl") if "data/batch_digest" in m]
     assert [m["step"] for m in metrics] == list(range(1, last + 1))  # each step once: lines past the checkpoint dropped
     rows = load_rows(cfg.data.train_files)
@@ -116,6 +121,45 @@ def test_killed_run_resumes_with_same_data_order(tiny_world, ray_local, tmp_path
     if auto is not None:
         assert any(abs(m["data/mix/add"] - sampler.weights[0]) > 0.01 for m in metrics)
     assert Path(run / "checkpoints" / "latest").read_text().strip() == f"step_{last}"
+
+
+def test_a_second_train_into_a_running_runs_dir_is_refused_and_the_first_is_intact(tiny_world, tmp_path, capsys):
+    """Two real `mopd train` into one run dir: the second (here, through the CLI in this process) is refused at
+    once naming the first (pid, host, since), with or without --overwrite / --resume; the first keeps running,
+    stops cleanly on SIGTERM and has every step once."""
+    import socket
+
+    from mopd.cli import main
+
+    run = tmp_path / "run"
+    over = world_overrides(tiny_world) + [f"logging.run_dir={run}", "trainer.save_every=3", "ray.num_cpus=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "mopd.cli", "train", "configs/quickstart.yaml", *over,
+                             "trainer.steps=200"], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, text=True)
+    try:
+        _wait_for_checkpoint(proc, run / "checkpoints" / "step_3")
+        before = read_metrics(run / "metrics.jsonl")
+        for flags in ([], ["--overwrite"], ["--resume"]):
+            code = main(["train", "configs/quickstart.yaml", *over, "trainer.steps=5", *flags])
+            err = capsys.readouterr().err
+            assert code == 2 and err.count("\n") == 1, err
+            assert err.startswith(f"mopd: error: run dir {run} is in use by pid {proc.pid} on host "
+                                  f"{socket.gethostname()}, since "), err
+            assert "Wait for it to finish or stop it" in err and "choose another logging.run_dir" in err, err
+        assert proc.poll() is None, "the first run stopped"
+        after = read_metrics(run / "metrics.jsonl")
+        assert after[:len(before)] == before  # nothing of the first run was deleted or rewritten
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    steps = [m["step"] for m in read_metrics(run / "metrics.jsonl") if "data/batch_digest" in m]
+    assert steps == list(range(1, max(steps) + 1)) and max(steps) >= 3
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{max(steps)}"
+    assert not (run / ".lock").exists()  # released at its exit
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen, ck: Path, timeout_s: float = 600) -> None:

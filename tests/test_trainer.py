@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,6 +169,11 @@ def test_checkpoint_roundtrip(models, tmp_path):
     # Same state -> the next step is identical in both trainers.
     assert tr.step(batch)["actor/pg_loss"] == pytest.approx(tr2.step(batch)["actor/pg_loss"], rel=1e-6)
     assert not list(tmp_path.glob("checkpoints/.*"))  # no temporary leftovers
+    # Every file of a real checkpoint is shareable (model.safetensors used to be 0600), every folder 0755.
+    modes = {p.relative_to(ck): p.stat().st_mode & 0o777 for p in ck.rglob("*")}
+    assert modes[Path("model/model.safetensors")] == 0o644
+    assert {m for p, m in modes.items() if (ck / p).is_file()} == {0o644}
+    assert {m for p, m in modes.items() if (ck / p).is_dir()} == {0o755}
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -7,12 +7,12 @@ transformers) costs about 3 s here, which `mopd config show`, `mopd check` and `
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 
 from mopd.cli.common import DEFAULT_CONFIG
 from mopd.cli.common import config_from_args as _cfg
+from mopd.cli.errors import describe_chain, error_line
 from mopd.config import to_yaml
 from mopd.world import world_config
 
@@ -46,26 +46,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mopd.logger import check_logger_packages
-    from mopd.run_dir import prepare_run_dir
+    from mopd.run_dir import hold_run_dir, prepare_run_dir
     from mopd.train import main_train
     from mopd.world.prepare import prepare_world
 
     cfg = _cfg(args)
     # Cheap checks before a world build that takes minutes (train repeats the run-dir one: it is idempotent).
+    # The run dir's lock is taken first and held through the world build and the run (the session re-enters it).
     check_logger_packages(cfg.logging.sinks, cfg)
-    prepare_run_dir(Path(cfg.logging.run_dir), args.resume, args.overwrite, log=print)
-    prepare_world(cfg)
-    return main_train(cfg, resume=args.resume, overwrite=False)
+    run_dir = Path(cfg.logging.run_dir)
+    with hold_run_dir(run_dir, args.resume, args.overwrite, log=print):
+        prepare_run_dir(run_dir, args.resume, args.overwrite, log=print)
+        prepare_world(cfg)
+        return main_train(cfg, resume=args.resume, overwrite=False)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from mopd.submit import job_status, stop_job, submit
 
+    if args.status or args.stop:  # a job id and the cluster's address: a config only when one is given
+        cfg = _cfg(args) if args.config is not None else None
+        return (job_status if args.status else stop_job)(args.status or args.stop, args.address, cfg)
+    if args.config is None:
+        args.config = DEFAULT_CONFIG
     cfg = _cfg(args)  # validated here: a bad key fails before anything is uploaded
-    if args.status:
-        return job_status(args.status, args.address, cfg)
-    if args.stop:
-        return stop_job(args.stop, args.address, cfg)
     return submit(cfg, args.config, args.overrides, args.address, wait=not args.no_wait, resume=args.resume)
 
 
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = sp.add_mutually_exclusive_group()
     jobs.add_argument("--status", metavar="JOB_ID", help="print a submitted job's status")
     jobs.add_argument("--stop", metavar="JOB_ID", help="stop a submitted job")
-    sp.set_defaults(fn=cmd_submit)
+    sp.set_defaults(fn=cmd_submit, config=None)  # --status / --stop need no config (default: quickstart.yaml)
 
     sp = sub.add_parser("compare", help="several objectives at equal wall-clock, one table per domain")
     sp.add_argument("spec", nargs="?", default="configs/compare.yaml")
@@ -147,32 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except Exception as e:  # noqa: BLE001 - every failure a user sees is one line; --debug shows the traceback
+        line, code = error_line(e)
         if debug:
+            print(f"mopd: error: {line}\nmopd: the error's chain, outermost first:\n{describe_chain(e)}",
+                  file=sys.stderr)
             raise
-        print(f"mopd: error: {_one_line(e)}", file=sys.stderr)
-        return 2 if _user_error(e) else 1
-
-
-# Errors the project raises itself (bad config, data, rows, teachers, run dirs, rules, a diverged run) say
-# what to fix: exit 2. Everything else (a crashed actor, a full disk) is exit 1, still one line.
-_PROJECT = ("mopd", "teachers", "rollout", "rewards", "stability")
-
-
-def _user_error(e: BaseException) -> bool:
-    return type(e).__module__.split(".")[0] in _PROJECT
-
-
-def _one_line(e: BaseException) -> str:
-    if _user_error(e):
-        msg = str(e)
-    elif isinstance(e, OSError) and e.strerror:
-        msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-        if e.errno == errno.ENOSPC:
-            msg += " (free some space; finished steps and checkpoints already written are intact)"
-    else:
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        msg = f"{type(e).__name__}: {first} (run with --debug for the traceback)"
-    return msg
+        print(f"mopd: error: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -7,6 +7,13 @@ run directory.
 Exit codes of `check`: 0 no violation, 1 violations (the report lists them), 2 unusable input (bad
 rules file, run without metrics) — the usual "usage error" code, so CI can tell "unhealthy run" from
 "the check itself is broken".
+
+`--strict` means "refuse to judge on doubtful input" for both commands: lines of metrics.jsonl that are not JSON
+objects with a numeric step, and non-numeric values of a metric that is numeric elsewhere, are always reported
+with their line numbers; under `--strict` they are exit 2. For `check` it is the default (a gate should not
+pass over lines it could not read; `--no-strict` checks the rest), and it also covers rules naming metrics the
+run never logged. For `dashboard` it is off by default (a viewer draws what it can and warns; the page lists
+the skipped lines too).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ def _rules_source(arg: str | None) -> str | Path | None:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """Render one HTML dashboard for the given run dirs (overlaid) and print where it went."""
     from stability.dashboard import render_dashboard
-    from stability.gates import RulesError, load_rules
+    from stability.gates import RulesError, load_rules, read_series_checked
 
     runs = [Path(d) for d in args.run_dirs]
     out = Path(args.out) if args.out else runs[0] / "dashboard.html"
@@ -43,26 +50,45 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     try:
         if args.rules:
             bands = {r.metric: r.band for r in load_rules(args.rules) if r.band.bounded}
+        skipped = [sk for run in runs if (sk := read_series_checked(run)[1])]
+        if skipped and args.strict:
+            print(f"mopd dashboard: error: {'; '.join(sk.describe() for sk in skipped)}: fix or remove them, or "
+                  "drop --strict to draw the rest", file=sys.stderr)
+            return 2
         path = render_dashboard(runs, out, bands=bands)
     except (FileNotFoundError, RulesError) as e:
         print(f"mopd dashboard: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the page cannot be written there
+        flag = "--out" if args.out else f"the default --out ({out}, in the first run dir)"
+        print(f"mopd dashboard: error: {flag}: cannot write {out} ({e.strerror or e}): choose a writable "
+              f"folder{'' if args.out else ' with --out FILE'}", file=sys.stderr)
+        return 2
+    for sk in skipped:
+        print(f"mopd dashboard: warning: {sk.describe()}: not drawn", file=sys.stderr)
     print(f"dashboard: {path} ({len(runs)} run(s))")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Check a run against a rules file; print the report; 1 when any violation, 2 on bad input."""
-    from stability.gates import RulesError, check_series, format_report, load_rules, read_series
+    from stability.gates import RulesError, check_series, format_report, load_rules, read_series_checked
 
     try:
         rules = load_rules(_rules_source(args.rules))
-        series = read_series(args.run_dir)
+        series, skipped = read_series_checked(args.run_dir)
     except (FileNotFoundError, RulesError) as e:
         print(f"mopd check: error: {e}", file=sys.stderr)
         return 2
     violations = check_series(series, rules)
-    print(format_report(args.run_dir, rules, violations, series, max_per_metric=args.max_per_metric))
+    print(format_report(args.run_dir, rules, violations, series, max_per_metric=args.max_per_metric,
+                        skipped=skipped))
+    if skipped and args.strict:
+        # A gate must not pass a run over lines it could not read (a torn write, a hand edit, a bug).
+        print(f"mopd check: error: {skipped.describe()}: the rules did not see them; fix or remove those lines "
+              "(`mopd train --resume` drops a torn last line itself), or pass --no-strict to check the rest",
+              file=sys.stderr)
+        return 2
     missing = [r.metric for r in rules if not r.required and not r.matches(sorted(series))]
     if missing and args.strict:
         # A misspelt metric would otherwise turn its gate off and still PASS.
@@ -83,6 +109,9 @@ def add_parsers(subparsers: Any) -> None:
     sp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (overlaid)")
     sp.add_argument("--out", metavar="FILE", help="output HTML (default: RUN_DIR/dashboard.html of the first run)")
     sp.add_argument("--rules", metavar="FILE", help="draw the bands of this rules file instead of the defaults")
+    sp.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
+                    help="exit 2, drawing nothing, when a run's metrics.jsonl has lines or values that cannot be "
+                         "read (default: draw the rest, warn and list them on the page)")
     sp.set_defaults(fn=cmd_dashboard)
 
     sp = subparsers.add_parser("check", help="check a run's metrics against health bands; non-zero on violation")
@@ -92,5 +121,6 @@ def add_parsers(subparsers: Any) -> None:
                          f"(default: {DEFAULT_RULES})")
     sp.add_argument("--max-per-metric", type=int, default=5, help="violations listed per metric (default 5)")
     sp.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
-                    help="exit 2 when a rule names a metric the run never logged (default; --no-strict skips it)")
+                    help="exit 2 when metrics.jsonl has lines or values that cannot be read, or a rule names a "
+                         "metric the run never logged (default; --no-strict reports them and checks the rest)")
     sp.set_defaults(fn=cmd_check)

@@ -123,7 +123,7 @@ def domains_table(cfg: Any) -> str:
     from mopd.data import DataError, load_rows
 
     try:
-        counts = Counter(r["domain"] for r in load_rows(cfg.data.train_files))
+        counts = Counter(r["domain"] for r in load_rows(cfg.data.train_files, cfg.data.dedupe))
     except (DataError, FileNotFoundError, OSError) as e:
         return f"train data: {e}"
     served = {d: n for n, t in cfg.teachers.items() for d in t.domains}
@@ -149,7 +149,7 @@ def _rows_or_empty(cfg: Any) -> list[dict]:
     from mopd.data import DataError, load_rows
 
     try:
-        return load_rows(cfg.data.train_files)
+        return load_rows(cfg.data.train_files, cfg.data.dedupe)
     except (DataError, FileNotFoundError, OSError):
         return []  # probes fall back to fixed token ids
 

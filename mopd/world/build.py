@@ -178,6 +178,10 @@ def _swap_in(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class WorldDirError(ValueError):
+    """world.dir cannot take a world (a folder this project did not build); the message says what to do."""
+
+
 def build_world(cfg: WorldConfig, force: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Return the manifest of the world at `cfg.dir`, building it first unless a matching one exists.
 
@@ -192,8 +196,9 @@ def build_world(cfg: WorldConfig, force: bool = False, log: Callable[[str], None
         return info
     if info is None and target.is_dir() and any(target.iterdir()):
         # Never swap away (and delete) a folder we did not build, e.g. a mistyped world.dir.
-        raise ValueError(f"world.dir {target} exists, is not empty and holds no {MANIFEST}; "
-                         "refusing to replace it: choose another world.dir or remove the folder")
+        raise WorldDirError(f"world.dir={target} exists, is not empty and holds no {MANIFEST}, so it is not a "
+                            "world this project built; refusing to replace it: choose another world.dir (an empty "
+                            "or new folder) or move that folder away")
     if info is not None and not force:
         log(f"[world] {target}: config or code changed, rebuilding")
     target.parent.mkdir(parents=True, exist_ok=True)
