@@ -767,7 +767,7 @@ def validate(cfg: MopdConfig) -> None:
                f"null or one of the configured teachers: {sorted(cfg.teachers)}")
     r, t = cfg.rollout, cfg.trainer
     if r.colocate:
-        # The in-process vLLM engine forms its own torch.distributed world of one in the trainer's process, which a
+        # The in-process vLLM engine forms its own one-process torch.distributed group in the trainer's process, which a
         # data-parallel or DeepSpeed process group there would clash with: one accelerate worker for now.
         _check(t.num_workers == 1 and t.backend == "accelerate", "rollout.colocate", True,
                f"false with trainer.num_workers={t.num_workers} / trainer.backend={t.backend}: a colocated engine "
