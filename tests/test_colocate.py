@@ -46,8 +46,10 @@ def test_config_and_placement_of_colocated_engines():
 @pytest.mark.slow
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_everything_in_the_trainer_actor_trains_and_tracks_the_trainer(tiny_world, ray_local, tmp_path, staleness):
+    # R3 on in the synchronous run: the colocated engine's routing capture works in the trainer's process too.
     cfg = load_config("configs/quickstart.yaml", colocated(tiny_world, tmp_path, "trainer.steps=5", "trainer.lr=5e-3",
-                                                            "trainer.save_every=5", f"trainer.max_staleness={staleness}"))
+                                                            "trainer.save_every=5", f"trainer.max_staleness={staleness}",
+                                                            f"algorithm.r3={str(staleness == 0).lower()}"))
     lines: list[str] = []
     result = train(cfg, log=lines.append)
     steps = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "actor/grad_norm" in m]
@@ -56,6 +58,7 @@ def test_everything_in_the_trainer_actor_trains_and_tracks_the_trainer(tiny_worl
         if staleness == 0:  # every sample drawn by the weights the trainer holds: pi_old == mu
             assert m["training/rollout_probs_diff_max"] < 1e-3, m
             assert m["rollout/staleness_max"] == 0
+            assert m["r3/router_agreement"] == 1.0 and m["r3/replayed_frac"] > 0.5, m
         else:  # one step behind, corrected by IcePop; never further
             assert m["rollout/staleness_max"] <= 1
         assert m["icepop/masked_frac"] == 0.0 if staleness == 0 else True
