@@ -133,7 +133,7 @@ def _mopd_yaml(args: argparse.Namespace, data_dir: Path) -> str:
         "data": {"train_files": [str(data_dir / "train_add.jsonl")], "eval_files": [str(data_dir / "eval_add.jsonl")],
                  "eval_size_per_domain": 32},
         "rollout": {"n": 1, "max_tokens": args.max_new_tokens, "temperature": args.temperature, "num_engines": 1,
-                    "num_cpus_per_engine": 0.25},
+                    "num_cpus_per_engine": 0.25, "kv_cache_gb": 0.125},
         "algorithm": {"objective": "reverse_kl", "teacher_top_k": -1, "correction": "icepop",
                       "loss_agg_mode": "token-mean"},
         "trainer": {"steps": args.mopd_steps, "prompts_per_step": args.prompts, "lr": args.lr, "lr_schedule": "constant",

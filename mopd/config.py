@@ -395,7 +395,9 @@ class RolloutConfig:
     top_p: float = 1.0  # (0, 1]
     max_tokens: int = 16  # >= 1
     num_engines: int = 1  # >= 1
-    kv_cache_gb: int = 1  # >= 1; VLLM_CPU_KVCACHE_SPACE (whole GiB) on CPU
+    # > 0; each vLLM engine's KV cache on CPU in GiB (allocated whole at start; on GPU
+    # gpu_memory_utilization sizes it). 0.125 holds ~90k tokens of the quickstart's models.
+    kv_cache_gb: float = 1.0
     # Engine dtype; null = student.dtype (bf16 engines + fp32 trainer = real mismatch).
     dtype: Dtype | None = None
     gpu_memory_utilization: float = 0.5  # (0, 1]: share of each GPU's memory a vLLM engine may take
@@ -425,7 +427,7 @@ class RolloutConfig:
         c.num("top_p", gt=0, le=1)
         c.count("max_tokens", 1)
         c.count("num_engines", 1)
-        c.count("kv_cache_gb", 1, "whole GiB")
+        c.num("kv_cache_gb", gt=0, note="GiB of KV cache per engine on CPU")
         c.choice("dtype", Dtype, nullable="student.dtype")
         c.num("gpu_memory_utilization", gt=0, le=1, note="a share of each GPU's memory, e.g. 0.5")
         c.num("num_cpus_per_engine", ge=0)

@@ -200,7 +200,7 @@ class RemoteTrainer:
                "TOKENIZERS_PARALLELISM": "false"}
         self.colocated = bool(r.colocate)
         if self.colocated:  # an in-process engine; the trainer's thread count wins
-            env = {**vllm_env(_threads(cfg), r.kv_cache_gb), **env}
+            env = {**vllm_env(_threads(cfg)), **env}
         self.actors = [ray.remote(TrainerWorker).options(**res, scheduling_strategy=strategy,
                                                          runtime_env={"env_vars": env}).remote(cfg)
                        for strategy in placement.strategies("trainer") or []]

@@ -21,7 +21,7 @@ def engine_actor(cls: type, spec: EngineSpec, scheduling: Any = None) -> Any:
     return ray.remote(cls).options(
         num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, scheduling_strategy=scheduling,
         max_restarts=spec.max_restarts, max_task_retries=0,  # a student must be re-synced before it samples again
-        runtime_env={"env_vars": vllm_env(spec.omp_threads, spec.kv_cache_gb)},
+        runtime_env={"env_vars": vllm_env(spec.omp_threads)},
     )
 
 

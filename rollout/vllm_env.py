@@ -10,20 +10,19 @@ from __future__ import annotations
 import os
 
 
-def vllm_env(omp_threads: int = 1, kv_cache_gb: int = 1, bind: str = "nobind") -> dict[str, str]:
+def vllm_env(omp_threads: int = 1, bind: str = "nobind") -> dict[str, str]:
     """Variables for an engine process (pass to a Ray actor's runtime_env or apply in-process)."""
     return {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "OMP_NUM_THREADS": str(omp_threads),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "VLLM_CPU_OMP_THREADS_BIND": bind,
-        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(kv_cache_gb))),  # whole GiB
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
     }
 
 
-def apply_vllm_env(omp_threads: int = 1, kv_cache_gb: int = 1) -> None:
+def apply_vllm_env(omp_threads: int = 1) -> None:
     """Set engine variables in this process, keeping any the user already exported."""
-    for k, v in vllm_env(omp_threads, kv_cache_gb).items():
+    for k, v in vllm_env(omp_threads).items():
         os.environ.setdefault(k, v)
