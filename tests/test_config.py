@@ -318,6 +318,22 @@ def test_the_four_domain_variant_is_a_world_of_its_own():
     assert (cfg.algorithm.objective, cfg.trainer.steps, cfg.trainer.max_staleness) == ("reverse_kl", 1200, 1)
 
 
+def test_a_variant_drops_inherited_mapping_entries_with_null(tmp_path):
+    qs = Path(QS).resolve()
+    (tmp_path / "v.yaml").write_text(f"base: {qs}\nteachers: {{rev_teacher: null, sort_teacher: null}}\n"
+                                     "data: {domain_mix: {rev: null, sort: null, add: 3.0}}\n")
+    cfg = load_config(tmp_path / "v.yaml")
+    assert list(cfg.teachers) == ["add_teacher"] and cfg.data.domain_mix == {"add": 3.0}
+    assert "rev_teacher" not in yaml.safe_load(to_yaml(cfg))["teachers"]
+    # Only entries of plain mappings go; a section's own key set to null is validated as before.
+    (tmp_path / "bad.yaml").write_text(f"base: {qs}\ntrainer: {{steps: null}}\n")
+    with pytest.raises(ConfigError, match=r"trainer.steps"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "new.yaml").write_text(f"base: {qs}\nteachers: {{nobody: null}}\n")  # nothing inherited to drop
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "new.yaml")
+
+
 # -- sections registered above the core: world: ------------------------------------------------------------
 def test_the_world_section_is_validated_interpolated_and_written_back(tmp_path):
     cfg = load_config(QS, ["world.dir=/tmp/w", "world.train_rows_per_domain=10"])
