@@ -111,7 +111,8 @@ def test_swap_solution_is_the_tape_after_every_swap_then_the_answer():
 
 def test_swap_rows_carry_their_solution_and_teachers_learn_it():
     rows = make_rows("swap", 5, "train", seed=0)
-    assert set(rows[0]) == {"id", "prompt", "domain", "answer", "solution"} and set(SOLUTIONS) == {"swap"}
+    assert set(rows[0]) == {"id", "prompt", "domain", "answer", "solution", "verifier"} and set(SOLUTIONS) == {"swap"}
+    assert rows[0]["verifier"] == "world_final"
     r = rows[0]
     assert r["solution"] == swap_solution(r["prompt"]) and final_answer(r["solution"]) == r["answer"]
     assert sft_target(r)["answer"] == r["solution"] and r["answer"] != r["solution"]  # the row is not changed

@@ -97,10 +97,10 @@ def gen_swap(rng: random.Random) -> tuple[str, str]:
     """`swap:(deabc),dc,eb,...=` -> the arrangement after the SWAP_STEPS swaps (`dbace`).
 
     The reasoning domain: tracking shuffled objects (BIG-bench's tracking_shuffled_objects) over five objects
-    and eight swaps, a composition in the permutation group S5 that a tiny model cannot do in one forward pass:
-    trained on the answer alone the world's teacher stayed at chance (0.5%, 1/120 is chance) after 2000
-    steps. Written out step by step (`swap_solution`) it is a fixed-format chain of 261 characters that the
-    same teacher learns to 100% in 250 steps.
+    and eight swaps, a composition in the permutation group S5 that a tiny model does not learn to do in one
+    forward pass: trained on the answer alone the world's teacher stays at chance (1.0% after 400 and after
+    2000 steps; 1/120 is chance). Written out step by step (`swap_solution`) it is a fixed-format chain of
+    261 characters that the same teacher learns to 100% in 400 steps (`benchmarks/reason_trace.py`).
     """
     state = "".join(rng.sample(SWAP_ITEMS, len(SWAP_ITEMS)))
     swaps = ["".join(rng.sample(SWAP_ITEMS, 2)) for _ in range(SWAP_STEPS)]
@@ -118,9 +118,11 @@ def swap_solution(prompt: str) -> str:
 
     Every step has the same width, so each character of it is computed from characters a fixed distance
     back: the same place one step earlier (copies), the arrangement one step earlier and the swap that
-    followed it. Such a locally computable trace is what a tiny model learns fast (see `gen_swap`); writing
-    the arrangements alone (`(ceabd) (dbaec) ...`, where step t must find swap t in the prompt) took the same
-    teacher 2.4x the steps at 8 swaps.
+    followed it. Carrying the swaps along is what makes a long chain learnable: the arrangements alone
+    (`(ceabd) (dbaec) ...|dbace`, 69 characters, step t finding swap t in the prompt) are learnt too (0.945
+    after 400 steps) but are no long response, and a chain of the tape's length made of arrangements alone (32
+    swaps, step t reading up to ~100 characters back) was at 2% after 300 steps where the tape was at 100%
+    after 250 (one scratch run each, same model, lr and batch).
     """
     body = prompt.removeprefix("swap:").removesuffix("=")
     cells = body.split(",")
@@ -172,7 +174,7 @@ def get_generator(domain: str) -> Generator:
 def make_rows(domain: str, n: int, split: str, seed: int, exclude: set[str] | None = None,
               ) -> list[dict[str, Any]]:
     """`n` distinct rows of one domain, none of whose prompts is in `exclude`; rows of a reasoning domain
-    (`SOLUTIONS`) also carry their worked `solution`.
+    (`SOLUTIONS`) also carry their worked `solution` and their `verifier` (`world_final`).
 
     The RNG is seeded from a string so that each (seed, domain, split) stream is independent of the
     others and of Python's hash randomisation: the same config always writes byte-identical files.
@@ -192,7 +194,9 @@ def make_rows(domain: str, n: int, split: str, seed: int, exclude: set[str] | No
         seen.add(prompt)
         row = {"id": f"{domain}-{split}-{len(rows):05d}", "prompt": prompt, "domain": domain, "answer": answer}
         if domain in SOLUTIONS:
-            row["solution"] = SOLUTIONS[domain](prompt)
+            # The row names its verifier: a process that has not registered it fails loudly rather than
+            # scoring the whole chain of thought against the answer (always 0).
+            row.update(solution=SOLUTIONS[domain](prompt), verifier="world_final")
         rows.append(row)
     return rows
 
