@@ -232,13 +232,13 @@ def build_world(cfg: WorldConfig, force: bool = False, log: Callable[[str], None
 def build_student_for(cfg: WorldConfig, path: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Another student for the built world at `cfg.dir` (e.g. a bigger one: `cfg.student_size`), warm-started
     on that world's rows exactly as the world's own student is (`cfg.student_steps`, `student_lr`, mix), saved
-    to `path` with a `student.json` of its figures. Only the student fields of `cfg` may differ from the
-    world's: the data, tokenizer and positions are the world's. Cached like a world: a `student.json` with the
-    same config hash is returned at once."""
+    to `path` with a `student.json` of its figures. Only the student fields of `cfg` (and `num_threads`) may
+    differ from the world's: the data, tokenizer and positions are the world's. Cached like a world: a
+    `student.json` with the same config hash is returned at once."""
     world = load_world(cfg.dir)
     if world is None:
         raise ValueError(f"no world at {cfg.dir}: build it first (mopd world build CONFIG)")
-    student_fields = {"student_size", "student_steps", "student_lr", "student_mix"}
+    student_fields = {"student_size", "student_steps", "student_lr", "student_mix", "num_threads"}
     built = {**dataclasses.asdict(WorldConfig()), **world["config"]}  # a world from before later fields: defaults
     own, asked = ({k: v for k, v in fields.items() if k not in student_fields | {"dir"}}
                   for fields in (built, dataclasses.asdict(cfg)))
