@@ -35,6 +35,16 @@ process; mopd, its logged `perf/mem_gb/total` (summed peak RSS of the driver and
 `perf/pss_gb/total` (summed PSS of the whole process tree, Ray's daemons included); PSS and process counts
 for both also come from a sampler over each side's process tree.
 
+`--preset long` measures long responses instead: the long-reasoning world's `swap` domain
+(`configs/quickstart_reason.yaml`, whose teacher writes a 261-token chain of thought), 272 new tokens allowed, a
+bigger Qwen3-MoE student (LONG_STUDENT: 13.4M parameters, 4 layers, hidden 256, top-2 of 16 experts; built
+and warm-started on the world's rows like the world's own student, `mopd.world.build.build_student_for`, and
+cached in .cache/peer_trl_long_student), 30 steps for both sides (`--mopd-steps` 30), checkpoints every 10
+steps scored on 32 prompts x 2 samples with a KV cache, and mopd run twice, synchronous (k=0, the comparison's
+mopd column) and one-step-off (k=1, `trainer.max_staleness=1`, its own run: `--mopd-k1`). It adds a table of
+mean response length, response tokens/s and s/step for TRL and both mopd runs. Every flag still overrides the
+preset's value; everything else is the defaults'.
+
 Scoring, after both runs and outside their timings: `reverse_kl` below, the same function for the initial
 student and every checkpoint of both sides (every `--eval-every` steps): on `--eval-prompts` addition eval
 prompts (never trained on), `--eval-samples` continuations per prompt sampled from the student at
@@ -69,6 +79,25 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path("runs/peer_trl")
 STAGES = ["rollout", "teacher", "old_log_prob", "train", "sync", "other"]
+
+# The task: a world (the world: section of a shipped config) and one of its domains. `student`: None uses the
+# world's own student; otherwise another one built for that world (mopd.world.build.build_student_for).
+TASKS: dict[str, dict[str, Any]] = {
+    "add": {"config": "configs/quickstart.yaml", "domain": "add", "student": None},
+    "swap": {"config": "configs/quickstart_reason.yaml", "domain": "swap", "student": "long"},
+}
+# The long preset's student: a bigger Qwen3-MoE (13.4M parameters, 2.4M active per token: 4 layers, hidden 256,
+# top-2 of 16 experts of 256) warm-started on the world's worked solutions for 100 steps like the world's own
+# student (218 s here, once): it writes the long chain's format with drifting arrangements (3% of answers right).
+# Two threads (the world's own build uses one).
+LONG_STUDENT = {"dir": ".cache/peer_trl_long_student", "student_steps": 100, "num_threads": 2,
+                "student_size": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
+                                 "num_key_value_heads": 4, "num_experts": 16, "moe_intermediate_size": 256,
+                                 "intermediate_size": 1024}}
+PRESETS: dict[str, dict[str, Any]] = {
+    "long": {"task": "swap", "steps": 30, "mopd_steps": 30, "max_new_tokens": 272, "eval_every": 10,
+             "eval_prompts": 32, "eval_samples": 2, "mopd_k1": True},
+}
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -123,15 +152,31 @@ def _write_jsonl(rows: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
+def _task_world(task: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The task's world section (every field, as its config resolves it) and its data.max_prompt_tokens."""
+    import dataclasses
+
+    import mopd.world  # noqa: F401 - registers the world: section
+    from mopd.config import load_config
+    from mopd.world import world_config
+
+    cfg = load_config(task["config"])
+    return dataclasses.asdict(world_config(cfg)), cfg.data.max_prompt_tokens
+
+
 def _mopd_yaml(args: argparse.Namespace, data_dir: Path) -> str:
-    teacher = {"path": "${world.dir}/teachers/add", "domains": ["add"], "backend": args.teacher_backend}
+    task = TASKS[args.task]
+    d = task["domain"]
+    world, max_prompt_tokens = _task_world(task)
+    teacher = {"path": f"${{world.dir}}/teachers/{d}", "domains": [d], "backend": args.teacher_backend}
+    student = LONG_STUDENT["dir"] if task["student"] == "long" else "${world.dir}/student"
     cfg = {
         "experiment": "peer_trl",
-        "world": {"dir": ".cache/world", "seed": 0},
-        "student": {"path": "${world.dir}/student"},
-        "teachers": {"add_teacher": teacher},
-        "data": {"train_files": [str(data_dir / "train_add.jsonl")], "eval_files": [str(data_dir / "eval_add.jsonl")],
-                 "eval_size_per_domain": 32},
+        "world": world,
+        "student": {"path": student},
+        "teachers": {f"{d}_teacher": teacher},
+        "data": {"train_files": [str(data_dir / f"train_{d}.jsonl")], "eval_files": [str(data_dir / f"eval_{d}.jsonl")],
+                 "eval_size_per_domain": 32, "max_prompt_tokens": max_prompt_tokens},
         "rollout": {"n": 1, "max_tokens": args.max_new_tokens, "temperature": args.temperature, "num_engines": 1,
                     "num_cpus_per_engine": 0.25, "kv_cache_gb": 0.125},
         "algorithm": {"objective": "reverse_kl", "teacher_top_k": -1, "correction": "icepop",
@@ -148,26 +193,35 @@ def _mopd_yaml(args: argparse.Namespace, data_dir: Path) -> str:
 
 
 def make_plan(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    """Build the world if needed, write the add-only data and mopd's config, and draw every step's prompts
-    with mopd's own sampler (so TRL trains on exactly the prompts mopd will)."""
+    """Build the world (and the task's own student) if needed, write the task domain's data and mopd's config,
+    and draw every step's prompts with mopd's own sampler (so TRL trains on exactly the prompts mopd will)."""
+    import dataclasses
+
     from transformers import AutoTokenizer
 
     from mopd.config import load_config
     from mopd.data import DomainMixSampler, encode_rows, load_rows
     from mopd.producer import batch_digest
     from mopd.world import world_config
-    from mopd.world.build import build_world, load_world
+    from mopd.world.build import build_student_for, build_world, load_world
 
     data_dir = WORK / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     (WORK / "mopd.yaml").write_text(_mopd_yaml(args, data_dir))
     cfg = load_config(WORK / "mopd.yaml", overrides)  # a bad override fails here, before anything runs
+    task = TASKS[args.task]
+    d = task["domain"]
     build_world(world_config(cfg))
+    if task["student"] == "long":
+        size = {k: v for k, v in LONG_STUDENT.items() if k != "dir"}
+        info = build_student_for(dataclasses.replace(world_config(cfg), **size), LONG_STUDENT["dir"])
+        print(f"student: {LONG_STUDENT['dir']}, {info['num_params'] / 1e6:.1f}M parameters, warm-start accuracy "
+              f"{info['accuracy']}", flush=True)
     world = load_world(world_config(cfg).dir)
-    train_rows = [r for r in load_rows([f"{world['dir']}/data/train.jsonl"]) if r["domain"] == "add"]
-    eval_rows = [r for r in load_rows([f"{world['dir']}/data/eval.jsonl"]) if r["domain"] == "add"]
-    _write_jsonl(train_rows, data_dir / "train_add.jsonl")
-    _write_jsonl(eval_rows, data_dir / "eval_add.jsonl")
+    train_rows = [r for r in load_rows([f"{world['dir']}/data/train.jsonl"]) if r["domain"] == d]
+    eval_rows = [r for r in load_rows([f"{world['dir']}/data/eval.jsonl"]) if r["domain"] == d]
+    _write_jsonl(train_rows, data_dir / f"train_{d}.jsonl")
+    _write_jsonl(eval_rows, data_dir / f"eval_{d}.jsonl")
 
     tok = AutoTokenizer.from_pretrained(cfg.student.path)
     rows = load_rows(cfg.data.train_files)  # as mopd's train() reads them
@@ -183,8 +237,8 @@ def make_plan(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
         "steps": args.steps, "mopd_steps": cfg.trainer.steps, "prompts": cfg.trainer.prompts_per_step, "lr": cfg.trainer.lr,
         "max_new_tokens": cfg.rollout.max_tokens, "temperature": cfg.rollout.temperature, "seed": cfg.trainer.seed,
         "eval_every": args.eval_every, "threads": args.threads, "student": cfg.student.path,
-        "teacher": cfg.teachers["add_teacher"].path, "teacher_backend": str(cfg.teachers["add_teacher"].backend),
-        "mopd_config": str(WORK / "mopd.yaml"), "overrides": overrides, "step_prompts": steps,
+        "teacher": cfg.teachers[f"{d}_teacher"].path, "teacher_backend": str(cfg.teachers[f"{d}_teacher"].backend),
+        "task": args.task, "mopd_config": str(WORK / "mopd.yaml"), "overrides": overrides, "step_prompts": steps,
         "eval_ids": encode_rows(tok, evals, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens),
     }
 
@@ -274,13 +328,15 @@ def run_trl(plan: dict[str, Any], out: Path) -> dict[str, Any]:
         raise RuntimeError(f"TRL generated {counts['steps_checked']} batches for {steps} steps")
     wall = clock.wall
     return {"wall_s": wall, "tokens": counts["tokens"], "points": clock.points, "train_kl": counts["train_kl"],
+            "response_length": counts["tokens"] / len(texts),
             "stages": {"rollout": stage["rollout"] / steps, "teacher": stage["teacher"] / steps,
                        "train+other": (wall - stage["rollout"] - stage["teacher"]) / steps},
             "peak_rss_gb": _peak_rss_gb(), "tree": mem.peak, "total_s": time.perf_counter() - t_start}
 
 
 # ---------------------------------------------------------------------------------------------- mopd side
-def run_mopd(plan: dict[str, Any], out: Path) -> dict[str, Any]:
+def run_mopd(plan: dict[str, Any], out: Path, extra: list[str] | None = None) -> dict[str, Any]:
+    """mopd on the plan's steps; `extra` overrides (the k=1 side's `trainer.max_staleness=1` and run dir) go last."""
     t_start = time.perf_counter()
     import torch
 
@@ -291,7 +347,7 @@ def run_mopd(plan: dict[str, Any], out: Path) -> dict[str, Any]:
     from mopd.ray_cluster import cluster_address, init_ray
     from mopd.train import train
 
-    cfg = load_config(plan["mopd_config"], plan["overrides"])
+    cfg = load_config(plan["mopd_config"], [*plan["overrides"], *(extra or [])])
     temp_dir = None
     if cluster_address(cfg.ray.address) is None:
         # The private cluster train() would start, under a temp dir of its own: with Ray's shared /tmp/ray, a
@@ -329,6 +385,7 @@ def run_mopd(plan: dict[str, Any], out: Path) -> dict[str, Any]:
     return {"wall_s": sum(m["timing_s/step"] for m in equal), "wall_all_s": cum,
             "train_kl": [m["distillation/reverse_kl"] for m in equal],
             "tokens": sum(m["perf/tokens_per_s"] * m["timing_s/step"] for m in equal),
+            "response_length": statistics.mean(m["response_length/mean"] for m in equal),
             "points": points, "stages": stages,
             "mem_gb_total": max(m.get("perf/mem_gb/total", 0.0) for m in recs),
             "pss_gb_total": max(m.get("perf/pss_gb/total", 0.0) for m in recs),
@@ -338,12 +395,13 @@ def run_mopd(plan: dict[str, Any], out: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- scoring
 def reverse_kl(student: Any, teacher: Any, prompt_ids: list[list[int]], max_new_tokens: int, samples: int = 4,
                temperature: float = 1.0, seed: int = 1234, eos_id: int | None = None,
-               pad_id: int = 0) -> tuple[float, float]:
+               pad_id: int = 0, use_cache: bool = False) -> tuple[float, float]:
     """Exact full-vocabulary reverse KL(student || teacher), averaged over `samples` continuations per prompt
     sampled from the student at `temperature` with a fixed seed: per position `sum_v p_s(v) (log p_s(v) -
     log p_t(v))` of the raw (temperature-1) distributions, over every response position up to and including
     the first EOS. Returns (mean per sequence of the summed KL, mean per token). Prompts are batched by
-    length, so no prompt is padded; continuations are decoded without a KV cache (exact, and short)."""
+    length, so no prompt is padded; continuations are decoded without a KV cache (exact, and short), or with one
+    (`use_cache`: long continuations; the KL itself still comes from one full forward of each model)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -357,8 +415,13 @@ def reverse_kl(student: Any, teacher: Any, prompt_ids: list[list[int]], max_new_
             x = torch.tensor(by_len[length], dtype=torch.long).repeat_interleave(samples, dim=0)
             alive = torch.ones(len(x), dtype=torch.bool)
             mask = torch.zeros(len(x), max_new_tokens)
+            past = None
             for t in range(max_new_tokens):
-                logits = student(input_ids=x).logits[:, -1].float()
+                if use_cache:
+                    step = student(input_ids=x if past is None else x[:, -1:], past_key_values=past, use_cache=True)
+                    logits, past = step.logits[:, -1].float(), step.past_key_values
+                else:
+                    logits = student(input_ids=x).logits[:, -1].float()
                 nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g).squeeze(1)
                 nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
                 mask[:, t] = alive.float()
@@ -379,7 +442,7 @@ def reverse_kl(student: Any, teacher: Any, prompt_ids: list[list[int]], max_new_
 
 
 def score(plan: dict[str, Any], results: dict[str, dict], args: argparse.Namespace) -> dict[str, list[dict]]:
-    """The initial student and every checkpoint of both sides, through `reverse_kl`."""
+    """The initial student and every checkpoint of TRL and mopd (k=0), through `reverse_kl`."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -398,11 +461,13 @@ def score(plan: dict[str, Any], results: dict[str, dict], args: argparse.Namespa
 
     def kl_of(m: Any) -> tuple[float, float]:
         return reverse_kl(m, teacher, plan["eval_ids"], plan["max_new_tokens"], samples=args.eval_samples,
-                          temperature=plan["temperature"], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+                          temperature=plan["temperature"], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                          use_cache=plan["max_new_tokens"] > 64)
 
     seq0, tok0 = kl_of(model)  # the initial student, before any snapshot is loaded into `model`
     curves = {}
-    for side, res in results.items():
+    for side in ("trl", "mopd"):  # the k=1 run is reported for throughput only
+        res = results[side]
         curves[side] = [{"step": 0, "wall_s": 0.0, "seq_kl": seq0, "tok_kl": tok0}]
         for p in res["points"]:
             seq, tk = kl_of(load(p["path"]))
@@ -469,6 +534,22 @@ def report(plan: dict[str, Any], res: dict[str, dict], curves: dict[str, list[di
     return "\n".join(lines)
 
 
+def length_table(plan: dict[str, Any], res: dict[str, dict]) -> str:
+    """Response length and throughput of every side that ran (TRL, mopd k=0, and mopd k=1 when it ran)."""
+    sides = [(name, label) for name, label in (("trl", "TRL"), ("mopd", "mopd k=0"), ("mopd_k1", "mopd k=1"))
+             if name in res]
+    n = plan["steps"]
+    rows = [("mean response length (tokens, EOS included)", lambda r: r["response_length"], ".1f"),
+            ("response tokens/s", lambda r: r["tokens"] / r["wall_s"], ",.0f"),
+            ("s/step", lambda r: r["wall_s"] / n, ".2f"),
+            (f"training wall, {n} steps (s)", lambda r: r["wall_s"], ".1f"),
+            ("on-policy training KL / token, mean", lambda r: statistics.mean(r["train_kl"][:n]), ".4f")]
+    lines = ["| " + " | ".join(["metric", *(label for _, label in sides)]) + " |", "|---" * (len(sides) + 1) + "|"]
+    for name, fn, spec in rows:
+        lines.append(f"| {name} | " + " | ".join(format(fn(res[side]), spec) for side, _ in sides) + " |")
+    return "\n".join(lines)
+
+
 def stage_table(res: dict[str, dict]) -> str:
     ms, ts = res["mopd"]["stages"], res["trl"]["stages"]
     lines = ["| stage (mean s/step) | TRL | mopd |", "|---|---|---|"]
@@ -519,7 +600,8 @@ def _side(name: str, plan_path: Path, log_path: Path, ray_niceness: int | None =
     return json.loads(out.read_text())
 
 
-def main(argv: list[str]) -> None:
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Flags (a `--preset`'s values as defaults that explicit flags override) and mopd's key=value overrides."""
     p = argparse.ArgumentParser(prog="benchmarks/peer_trl.py", description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--mopd-steps", type=int, default=None,
@@ -542,22 +624,41 @@ def main(argv: list[str]) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads of TRL's process, mopd's trainer, scoring")
     p.add_argument("--ray-niceness", type=int, default=None,
                    help="RAY_worker_niceness for mopd's actors (default: Ray's own, 15; TRL runs at this shell's)")
-    p.add_argument("--side", choices=["trl", "mopd"], help=argparse.SUPPRESS)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="long: 272 new tokens on the long-reasoning world's swap domain with a 13.4M-parameter MoE "
+                        "student, 30 steps, mopd at k=0 and k=1 (flags given explicitly still win)")
+    p.add_argument("--task", choices=sorted(TASKS), default="add", help="the world and domain to distil on")
+    p.add_argument("--mopd-k1", action="store_true",
+                   help="also run mopd one-step-off (trainer.max_staleness=1) and report its throughput")
+    p.add_argument("--side", choices=["trl", "mopd", "mopd_k1"], help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)
+    pre, _ = p.parse_known_args(argv)
+    if pre.preset:
+        p.set_defaults(**PRESETS[pre.preset])
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)} (mopd overrides are key=value)")
-    os.chdir(ROOT)
     args.mopd_steps = args.mopd_steps or 2 * args.steps
     if args.mopd_steps < args.steps:
         p.error(f"--mopd-steps {args.mopd_steps} < --steps {args.steps}: mopd must run at least TRL's steps")
+    return args, overrides
+
+
+def main(argv: list[str]) -> None:
+    args, overrides = parse_args(argv)
+    os.chdir(ROOT)
 
     if args.side:  # a subprocess: run one side and write its result
         plan = json.loads(Path(args.plan).read_text())
         out = WORK / args.side
         out.mkdir(parents=True, exist_ok=True)
-        res = run_trl(plan, out) if args.side == "trl" else run_mopd(plan, out)
+        if args.side == "trl":
+            res = run_trl(plan, out)
+        elif args.side == "mopd":
+            res = run_mopd(plan, out)
+        else:
+            res = run_mopd(plan, out, ["trainer.max_staleness=1", f"logging.run_dir={WORK / 'mopd_k1'}"])
         (WORK / f"{args.side}.json").write_text(json.dumps(res, indent=1))
         return
 
@@ -569,7 +670,7 @@ def main(argv: list[str]) -> None:
             rows.append(one_comparison(args, overrides))
             keep = WORK / "seeds" / f"seed_{seed}"
             keep.mkdir(parents=True, exist_ok=True)
-            for f in ("curves.json", "trl.json", "mopd.json", "trl.log", "mopd.log"):
+            for f in ("curves.json", "trl.json", "mopd.json", "mopd_k1.json", "trl.log", "mopd.log", "mopd_k1.log"):
                 if (WORK / f).is_file():
                     shutil.copy(WORK / f, keep / f)
         print()
@@ -616,7 +717,7 @@ def one_comparison(args: argparse.Namespace, overrides: list[str]) -> dict[str, 
     plan_path = WORK / "plan.json"
     plan_path.write_text(json.dumps(plan))
     digest = hashlib.sha256(json.dumps([s["ids"] for s in plan["step_prompts"]]).encode()).hexdigest()[:12]
-    print(f"plan: {plan['steps']} steps x {plan['prompts']} prompts, {plan['max_new_tokens']} new tokens, "
+    print(f"plan: task {plan['task']}, {plan['steps']} steps x {plan['prompts']} prompts, {plan['max_new_tokens']} new tokens, "
           f"lr {plan['lr']:g}, temperature {plan['temperature']:g}, mopd teacher backend {plan['teacher_backend']}, "
           f"{plan['threads']} torch threads, niceness TRL {os.nice(0)} / mopd actors "
           f"{args.ray_niceness if args.ray_niceness is not None else os.environ.get('RAY_worker_niceness', 15)}; "
@@ -624,12 +725,16 @@ def one_comparison(args: argparse.Namespace, overrides: list[str]) -> dict[str, 
           flush=True)
     results = {"trl": _side("trl", plan_path, WORK / "trl.log"),
                "mopd": _side("mopd", plan_path, WORK / "mopd.log", args.ray_niceness)}
+    if args.mopd_k1:
+        results["mopd_k1"] = _side("mopd_k1", plan_path, WORK / "mopd_k1.log", args.ray_niceness)
     print(f"scoring {len(results['trl']['points']) + len(results['mopd']['points']) + 1} models on "
           f"{len(plan['eval_ids'])} eval prompts x {args.eval_samples} samples", flush=True)
     curves = score(plan, results, args)
     (WORK / "curves.json").write_text(json.dumps(curves, indent=1))
     print()
     print(report(plan, results, curves))
+    print()
+    print(length_table(plan, results))
     print()
     print(stage_table(results))
     print()

@@ -922,7 +922,8 @@ def _config_chain(p: Path, named_by: list[Path] | None = None) -> list[tuple[str
 
     A variant says only what it changes: `base: quickstart.yaml` (relative to the file that names it, or
     absolute) is loaded first, recursively, and the file merged on top of it (mappings merge key by key,
-    lists and values replace).
+    lists and values replace; `name: null` removes an entry it inherited from a mapping such as `teachers`
+    or `data.domain_mix`: `_drop_nulled`).
     """
     chain = [*(named_by or []), p]
     node = _load_file(p)
@@ -951,6 +952,22 @@ def _config_chain(p: Path, named_by: list[Path] | None = None) -> list[tuple[str
     return [*_config_chain(target, chain), (str(p), node)]
 
 
+def _drop_nulled(tree: DictConfig, layer: DictConfig) -> None:
+    """Remove from `tree` (and from `layer`, before it is merged) every entry of a plain mapping that `layer`
+    sets to null and `tree` has: how a variant drops an inherited teacher (`teachers: {rev_teacher: null}`) or
+    domain weight (`data: {domain_mix: {rev: null}}`). Keys of sections (dataclasses) are not removable; a
+    null there is merged and validated as before."""
+    for key in list(layer.keys()):
+        if key not in tree or OmegaConf.is_interpolation(layer, key):
+            continue
+        if layer._get_node(key)._is_none():
+            if OmegaConf.get_type(tree) is dict:
+                del tree[key]
+                del layer[key]
+        elif isinstance(layer[key], DictConfig) and isinstance(tree[key], DictConfig):
+            _drop_nulled(tree[key], layer[key])
+
+
 def compose_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """The merged tree, unresolved: schema (plus the registered sections the config names) <- base YAML(s)
     <- YAML <- `key=value` overrides, every merge error a one-line `ConfigError`. `load_config` builds on it."""
@@ -967,6 +984,7 @@ def compose_config(path: str | Path | None = None, overrides: list[str] | None =
             tree[name] = OmegaConf.structured(_SECTIONS[name].schema)
     for source, layer in layers:
         try:
+            _drop_nulled(tree, layer)
             tree = OmegaConf.merge(tree, layer)
         except OmegaConfBaseException as e:
             raise _friendly(e, source) from None

@@ -320,6 +320,36 @@ def test_the_four_domain_variant_is_a_world_of_its_own():
     assert (cfg.algorithm.objective, cfg.trainer.steps, cfg.trainer.max_staleness) == ("reverse_kl", 1200, 1)
 
 
+def test_a_variant_drops_inherited_mapping_entries_with_null(tmp_path):
+    qs = Path(QS).resolve()
+    (tmp_path / "v.yaml").write_text(f"base: {qs}\nteachers: {{rev_teacher: null, sort_teacher: null}}\n"
+                                     "data: {domain_mix: {rev: null, sort: null, add: 3.0}}\n")
+    cfg = load_config(tmp_path / "v.yaml")
+    assert list(cfg.teachers) == ["add_teacher"] and cfg.data.domain_mix == {"add": 3.0}
+    assert "rev_teacher" not in yaml.safe_load(to_yaml(cfg))["teachers"]
+    # Only entries of plain mappings go; a section's own key set to null is validated as before.
+    (tmp_path / "bad.yaml").write_text(f"base: {qs}\ntrainer: {{steps: null}}\n")
+    with pytest.raises(ConfigError, match=r"trainer.steps"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "new.yaml").write_text(f"base: {qs}\nteachers: {{nobody: null}}\n")  # nothing inherited to drop
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "new.yaml")
+
+
+def test_the_reasoning_variant_is_a_world_of_its_own():
+    cfg = load_config("configs/quickstart_reason.yaml")
+    world = world_config(cfg)
+    assert (world.dir, world.domains, world.max_positions) == (".cache/world_reason", ["swap"], 320)
+    assert list(cfg.teachers) == ["swap_teacher"] and cfg.teachers["swap_teacher"].domains == ["swap"]
+    paths = [cfg.student.path, *cfg.data.train_files, *cfg.data.eval_files, cfg.teachers["swap_teacher"].path]
+    assert all(p.startswith(".cache/world_reason/") for p in paths), paths
+    assert cfg.data.domain_mix == {"swap": 1.0}
+    # The longest sequence fits the models' positions: prompt + max_tokens + 1 <= world.max_positions.
+    assert cfg.data.max_prompt_tokens + cfg.rollout.max_tokens + 1 <= world.max_positions
+    assert cfg.rollout.max_tokens >= 262  # the teacher's 261 characters + EOS
+    assert (cfg.algorithm.objective, cfg.trainer.max_staleness) == ("reverse_kl", 1)  # the quickstart's recipe
+
+
 # -- sections registered above the core: world: ------------------------------------------------------------
 def test_the_world_section_is_validated_interpolated_and_written_back(tmp_path):
     cfg = load_config(QS, ["world.dir=/tmp/w", "world.train_rows_per_domain=10"])

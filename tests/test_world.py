@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from pathlib import Path
@@ -11,19 +12,29 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mopd.world.build import MANIFEST, build_world, config_hash
+from mopd.world.build import MANIFEST, build_student_for, build_world, config_hash
 from mopd.world.config import WorldConfig
+from mopd.world.models import num_params
 from mopd.world.report import world_table
 from mopd.world.sft import _batches, collate, encode_sft_examples, lr_factor
 from mopd.world.tasks import (
     DIGIT_WORDS,
     GENERATORS,
+    SOLUTIONS,
+    SWAP_ITEMS,
+    SWAP_STEPS,
+    apply_swap,
+    final_answer,
     gen_add,
     gen_rev,
     gen_sort,
     gen_spell,
+    gen_swap,
+    make_rows,
     make_splits,
     read_jsonl,
+    sft_target,
+    swap_solution,
 )
 from mopd.world.tokenizer import (
     CHARS,
@@ -54,7 +65,75 @@ def test_generators_produce_correct_short_rows():
         assert p.startswith("spell:") and p.endswith("=") and 3 <= len(words) <= 6
         assert "".join(str(DIGIT_WORDS.index(w)) for w in words) == p[6:-1]
         assert len(p) + len(a) + 1 <= MAX_LEN  # prompt, answer and EOS fit the models' positions
-    assert set(GENERATORS) == {"add", "rev", "sort", "spell"} <= set(DOMAIN_VERIFIERS)
+    assert set(GENERATORS) == {"add", "rev", "sort", "spell", "swap"} <= set(DOMAIN_VERIFIERS)
+
+
+def _swaps_by_hand(state: str, swaps: list[str]) -> str:
+    """Follow the swaps with an explicit position table (not tasks.apply_swap)."""
+    where = {c: i for i, c in enumerate(state)}
+    for x, y in swaps:
+        where[x], where[y] = where[y], where[x]
+    return "".join(sorted(where, key=where.get))
+
+
+def test_swap_rows_answer_the_arrangement_after_every_swap():
+    rng = random.Random(0)
+    for _ in range(300):
+        p, a = gen_swap(rng)
+        assert p.startswith("swap:(") and p.endswith("=") and len(p) == 37
+        cells = p[5:-1].split(",")
+        state, swaps = cells[0], cells[1:]
+        assert state[0] == "(" and state[-1] == ")" and sorted(state[1:-1]) == list(SWAP_ITEMS)
+        assert len(swaps) == SWAP_STEPS and all(len(set(s)) == 2 and set(s) <= set(SWAP_ITEMS) for s in swaps)
+        assert a == _swaps_by_hand(state[1:-1], swaps)
+    assert apply_swap("abcde", "eb") == "aecdb" and apply_swap("abcde", "be") == "aecdb"
+
+
+def test_swap_solution_is_the_tape_after_every_swap_then_the_answer():
+    prompt = "swap:(abcde),ab,cd,ea,bc,ab,de,ca,eb="
+    sol = swap_solution(prompt)
+    steps, answer = sol.split("|")
+    tapes = steps.split(" ")
+    assert answer == _swaps_by_hand("abcde", ["ab", "cd", "ea", "bc", "ab", "de", "ca", "eb"]) == "adbce"
+    assert tapes[0] == "ab,(bacde),cd,ea,bc,ab,de,ca,eb"
+    assert tapes[1] == "ab,cd,(badce),ea,bc,ab,de,ca,eb"
+    assert tapes[-1] == "ab,cd,ea,bc,ab,de,ca,eb,(adbce)"
+    # A fixed format: every step as wide as the prompt's tape, so each character is a fixed distance from what
+    # it is computed from; 261 characters in all (+ EOS: the 262 response tokens of the world's swap teacher).
+    assert len(tapes) == SWAP_STEPS and {len(t) for t in tapes} == {len(prompt) - len("swap:=")}
+    assert len(sol) == 261 and all(c in CHARS for c in sol)
+    assert len(prompt) + len(sol) + 1 <= 320 - 20  # fits world.max_positions of quickstart_reason with room
+    rng = random.Random(1)
+    for _ in range(100):  # the final arrangement of the worked solution is the row's answer
+        p, a = gen_swap(rng)
+        assert final_answer(swap_solution(p)) == a
+
+
+def test_swap_rows_carry_their_solution_and_teachers_learn_it():
+    rows = make_rows("swap", 5, "train", seed=0)
+    assert set(rows[0]) == {"id", "prompt", "domain", "answer", "solution", "verifier"} and set(SOLUTIONS) == {"swap"}
+    assert rows[0]["verifier"] == "world_final"
+    r = rows[0]
+    assert r["solution"] == swap_solution(r["prompt"]) and final_answer(r["solution"]) == r["answer"]
+    assert sft_target(r)["answer"] == r["solution"] and r["answer"] != r["solution"]  # the row is not changed
+    short = make_rows("add", 1, "train", seed=0)[0]
+    assert "solution" not in short and sft_target(short) == short
+
+
+@pytest.mark.parametrize("text,score", [
+    ("ab,(bacde)|dceab", 1.0),
+    ("ab,(bacde) ab,(badce)|dceab<eos>", 1.0),
+    ("dceab", 1.0),  # an answer without a chain of thought is still an answer
+    ("dceab<eos>|abcde", 1.0),  # what follows <eos> is not the response
+    ("x|y|dceab", 1.0),  # the last mark decides
+    ("ab,(bacde)|dceab|", 0.0),
+    ("ab,(dceab)|abcde", 0.0),  # the trace is not scored, the final answer is
+    ("ab,(bacde)|dceabx", 0.0),
+    ("ab,(bacde) ab,(badce)", 0.0),  # cut off before the answer
+])
+def test_swap_verifier_scores_the_final_answer_only(text, score):
+    assert DOMAIN_VERIFIERS["swap"] == "world_final"
+    assert verify("swap", text, "dceab") == score
 
 
 def test_splits_are_disjoint_deterministic_and_well_formed():
@@ -197,6 +276,49 @@ def test_tiny_build_is_deterministic(world, tmp_path):
         wa, wb = load_file(a / rel), load_file(b / rel)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), rel
     assert other["accuracy"] == info["accuracy"]
+
+
+def test_worlds_built_before_the_size_keys_keep_their_hash():
+    # The quickstart's hash as it was before world.max_positions / teacher_size / student_size existed: their
+    # defaults reproduce those worlds, so a cached quickstart world is not rebuilt for them.
+    assert config_hash(WorldConfig()) == "1b03740058d35530"
+    assert len({config_hash(WorldConfig(**kw)) for kw in [{}, {"max_positions": 320}, {"teacher_size": {"hidden_size": 64}},
+                                                          {"student_size": {"num_experts": 4}}]}) == 4
+
+
+def test_size_and_position_keys_are_checked():
+    with pytest.raises(ValueError, match=r"world.student_size': got keys \['hiden_size'\]; allowed: keys of .*hidden_size"):
+        WorldConfig(student_size={"hiden_size": 64})
+    with pytest.raises(ValueError, match=r"world.teacher_size.hidden_size"):
+        WorldConfig(teacher_size={"hidden_size": 0})
+    with pytest.raises(ValueError, match=r"world.max_positions"):
+        WorldConfig(max_positions=4)
+
+
+def test_tiny_reasoning_world_builds_with_its_positions_and_sizes(tmp_path):
+    cfg = tiny(tmp_path / "w", domains=["swap"], max_positions=320, train_rows_per_domain=16, eval_rows_per_domain=4,
+               teacher_size={"num_hidden_layers": 1}, student_size={"num_hidden_layers": 1, "num_experts": 4})
+    info = build_world(cfg, log=lambda _: None)
+    root = Path(info["dir"])
+    row = read_jsonl(root / "data/train.jsonl")[0]
+    assert row["domain"] == "swap" and row["solution"].endswith("|" + row["answer"])
+    teacher = AutoModelForCausalLM.from_pretrained(root / "teachers" / "swap")
+    student = AutoModelForCausalLM.from_pretrained(root / "student")
+    assert teacher.config.max_position_embeddings == student.config.max_position_embeddings == 320
+    assert teacher.config.num_hidden_layers == student.config.num_hidden_layers == 1
+    assert student.config.num_experts == 4 and student.config.hidden_size == 128  # the rest as the quickstart's
+    assert AutoTokenizer.from_pretrained(root / "student").model_max_length == 320
+    assert set(info["accuracy"]) == {"teacher/swap", "student"} and set(info["accuracy"]["student"]) == {"swap"}
+
+    # Another student for the same world (the peer benchmark's bigger one): the world's data and recipe.
+    big = dataclasses.replace(cfg, student_size={"num_hidden_layers": 2, "num_experts": 4}, student_steps=1)
+    made = build_student_for(big, tmp_path / "big", log=lambda _: None)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "big")
+    assert (again.config.num_hidden_layers, again.config.max_position_embeddings) == (2, 320)
+    assert made["num_params"] == num_params(again) and set(made["accuracy"]) == {"swap"}
+    assert build_student_for(big, tmp_path / "big", log=lambda _: None) == made  # cached by config hash
+    with pytest.raises(ValueError, match="may differ"):
+        build_student_for(dataclasses.replace(big, teacher_lr=1.0), tmp_path / "other")
 
 
 def test_interrupted_build_leaves_no_world(tmp_path):

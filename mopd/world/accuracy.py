@@ -45,9 +45,10 @@ def greedy_generate(model: PreTrainedModel, tok: PreTrainedTokenizerFast, prompt
 
 def accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerFast, rows: Sequence[dict[str, Any]],
              max_new_tokens: int | None = None) -> dict[str, float]:
-    """Exact-match accuracy per domain (verifier score averaged over that domain's rows)."""
+    """Exact-match accuracy per domain (verifier score averaged over that domain's rows); generation may run
+    two tokens past the longest reference response (a worked `solution` where the row has one)."""
     if max_new_tokens is None:
-        max_new_tokens = max(len(r["answer"]) for r in rows) + 2
+        max_new_tokens = max(len(r.get("solution", r["answer"])) for r in rows) + 2
     texts = greedy_generate(model, tok, [r["prompt"] for r in rows], max_new_tokens)
     hits: dict[str, list[float]] = defaultdict(list)
     for r, t in zip(rows, texts, strict=True):

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from mopd.world.accuracy import accuracy
 from mopd.world.config import WorldConfig
 from mopd.world.models import build_student, build_teacher, num_params, save_model
 from mopd.world.sft import sft
-from mopd.world.tasks import GENERATORS, make_splits, write_jsonl
+from mopd.world.tasks import GENERATORS, make_splits, read_jsonl, sft_target, write_jsonl
 from mopd.world.tokenizer import build_tokenizer, save_tokenizer
 
 # Bump whenever a change here, in the tasks, the tokenizer, the models or the SFT loop would produce a
@@ -42,9 +43,16 @@ CODE_VERSION = "world-v2"
 MANIFEST = "world.json"
 
 
+# Fields added after worlds were first built: hashed only when set away from their defaults, so that the worlds
+# built before them (which these defaults reproduce) stay valid.
+LATER_FIELDS = ("max_positions", "teacher_size", "student_size")
+
+
 def config_hash(cfg: WorldConfig) -> str:
     """Hash of what determines the world's contents: every field except its location, plus the code."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "dir"}
+    default = WorldConfig()
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k != "dir" and not (k in LATER_FIELDS and v == getattr(default, k))}
     blob = json.dumps({"code_version": CODE_VERSION, "world": fields}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -95,6 +103,19 @@ def _check_domains(cfg: WorldConfig) -> None:
         raise ValueError(f"world.domains {list(cfg.domains)}: unknown {unknown}; known domains: {sorted(GENERATORS)}")
 
 
+def _warm_start(cfg: WorldConfig, tok: Any, train: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    """The world's student: built at `world.student_size` and warm-started by a short SFT on the mixture
+    (`world.student_mix`; worked solutions where a domain has them)."""
+    model = build_student(tok, _seed(cfg.seed, "student/init"), max_position_embeddings=cfg.max_positions,
+                          **cfg.student_size)
+    counts = {d: sum(r["domain"] == d for r in train) for d in cfg.domains}
+    weights = [cfg.student_mix.get(r["domain"], 1.0) / counts[r["domain"]] for r in train]
+    hist = sft(model, tok, [sft_target(r) for r in train], cfg.student_steps, cfg.batch_size, cfg.student_lr,
+               _seed(cfg.seed, "student/sft"), warmup_steps=min(cfg.warmup_steps, cfg.student_steps // 4),
+               weights=weights)
+    return model, hist
+
+
 def _build_into(out: Path, cfg: WorldConfig, log: Callable[[str], None]) -> dict[str, Any]:
     clock = _Clock()
     t_all = time.perf_counter(), time.process_time()
@@ -105,7 +126,7 @@ def _build_into(out: Path, cfg: WorldConfig, log: Callable[[str], None]) -> dict
         (out / "data").mkdir(parents=True)
         write_jsonl(train, out / "data" / "train.jsonl")
         write_jsonl(evals, out / "data" / "eval.jsonl")
-        tok = build_tokenizer()
+        tok = build_tokenizer(cfg.max_positions)
         save_tokenizer(tok, out / "tokenizer")
     log(f"[world] data: {len(train)} train / {len(evals)} eval rows over {domains}")
 
@@ -113,9 +134,10 @@ def _build_into(out: Path, cfg: WorldConfig, log: Callable[[str], None]) -> dict
     params: dict[str, int] = {}
     final_loss: dict[str, float] = {}
     for d in domains:
-        rows = [r for r in train if r["domain"] == d]
+        rows = [sft_target(r) for r in train if r["domain"] == d]  # a worked solution where the domain has one
         with clock.stage(f"teacher/{d}"):
-            model = build_teacher(tok, _seed(cfg.seed, f"teacher/{d}/init"))
+            model = build_teacher(tok, _seed(cfg.seed, f"teacher/{d}/init"), max_position_embeddings=cfg.max_positions,
+                                  **cfg.teacher_size)
             hist = sft(model, tok, rows, cfg.teacher_steps_by_domain.get(d, cfg.teacher_steps), cfg.batch_size,
                        cfg.teacher_lr, _seed(cfg.seed, f"teacher/{d}/sft"), warmup_steps=cfg.warmup_steps)
             save_model(model, tok, out / "teachers" / d)
@@ -127,12 +149,7 @@ def _build_into(out: Path, cfg: WorldConfig, log: Callable[[str], None]) -> dict
             f"loss {hist['final_loss']:.3f}, acc {table[f'teacher/{d}']}")
 
     with clock.stage("student"):
-        model = build_student(tok, _seed(cfg.seed, "student/init"))
-        counts = {d: sum(r["domain"] == d for r in train) for d in domains}
-        weights = [cfg.student_mix.get(r["domain"], 1.0) / counts[r["domain"]] for r in train]
-        hist = sft(model, tok, train, cfg.student_steps, cfg.batch_size, cfg.student_lr,
-                   _seed(cfg.seed, "student/sft"), warmup_steps=min(cfg.warmup_steps, cfg.student_steps // 4),
-                   weights=weights)
+        model, hist = _warm_start(cfg, tok, train)
         save_model(model, tok, out / "student")
     with clock.stage("eval/student"):
         table["student"] = accuracy(model, tok, evals)
@@ -215,6 +232,50 @@ def build_world(cfg: WorldConfig, force: bool = False, log: Callable[[str], None
     t = manifest["timings"]["total"]
     log(f"[world] built {target} in {t['wall_s']:.1f} s wall ({t['cpu_s']:.1f} s CPU)")
     return load_world(target) or manifest
+
+
+def build_student_for(cfg: WorldConfig, path: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Another student for the built world at `cfg.dir` (e.g. a bigger one: `cfg.student_size`), warm-started
+    on that world's rows exactly as the world's own student is (`cfg.student_steps`, `student_lr`, mix), saved
+    to `path` with a `student.json` of its figures. Only the student fields of `cfg` (and `num_threads`) may
+    differ from the world's: the data, tokenizer and positions are the world's. Cached like a world: a
+    `student.json` with the same config hash is returned at once."""
+    world = load_world(cfg.dir)
+    if world is None:
+        raise ValueError(f"no world at {cfg.dir}: build it first (mopd world build CONFIG)")
+    student_fields = {"student_size", "student_steps", "student_lr", "student_mix", "num_threads"}
+    built = {**dataclasses.asdict(WorldConfig()), **world["config"]}  # a world from before later fields: defaults
+    own, asked = ({k: v for k, v in fields.items() if k not in student_fields | {"dir"}}
+                  for fields in (built, dataclasses.asdict(cfg)))
+    if own != asked:
+        raise ValueError(f"build_student_for: only {sorted(student_fields)} may differ from the world at {cfg.dir}")
+    target = Path(path)
+    stamp = target / "student.json"
+    try:
+        info = json.loads(stamp.read_text())
+        if info.get("config_hash") == config_hash(cfg):
+            return info
+    except (OSError, ValueError):
+        pass
+    root = Path(world["dir"])
+    train = read_jsonl(root / world["paths"]["train"])
+    evals = read_jsonl(root / world["paths"]["eval"])
+    tok = PreTrainedTokenizerFast.from_pretrained(str(root / world["paths"]["tokenizer"]))
+    clock = _Clock()
+    with _threads(cfg.num_threads):
+        with clock.stage("student"):
+            model, hist = _warm_start(cfg, tok, train)
+        with clock.stage("eval/student"):
+            acc = accuracy(model, tok, evals)
+    shutil.rmtree(target, ignore_errors=True)
+    save_model(model, tok, target)
+    info = {"config_hash": config_hash(cfg), "student_size": cfg.student_size, "num_params": num_params(model),
+            "accuracy": acc, "final_loss": round(hist["final_loss"], 4), "timings": clock.stages,
+            "world": world["dir"]}
+    stamp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    log(f"[world] student for {cfg.dir} at {target}: {info['num_params'] / 1e6:.1f}M parameters, "
+        f"{clock.stages['student']['wall_s']:.0f} s, acc {acc}")
+    return info
 
 
 def main(argv: list[str] | None = None) -> None:

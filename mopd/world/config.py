@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from mopd.config import Checker, ConfigError, MopdConfig, register_section
+from mopd.world.sizes import STUDENT_SIZE, TEACHER_SIZE
 
 SECTION = "world"
 _DOMAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -37,6 +38,13 @@ class WorldConfig:
     # Torch threads while building; the weights depend on it. One thread is no slower for models this
     # small (the whole build took 159 s with one thread, 189 s with two, both on a loaded machine).
     num_threads: int = 1  # >= 1
+    # Positions of every model (max_position_embeddings) and the tokenizer's model_max_length: prompt +
+    # response + EOS must fit. 64 holds the short domains; a reasoning domain (swap: 37 + 261 + 1) needs more.
+    max_positions: int = 64  # >= 8
+    # Overrides of the models' sizes (mopd.world.sizes.TEACHER_SIZE / STUDENT_SIZE keys, integers >= 1),
+    # e.g. {hidden_size: 256, num_hidden_layers: 6} for a bigger student; empty: the quickstart's sizes.
+    teacher_size: dict[str, int] = field(default_factory=dict)
+    student_size: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         c = Checker(SECTION, self)
@@ -54,6 +62,13 @@ class WorldConfig:
         c.count("batch_size", 1)
         c.count("warmup_steps", 0)
         c.count("num_threads", 1)
+        c.count("max_positions", 8)
+        for name, known in (("teacher_size", TEACHER_SIZE), ("student_size", STUDENT_SIZE)):
+            c.counts(name, 1)
+            unknown = sorted(set(getattr(self, name)) - set(known))
+            if unknown:
+                raise ConfigError(f"config key '{SECTION}.{name}': got keys {unknown}; allowed: keys of "
+                                  f"{', '.join(sorted(known))}")
 
 
 # `dir` is a cache outside the uploaded working dir: a submitted job reads the world where it was built.

@@ -22,8 +22,9 @@ CHARS = string.digits + string.ascii_lowercase + "+-*=:,.|() "
 MAX_LEN = 64  # prompt + response tokens; the quickstart sequences are far shorter
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A fresh tokenizer: specials first, then one token per character in `CHARS`."""
+def build_tokenizer(max_len: int = MAX_LEN) -> PreTrainedTokenizerFast:
+    """A fresh tokenizer: specials first, then one token per character in `CHARS`; `max_len` is its
+    model_max_length, the positions of the world's models (`world.max_positions`)."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(CHARS))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # Every character is its own pre-token; specials are matched before splitting.
@@ -34,7 +35,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         pad_token=PAD,
         eos_token=EOS,
         unk_token=UNK,
-        model_max_length=MAX_LEN,
+        model_max_length=max_len,
         clean_up_tokenization_spaces=False,
         padding_side="right",
     )
