@@ -76,7 +76,7 @@ def run_preflight(cfg: Any, teachers: dict[str, list[Any]], student_tokenizer: A
     """All checks for every teacher in `teachers` (name -> replica handles, in config order)."""
     # The engines' context: the longest prompt, the longest response and the one token a scoring request
     # generates (the same figure the engines are started with).
-    need_len = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens + 1
+    need_len = cfg.data.max_prompt_tokens + cfg.rollout.response_budget + 1
     student = Path(str(cfg.student.path)).expanduser()
     student_vocab = config_vocab_size(student) if student.is_dir() else None
     out: list[Check] = []
