@@ -149,3 +149,31 @@ def test_row_env_must_be_registered(tmp_path):
         load_rows([str(f)])
     f.write_text(json.dumps({"prompt": "calc(1+2)", "domain": "add", "env": "calc"}) + "\n")
     assert load_rows([str(f)])[0]["env"] == "calc"
+
+
+def test_preflight_scores_a_multi_turn_trajectory(models):
+    """Rows naming an environment add a check: the teacher's scores of a trajectory's first turn must not move
+    when the observation and the next turn follow it (one prefill of the whole trajectory, as training sends).
+    A teacher that keeps only the last tokens of a long request (a truncating server) fails it."""
+    from test_preflight import TransformersTeacher
+    from tiny_config import REQUIRED_OVERRIDES
+
+    from teachers.preflight import format_report, run_preflight
+
+    tok, d = models
+    rows = [{"prompt": "add:12+34=", "answer": "46", "domain": "add", "id": "a0", "env": "calc"}]
+    cfg = load_config(None, [*REQUIRED_OVERRIDES, f"teachers.t.path={d}/teacher", "teachers.t.domains=[add]"])
+
+    class Truncating(TransformersTeacher):
+        def score(self, sequences, prompt_lens, top_k=0):
+            keep = 12
+            cut = [max(0, len(s) - keep) for s in sequences]
+            return super().score([s[c:] for s, c in zip(sequences, cut, strict=True)],
+                                 [max(1, p - c) for p, c in zip(prompt_lens, cut, strict=True)], top_k)
+
+    good = run_preflight(cfg, {"t": [TransformersTeacher(d / "teacher")]}, tok, rows)
+    assert [c.ok for c in good if c.name == "multi_turn"] == [True], format_report(good)
+    bad = run_preflight(cfg, {"t": [Truncating(d / "teacher")]}, tok, rows)
+    assert [c.ok for c in bad if c.name == "multi_turn"] == [False], format_report(bad)
+    single = run_preflight(cfg, {"t": [TransformersTeacher(d / "teacher")]}, tok, [{**rows[0], "env": None}])
+    assert not [c for c in single if c.name == "multi_turn"]

@@ -130,7 +130,7 @@ def test_outcomes_turns_and_masks(synced):
     by_env: dict = {}
     for s in samples:
         by_env.setdefault(s.row.get("env"), []).append(s)
-        m, smp = s.sample.meta, s.sample
+        smp = s.sample
         assert len(smp.student_mask) == len(smp.response_ids) == len(smp.rollout_logprobs)
         assert all(lp == 0.0 for lp, k in zip(smp.rollout_logprobs, smp.student_mask, strict=True) if not k)
         assert smp.policy_version == 1
