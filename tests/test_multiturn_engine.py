@@ -190,3 +190,37 @@ def test_teacher_scores_whole_trajectory_at_student_positions(synced, models):
             want = lp[p - 1 + j, seq[p + j]].item() if k else 0.0
             worst = max(worst, abs(got - want))
     assert worst <= 1e-5, worst
+
+
+def test_vllm_teacher_scores_whole_trajectory(synced, models, ray_local):
+    """The vLLM teacher backend, one prefill per trajectory: log-probs and top-k at the student's positions
+    equal a transformers forward over the trajectory; observation positions are left out."""
+    from teachers.vllm_teacher import start_teacher
+
+    _, d = models
+    _, _, samples, _ = synced
+    spec = EngineSpec(str(d / "teacher"), max_model_len=48, dtype="float32", num_cpus=0.5, omp_threads=1,
+                      kv_cache_gb=0.25, max_top_k=3)
+    teacher = start_teacher(spec, replicas=1)[0]
+    try:
+        multi = [s for s in samples if 0 in s.sample.student_mask]
+        assert multi
+        scores = ray_local.get(teacher.score.remote([s.sample.prompt_ids + s.sample.response_ids for s in multi],
+                                                    [len(s.sample.prompt_ids) for s in multi], 3))
+    finally:
+        ray_local.kill(teacher)
+    ref = AutoModelForCausalLM.from_pretrained(d / "teacher", dtype=torch.float32).eval()
+    worst = 0.0
+    for s, sc in zip(multi, scores, strict=True):
+        s.teacher_logprobs, s.teacher_topk_ids, s.teacher_topk_logprobs = sc.logprobs, sc.topk_ids, sc.topk_logprobs
+        mask_student_positions(s)
+        seq, p = s.sample.prompt_ids + s.sample.response_ids, len(s.sample.prompt_ids)
+        with torch.no_grad():
+            lp = ref(torch.tensor([seq])).logits.float().log_softmax(-1)[0]
+        for j, k in enumerate(s.sample.student_mask):
+            if not k:
+                assert s.teacher_logprobs[j] == 0.0 and s.teacher_topk_ids[j] == []
+                continue
+            worst = max(worst, abs(s.teacher_logprobs[j] - lp[p - 1 + j, seq[p + j]].item()))
+            assert s.teacher_topk_ids[j] == lp[p - 1 + j].topk(3).indices.tolist()
+    assert worst < 1e-3, worst
