@@ -224,3 +224,47 @@ def test_vllm_teacher_scores_whole_trajectory(synced, models, ray_local):
             worst = max(worst, abs(s.teacher_logprobs[j] - lp[p - 1 + j, seq[p + j]].item()))
             assert s.teacher_topk_ids[j] == lp[p - 1 + j].topk(3).indices.tolist()
     assert worst < 1e-3, worst
+
+
+def test_batch_producer_rolls_out_multi_turn_batches_reproducibly(models, student, ray_local):
+    """The producer's multi-turn path end to end (rollout thread, teacher scoring, batch): a batch is a function
+    of (seed, step) (what a resumed run relies on), and the one-step-off pipeline produces them too."""
+    from tiny_config import REQUIRED_OVERRIDES
+
+    from mopd.producer import BatchProducer, Pipeline
+    from teachers.hf_teacher import start_hf_group
+    from teachers.registry import TeacherRegistry
+
+    tok, d = models
+    cfg = load_config(None, [*REQUIRED_OVERRIDES, f"student.path={d}/student", f"teachers.t.path={d}/teacher",
+                             "teachers.t.domains=[rev]", "rollout.max_tokens=6", "rollout.max_total_tokens=30",
+                             "rollout.max_turns=3", "rollout.n=2", "trainer.prompts_per_step=4",
+                             "algorithm.objective=reverse_kl", "algorithm.teacher_top_k=3"])
+    teachers = start_hf_group({"t": EngineSpec(str(d / "teacher"), max_model_len=48, num_cpus=0.5)}, 1)
+    try:
+        rows, prompts = rows_and_prompts(tok)
+        rows = [r for r in rows if r.get("env") in ("t_echo", None)]
+        prompts = [tok.encode(r["prompt"], add_special_tokens=False) for r in rows]
+        producer = BatchProducer(cfg, [student], teachers, TeacherRegistry.from_config(cfg, tok), tok, rows, prompts)
+        a, b = producer.get(1), producer.get(1)
+        assert [x.sample.response_ids for x in a.samples] == [x.sample.response_ids for x in b.samples]
+        assert torch.equal(a.batch.mask_BT, b.batch.mask_BT) and a.digest == b.digest
+        student_tokens = sum(sum(x.sample.student_mask) for x in a.samples)
+        assert a.batch.mask_BT.sum().item() == student_tokens < sum(len(x.sample.response_ids) for x in a.samples)
+        assert a.batch.teacher_topk_ids_BTK is not None
+        for key in ("rollout/turns_mean", "rollout/obs_token_share", "timing_s/env", "timing_s/teacher",
+                    "rollout/response_length/p90"):
+            assert key in a.metrics, key
+        pipe = Pipeline(producer, max_staleness=1, first_step=1, synced_version=0, last_step=2)
+        try:
+            one = pipe.get(1, {})
+            pipe.weights_sent(1)
+            two = pipe.get(2, {})
+        finally:
+            pipe.close()
+        assert [x.sample.response_ids for x in one.samples] == [x.sample.response_ids for x in a.samples]
+        assert two.metrics["rollout/turns_mean"] >= 1
+    finally:
+        for actors in teachers.values():
+            for actor in actors:
+                ray_local.kill(actor)
