@@ -19,12 +19,13 @@ from transformers import AutoModelForCausalLM
 from mopd.batch import build_batch
 from mopd.config import load_config
 from mopd.multiturn import TurnLimits, multi_turn_rollout
-from mopd.producer import mask_student_positions, verify_samples
+from mopd.producer import mask_student_positions, teacher_rollout, verify_samples
 from mopd.trainer import Trainer
 from rollout.actors import start_student_engines
 from rollout.envs import ENVIRONMENTS, EnvStep, register_environment
 from rollout.types import EngineSpec
 from teachers.hf_teacher import HfTeacher
+from teachers.registry import TeacherRegistry
 
 pytestmark = pytest.mark.slow
 STOP = tuple(string.digits + string.ascii_lowercase)
@@ -207,6 +208,13 @@ def test_vllm_teacher_scores_whole_trajectory(synced, models, ray_local):
         assert multi
         scores = ray_local.get(teacher.score.remote([s.sample.prompt_ids + s.sample.response_ids for s in multi],
                                                     [len(s.sample.prompt_ids) for s in multi], 3))
+        # The teacher generates multi-turn too (its own evaluation, the SFT baseline's data): with the tool.
+        tok, _ = models
+        rows, prompts = rows_and_prompts(tok)
+        registry = TeacherRegistry()
+        registry.register("t", ["rev"], str(d / "teacher"))
+        own = teacher_rollout({"t": [teacher]}, registry, prompts, rows, n=1, temperature=1.0, max_tokens=6, seed=3,
+                              tokenizer=tok, limits=LIMITS)
     finally:
         ray_local.kill(teacher)
     ref = AutoModelForCausalLM.from_pretrained(d / "teacher", dtype=torch.float32).eval()
@@ -224,6 +232,12 @@ def test_vllm_teacher_scores_whole_trajectory(synced, models, ray_local):
             worst = max(worst, abs(s.teacher_logprobs[j] - lp[p - 1 + j, seq[p + j]].item()))
             assert s.teacher_topk_ids[j] == lp[p - 1 + j].topk(3).indices.tolist()
     assert worst < 1e-3, worst
+    assert [x.group for x in own] == list(range(len(rows))) and all(x.teacher == "t" for x in own)
+    echo = [x for x in own if x.row.get("env") == "t_echo"]
+    assert any(0 in x.sample.student_mask for x in echo) and max(x.sample.meta["turns"] for x in echo) >= 2
+    assert [x.sample.meta["outcome"] for x in own if x.row.get("env") == "t_raise"] in (["env_error"], ["done"],
+                                                                                         ["length"])
+    assert own[-1].sample.student_mask is None  # the single-turn row: the teacher's plain generate
 
 
 def test_batch_producer_rolls_out_multi_turn_batches_reproducibly(models, student, ray_local):
@@ -255,6 +269,9 @@ def test_batch_producer_rolls_out_multi_turn_batches_reproducibly(models, studen
         for key in ("rollout/turns_mean", "rollout/obs_token_share", "timing_s/env", "timing_s/teacher",
                     "rollout/response_length/p90"):
             assert key in a.metrics, key
+        with pytest.raises(ValueError, match="teacher 't' cannot roll out rows that name an environment"):
+            teacher_rollout(teachers, producer.registry, prompts, rows, n=1, temperature=1.0, max_tokens=6, seed=0,
+                            tokenizer=tok)
         pipe = Pipeline(producer, max_staleness=1, first_step=1, synced_version=0, last_step=2)
         try:
             one = pipe.get(1, {})
