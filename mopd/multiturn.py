@@ -3,10 +3,12 @@ appended as context, the student goes on (rows naming an `env`, see rollout/envs
 
 Rounds, not lock-step per trajectory: each round sends every live trajectory, whatever its turn, to the
 engines in one call per engine (contiguous chunks, as single-turn rollouts), with the whole trajectory so far
-as the prompt; the environment steps of the trajectories whose turn ended on a stop string then run
-concurrently in a thread pool (each through `rollout.envs.run_step`, so a failing, hanging or flooding
-environment ends only its own trajectory), and the next round goes out. A trajectory that ended drops out;
-the round is as long as its longest turn, not as long as the slowest trajectory.
+as the prompt. As each engine's chunk comes back, the environment steps of its trajectories whose turn ended
+on a stop string start in a thread pool (each through `rollout.envs.run_step`, so a failing, hanging or
+flooding environment ends only its own trajectory), overlapping the other engines' generation; the next
+round goes out once they have all answered. A trajectory that ended drops out; a round is as long as its
+longest turn, not as long as the slowest trajectory. `timing_s/env`: the time the rounds waited for
+environments after their generation was done (environment time not hidden behind generation).
 
 Who wrote what: `Sample.student_mask` is 1 on the student's tokens and 0 on observation tokens, whose
 `rollout_logprobs` are a 0.0 placeholder. The trainer's mask is response mask x student mask
@@ -24,9 +26,10 @@ Seeds: the turn of trajectory (prompt i, sample j) in round t is sampled with a 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,16 +141,13 @@ def multi_turn_rollout(engines: list[Any], tokenizer: Any, prompt_ids: list[list
     live = list(trajs)
     with ThreadPoolExecutor(max_workers=_ENV_THREADS, thread_name_prefix="mopd-env") as pool:
         while live:
-            _generate_round(engines, tokenizer, live, index, temperature, top_p, limits, between)
-            asking = [t for t in live if not t.outcome]
+            asked: list[tuple[Trajectory, Future]] = []
+            ask = functools.partial(_ask, pool, limits, asked)
+            _generate_round(engines, tokenizer, live, index, temperature, top_p, limits, between, ask)
             t0 = time.perf_counter()
-            steps = list(pool.map(lambda t: run_step(t.env, t.row, list(t.pieces[:-1]), t.pieces[-1][1],
-                                                     timeout_s=limits.env_timeout_s,
-                                                     max_observation_chars=limits.env_max_observation_chars),
-                                  asking))
-            env_s += time.perf_counter() - t0 if asking else 0.0
-            for t, step in zip(asking, steps, strict=True):
-                _apply_step(t, step, tokenizer, limits)
+            for t, fut in asked:
+                _apply_step(t, fut.result(), tokenizer, limits)
+            env_s += time.perf_counter() - t0
             live = [t for t in live if not t.outcome]
     out = [ScoredSample(row=t.row, group=t.group, sample=t.sample()) for t in trajs]
     if metrics is not None:
@@ -157,8 +157,10 @@ def multi_turn_rollout(engines: list[Any], tokenizer: Any, prompt_ids: list[list
 
 
 def _generate_round(engines: list[Any], tokenizer: Any, live: list[Trajectory], index: dict[int, tuple[int, int]],
-                    temperature: float, top_p: float, limits: TurnLimits, between: Callable[[], None] | None) -> None:
-    """One turn of every live trajectory, on all engines at once; ends the trajectories whose turn ends them."""
+                    temperature: float, top_p: float, limits: TurnLimits, between: Callable[[], None] | None,
+                    on_chunk: Callable[[list[Trajectory]], None]) -> None:
+    """One turn of every live trajectory, on all engines at once; ends the trajectories whose turn ends them
+    and hands each engine's chunk to `on_chunk` as soon as it is back."""
     k, r = divmod(len(live), len(engines))  # contiguous chunks, one per engine, as single-turn rollouts
     bounds = np.cumsum([0] + [k + (i < r) for i in range(len(engines))])
     chunks = [live[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
@@ -172,26 +174,40 @@ def _generate_round(engines: list[Any], tokenizer: Any, live: list[Trajectory], 
             temperature=temperature, top_p=top_p))
     pending = list(futures)
     while pending:
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=None if between is None else 0.01)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=None if between is None else 0.01)
+        for fut in ready:
+            ch = chunks[futures.index(fut)]
+            _end_turns(ch, ray.get(fut), tokenizer, limits)
+            on_chunk(ch)
         if between is not None:
             between()
-    for ch, fut in zip(chunks, futures, strict=True):
-        for t, smp in zip(ch, ray.get(fut), strict=True):
-            t.add(smp.response_ids, smp.rollout_logprobs, student=True)
-            t.pieces.append((STUDENT, tokenizer.decode(smp.response_ids, skip_special_tokens=True)))
-            t.turns += 1
-            t.finish_reason = smp.finish_reason
-            t.routed = smp.routed_experts  # this turn's record covers every earlier position (its prefill)
-            if smp.policy_version is not None:
-                t.versions.append(smp.policy_version)
-            stopped = smp.meta.get("stop")
-            if t.env is None or stopped is None:  # EOS or the length limit: the student is done
-                t.outcome = "done" if smp.finish_reason == "stop" else (
-                    "max_total_tokens" if len(t.response_ids) >= limits.total else "length")
-            elif t.turns >= limits.max_turns:
-                t.outcome = "max_turns"
-            elif len(t.response_ids) >= limits.total:
-                t.outcome = "max_total_tokens"
+
+
+def _ask(pool: ThreadPoolExecutor, limits: TurnLimits, asked: list[tuple[Trajectory, Future]],
+         done: list[Trajectory]) -> None:
+    """An engine's chunk is back: its environments answer (in the pool) while the other engines still generate."""
+    asked.extend((t, pool.submit(run_step, t.env, t.row, list(t.pieces[:-1]), t.pieces[-1][1],
+                                 timeout_s=limits.env_timeout_s, max_observation_chars=limits.env_max_observation_chars))
+                 for t in done if not t.outcome)
+
+
+def _end_turns(ch: list[Trajectory], samples: list[Sample], tokenizer: Any, limits: TurnLimits) -> None:
+    for t, smp in zip(ch, samples, strict=True):
+        t.add(smp.response_ids, smp.rollout_logprobs, student=True)
+        t.pieces.append((STUDENT, tokenizer.decode(smp.response_ids, skip_special_tokens=True)))
+        t.turns += 1
+        t.finish_reason = smp.finish_reason
+        t.routed = smp.routed_experts  # this turn's record covers every earlier position (its prefill)
+        if smp.policy_version is not None:
+            t.versions.append(smp.policy_version)
+        stopped = smp.meta.get("stop")
+        if t.env is None or stopped is None:  # EOS or the length limit: the student is done
+            t.outcome = "done" if smp.finish_reason == "stop" else (
+                "max_total_tokens" if len(t.response_ids) >= limits.total else "length")
+        elif t.turns >= limits.max_turns:
+            t.outcome = "max_turns"
+        elif len(t.response_ids) >= limits.total:
+            t.outcome = "max_total_tokens"
 
 
 def _apply_step(t: Trajectory, step: EnvStep, tokenizer: Any, limits: TurnLimits) -> None:

@@ -285,3 +285,16 @@ def test_batch_producer_rolls_out_multi_turn_batches_reproducibly(models, studen
         for actors in teachers.values():
             for actor in actors:
                 ray_local.kill(actor)
+
+
+def test_trajectories_do_not_depend_on_the_engine_count(models, student):
+    """Each turn's seed is a function of (batch seed, prompt, sample, turn): two engines (here the same actor
+    twice, so two chunks per round, each handed to the environments as it comes back) give the same batch."""
+    tok, _ = models
+    rows, prompts = rows_and_prompts(tok)
+    rows, prompts = rows[:4] + rows[-1:], prompts[:4] + prompts[-1:]
+    one, two = (multi_turn_rollout(engines, tok, prompts, rows, n=2, temperature=1.0, top_p=1.0, limits=LIMITS,
+                                   seed=9) for engines in ([student], [student, student]))
+    assert [(x.sample.response_ids, x.sample.student_mask) for x in one] == \
+           [(x.sample.response_ids, x.sample.student_mask) for x in two]
+    assert any(0 in x.sample.student_mask for x in one)
