@@ -8,7 +8,10 @@ of the whole step to its slowest stage alone (1.0 would mean the other stages co
 one run per value, side by side, and each run's tokens/s as a ratio of the first's, e.g.
 `--vary trainer.max_staleness=0,1` (synchronous loop vs one-step-off pipeline) or
 `--vary trainer.num_workers=1,2 trainer.num_cpus=0.5` (data-parallel trainer workers: on 2 cores the ratio
-measures the overhead of the gradient all-reduce and the extra process more than a speed-up).
+measures the overhead of the gradient all-reduce and the extra process more than a speed-up). On a multi-turn
+config (rows naming an `env`) it adds the environments' share of the step, turns, tool calls and the share of
+observation tokens; tokens/s counts the student's tokens only, so `--vary rollout.max_turns=1,3` on
+configs/quickstart_agent.yaml compares single-turn and multi-turn rollouts per student token.
 
     .venv/bin/python benchmarks/step_breakdown.py --sync [--buckets MB,MB,...] [--repeats N] [key=value ...]
 
@@ -116,6 +119,10 @@ def run(config: str, overrides: list[str]) -> dict[str, float]:
     out["tokens/s"] = statistics.mean(m["perf/tokens_per_s"] for m in steps)
     out["steps"] = len(steps)
     out["staleness"] = statistics.mean(m.get("rollout/staleness_mean", 0.0) for m in steps)
+    # Multi-turn rows (an `env`): environment time (inside the rollout stage), turns, observation-token share.
+    for key, name in (("timing_s/env", "env"), ("rollout/turns_mean", "turns"),
+                      ("rollout/obs_token_share", "obs_share"), ("rollout/tool_calls_mean", "tool_calls")):
+        out[name] = statistics.mean(m.get(key, 0.0) for m in steps)
     every = read_metrics(f"{cfg.logging.run_dir}/metrics.jsonl")  # memory is read on step 1 and every 10th
     out["cpu_busy"] = cpu.busy()
     out["pss_gb"] = max((m["perf/pss_gb/total"] for m in every if "perf/pss_gb/total" in m), default=math.nan)
@@ -264,6 +271,11 @@ def main(argv: list[str]) -> None:
     print(f"{'overlap ceiling':<16}" + "".join(f"{1 / r['cpu_busy']:>17.2f}x" for _, r in results)
           + "   (1 / busy: the most any overlap of this run's stages on these cores could gain)")
     print(f"{'staleness':<16}" + "".join(f"{r['staleness']:>18.2f}" for _, r in results))
+    if any(r["turns"] for _, r in results):
+        print(f"{'env s':<16}" + "".join(f"{r['env']:>11.4f} {r['env'] / r['step']:>6.1%}" for _, r in results)
+              + "   (environment steps the rounds waited for; inside `rollout`)")
+        for name in ("turns", "tool_calls", "obs_share"):
+            print(f"{name:<16}" + "".join(f"{r[name]:>18.3f}" for _, r in results))
     sent = ", ".join(f"{r['weights_mb']:.1f}" for _, r in results)
     print(f"{'sync s per MB':<16}" + "".join(f"{r['sync'] / r['weights_mb']:>18.5f}" for _, r in results)
           + f"   (weights sent {sent} MB fp32; with max_staleness > 0 the step does not wait "
