@@ -9,6 +9,8 @@ and a resume:
 - `--resume` needs something to resume from: `checkpoints/latest` naming a complete folder (one with
   `state.json`), or else the newest complete `step_N` (logged). Finding neither is an error saying what was
   found, never a silent fresh start over the old metrics;
+- `--resume` takes the newest checkpoint that is intact (`checkpoint_problem`: a truncated `model.safetensors`
+  or torch file is skipped with a WARNING line naming it and why); `--resume-from step_N` takes that one;
 - temporaries a crash left under `checkpoints/` (`.step_N.tmp*`, `.*.old`, `.latest.*`) are removed, and a
   `.step_N.old` whose `step_N` is gone (a crash mid-swap) is put back;
 - a run dir that is a file, cannot be created or is not writable is a `RunDirError` with a clear message;

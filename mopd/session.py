@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 from mopd.atomic import write_text
 from mopd.carry import CARRY_FILE, carry_key, load_carry
 from mopd.carry import encode as encode_carry
-from mopd.checkpoint import checkpoints_dir, intact_checkpoint
+from mopd.checkpoint import checkpoint_problem, checkpoints_dir, complete_steps, intact_checkpoint
 from mopd.config import MopdConfig, to_yaml
 from mopd.data import check_domain_mix, encode_rows, load_rows
 from mopd.engine_group import start_engines
@@ -336,7 +336,7 @@ class RunSession:
         run continues from that step, on the batches the checkpoint carries (returned)."""
         cfg = self.cfg
         clean_stale(self.run_dir, self.log)
-        last = intact_checkpoint(self.run_dir, self.log) if checkpoints_dir(self.run_dir).is_dir() else None
+        last = self._exact_checkpoint()
         self.log(f"{why}: rebuilding the trainer from {last.name if last else cfg.student.path}")
         self.trainer.close()
         self.trainer = RemoteTrainer(cfg, str(last / "model") if last else cfg.student.path, self.placement)
@@ -348,6 +348,27 @@ class RunSession:
         self.logger = make_run_logger(cfg, self.run_dir, self.state.step)  # drops the records about to be redone
         self.actors.update(self.trainer.named_actors())
         return self._carried(last)
+
+    def _exact_checkpoint(self) -> Path | None:
+        """The newest intact checkpoint that carries the batches sampled ahead of it (one saved while the
+        pipeline had already lost them cannot continue exactly: an older one can); the newest intact one when
+        none does (said)."""
+        if not checkpoints_dir(self.run_dir).is_dir():
+            return None
+        newest = intact_checkpoint(self.run_dir, self.log)
+        if newest is None or self.cfg.trainer.max_staleness == 0 or (newest / CARRY_FILE).is_file():
+            return newest
+        step = int(newest.name.removeprefix("step_"))
+        if step >= self.last_step:
+            return newest  # nothing after it to carry
+        for s, ck in reversed(complete_steps(checkpoints_dir(self.run_dir))):
+            if s < step and (ck / CARRY_FILE).is_file() and checkpoint_problem(ck) is None:
+                self.log(f"{newest.name} was saved without the batches sampled ahead of it (the fault had already "
+                         f"cost them): rebuilding from {ck.name}, which has them")
+                return ck
+        self.log(f"no checkpoint carries the batches sampled ahead of it: rebuilding from {newest.name} "
+                 "(the steps right after it resample theirs: not bit-exact)")
+        return newest
 
     # -- the end ---------------------------------------------------------------------------------
     def finish(self) -> dict:
