@@ -170,6 +170,8 @@ class Pipeline:
     >= j - 1 - k, while version j - 1 trains on it: at most k steps stale. k = 0 is the synchronous loop
     (batch j waits for version j - 1). The engines' log-probs of the sampled tokens (mu) are the behaviour
     policy, so IcePop/TIS correct the staleness. Batches are still a function of (seed, step) only.
+    Their samples are not: they depend on the weights that drew them, so a checkpoint of step N keeps the
+    batches already drawn for N+1..N+k (`ahead`, `mopd.carry`) and a new pipeline serves them first (`ready`).
     """
 
     def __init__(self, producer: BatchProducer, max_staleness: int, first_step: int, synced_version: int,

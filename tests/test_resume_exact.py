@@ -218,3 +218,18 @@ def test_resume_with_a_changed_teacher_is_refused_before_anything_starts(tmp_pat
                                    f"the files under {tmp_path / 'add_teacher'} changed (tokenizer.json changed)")
     assert "--allow-teacher-change" in str(e.value)
     assert is_project_error(e.value) and not (run / "config.yaml").exists() and not (run / ".lock").exists()
+
+
+def test_resume_from_a_missing_or_corrupt_checkpoint_is_one_error_line(tmp_path, capsys):
+    from mopd.cli import main
+
+    run = tmp_path / "run"
+    _checkpoint(run, 2)
+    bad = _checkpoint(run, 4) / "optim.pt"
+    bad.write_bytes(bad.read_bytes()[:100])
+    over = [*REQUIRED_OVERRIDES, f"logging.run_dir={run}"]
+    for name, says in (("step_7", "no such checkpoint"), ("step_4", "is corrupt: optim.pt is truncated")):
+        code = main(["train", "configs/quickstart.yaml", *over, "--resume-from", name])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"mopd: error: --resume-from {name}: ") and says in err and "step_2" in err, err
