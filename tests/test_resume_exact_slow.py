@@ -1,9 +1,9 @@
 """Exact resume and recovery under `trainer.max_staleness: 1` (the default), end to end on real engines: a run
 stopped by SIGTERM and continued with `--resume`, the same continued from an older checkpoint when the newest
 is corrupt, and a run whose student engine, teacher engine or trainer is SIGKILLed mid-run and recovers
-in-process all reproduce the
-uninterrupted run's per-step `actor/loss`, `mopd/teacher_kl`, grad norm and token-level `data/batch_digest`
-exactly (fp32 CPU). One uninterrupted reference run serves every assertion (module fixture)."""
+in-process all reproduce the uninterrupted run's per-step `actor/loss`, `mopd/teacher_kl`, grad norm and
+token-level `data/batch_digest` exactly (fp32 CPU). One uninterrupted reference run serves every assertion
+(module fixture)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,10 @@ def _records(run) -> dict[int, dict]:
 
 def _same(got: dict[int, dict], ref: dict[int, dict]) -> None:
     assert sorted(got) == sorted(ref)
+    for s in ref:  # shown with -s: the figures the assertion below holds equal
+        print(f"step {s}: loss {got[s]['actor/loss']!r} vs {ref[s]['actor/loss']!r}, teacher KL "
+              f"{got[s]['mopd/teacher_kl']!r} vs {ref[s]['mopd/teacher_kl']!r}, staleness "
+              f"{got[s]['rollout/staleness_max']} vs {ref[s]['rollout/staleness_max']}")
     for s in ref:
         assert {k: got[s][k] for k in EXACT} == {k: ref[s][k] for k in EXACT}, s
 
