@@ -72,7 +72,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.config is None:
         args.config = DEFAULT_CONFIG
     cfg = _cfg(args)  # validated here: a bad key fails before anything is uploaded
-    return submit(cfg, args.config, args.overrides, args.address, wait=not args.no_wait, resume=args.resume)
+    flags = [*(["--resume-from", args.resume_from] if args.resume_from else []),
+             *(["--allow-teacher-change"] if args.allow_teacher_change else [])]
+    return submit(cfg, args.config, args.overrides, args.address, wait=not args.no_wait, resume=args.resume,
+                  train_flags=flags)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -124,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--address", help="the cluster's dashboard URL (default: RAY_ADDRESS, then ray.address)")
     sp.add_argument("--no-wait", action="store_true", help="print the job id and return instead of streaming its log")
     sp.add_argument("--resume", action="store_true", help="the job continues from the run's last checkpoint")
+    sp.add_argument("--resume-from", metavar="step_N", help="the job continues from this checkpoint")
+    sp.add_argument("--allow-teacher-change", action="store_true",
+                    help="the job resumes although a teacher differs from the checkpoint's manifest")
     jobs = sp.add_mutually_exclusive_group()
     jobs.add_argument("--status", metavar="JOB_ID", help="print a submitted job's status")
     jobs.add_argument("--stop", metavar="JOB_ID", help="stop a submitted job")
