@@ -201,7 +201,7 @@ def make_plan(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
 
     from mopd.config import load_config
     from mopd.data import DomainMixSampler, encode_rows, load_rows
-    from mopd.producer import batch_digest
+    from mopd.producer import rows_digest
     from mopd.world import world_config
     from mopd.world.build import build_student_for, build_world, load_world
 
@@ -231,7 +231,7 @@ def make_plan(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     for s in range(1, cfg.trainer.steps + 1):
         idx = sampler.batch(s - 1, cfg.trainer.prompts_per_step)  # what BatchProducer.get(s) draws
         steps.append({"texts": [rows[i]["prompt"] for i in idx], "ids": [ids[i] for i in idx],
-                      "digest": batch_digest([rows[i]["id"] for i in idx])})
+                      "digest": rows_digest([rows[i]["id"] for i in idx])})
     evals = eval_rows[:args.eval_prompts]
     return {
         "steps": args.steps, "mopd_steps": cfg.trainer.steps, "prompts": cfg.trainer.prompts_per_step, "lr": cfg.trainer.lr,
@@ -368,7 +368,7 @@ def run_mopd(plan: dict[str, Any], out: Path, extra: list[str] | None = None) ->
     if len(recs) != plan["mopd_steps"]:
         raise RuntimeError(f"mopd logged {len(recs)} steps, expected {plan['mopd_steps']}")
     for m, s in zip(recs, plan["step_prompts"], strict=True):
-        if int(m["data/batch_digest"]) != s["digest"]:
+        if int(m["data/rows_digest"]) != s["digest"]:
             raise RuntimeError(f"mopd step {m['step']}: its prompts differ from the plan's")
     cum, points = 0.0, []
     for m in recs:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -102,6 +103,60 @@ def latest_checkpoint(run_dir: Path, log: Callable[[str], None] | None = None) -
     return found.path
 
 
+def checkpoint_problem(ck: Path) -> str | None:
+    """Why complete checkpoint `ck` cannot be resumed from (a truncated or garbled file), or None. Cheap: reads
+    headers and sizes, not the tensors (a safetensors file must be exactly as long as its header says; torch
+    files must be whole zip archives)."""
+    try:
+        json.loads((ck / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"state.json is unreadable ({e})"
+    model = ck / "model"
+    for f in sorted(model.glob("*.safetensors")) if model.is_dir() else []:
+        problem = _safetensors_problem(f)
+        if problem:
+            return f"model/{f.name} {problem}"
+    for name in ("optim.pt", "rng.pt", "carry.pt"):  # a missing one is named by the load itself
+        f = ck / name
+        if f.is_file() and not zipfile.is_zipfile(f):
+            return f"{name} is truncated or not a torch file ({f.stat().st_size} bytes)"
+    return None
+
+
+def _safetensors_problem(f: Path) -> str | None:
+    size = f.stat().st_size
+    try:
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return f"is truncated ({size} bytes; its header alone needs {8 + n})"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as e:
+        return f"has an unreadable header ({e})"
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"is truncated ({size} bytes; its header says {8 + n + end})"
+    return None
+
+
+def intact_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to resume from: `resolve_latest`'s, or, when that one is corrupt, the newest older
+    complete one that is intact, with a warning naming each skipped checkpoint and why. None: none intact."""
+    found = resolve_latest(run_dir)
+    if found.path is None:
+        return None
+    if found.fallback:
+        log(found.note)
+    step = int(STEP_RE.fullmatch(found.path.name).group(1)) if STEP_RE.fullmatch(found.path.name) else None
+    older = [p for s, p in reversed(complete_steps(checkpoints_dir(run_dir))) if step is None or s < step]
+    for ck in [found.path, *older]:
+        problem = checkpoint_problem(ck)
+        if problem is None:
+            return ck
+        log(f"WARNING: skipping checkpoint {ck.name}: {problem}; trying the one before it")
+    return None
+
+
 def _disk_full(exc: BaseException) -> bool:
     seen: set[int] = set()
     e: BaseException | None = exc
@@ -124,12 +179,13 @@ def _previous(ckdir: Path) -> str:
 
 
 def save_checkpoint(run_dir: Path, step: int, trainer: Any, tokenizer: Any, extra: dict | None = None,
-                    keep: int = 0, state: tuple[dict, dict] | None = None) -> Path:
+                    keep: int = 0, state: tuple[dict, dict] | None = None, files: dict[str, Any] | None = None) -> Path:
     """Write `checkpoints/step_{step}` atomically, point `latest` at it, then prune beyond `keep` (0: none).
 
     `state`: the trainer's `(weights, optimizer state)` when already gathered (data-parallel workers gather
     them together, then one of them writes); by default read from `trainer.checkpoint_state()`. Both are
-    whole (unsharded), so the checkpoint loads into any number of workers."""
+    whole (unsharded), so the checkpoint loads into any number of workers. `files`: more plain data to keep
+    with it, `{name: data}` written with `torch.save` (e.g. the pipeline's carried batches, `mopd.carry`)."""
     ckdir = checkpoints_dir(run_dir)
     target = ckdir / f"step_{step}"
     sd, optim = state if state is not None else trainer.checkpoint_state()
@@ -140,6 +196,8 @@ def save_checkpoint(run_dir: Path, step: int, trainer: Any, tokenizer: Any, extr
         torch.save(optim, tmp / "optim.pt")
         # Batches and rollout seeds are functions of (seed, step); torch's RNG is the only other state.
         torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        for name, data in (files or {}).items():
+            torch.save(data, tmp / name)
         write_text(tmp / "state.json", json.dumps({"step": step, **(extra or {})}))  # last: marks it complete
 
     commit_checkpoint(run_dir, step, fill, keep=keep)

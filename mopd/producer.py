@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
 
 from mopd.batch import TrainBatch, build_batch
@@ -42,7 +43,13 @@ class StepBatch:
 
     @property
     def digest(self) -> int:
-        return batch_digest(self.row_ids)
+        """`data/batch_digest`: the sampled tokens and the teachers' scores, not only which rows."""
+        return batch_digest(self.samples)
+
+    @property
+    def rows_digest(self) -> int:
+        """`data/rows_digest`: which rows, in order (the data order alone)."""
+        return rows_digest(self.row_ids)
 
 
 class BatchProducer:
@@ -208,16 +215,24 @@ class Pipeline:
     >= j - 1 - k, while version j - 1 trains on it: at most k steps stale. k = 0 is the synchronous loop
     (batch j waits for version j - 1). The engines' log-probs of the sampled tokens (mu) are the behaviour
     policy, so IcePop/TIS correct the staleness. Batches are still a function of (seed, step) only.
+    Their samples are not: they depend on the weights that drew them, so a checkpoint of step N keeps the
+    batches already drawn for N+1..N+k (`ahead`, `mopd.carry`) and a new pipeline serves them first (`ready`).
     """
 
     def __init__(self, producer: BatchProducer, max_staleness: int, first_step: int, synced_version: int,
-                 last_step: int) -> None:
+                 last_step: int, ready: dict[int, StepBatch] | None = None) -> None:
         self.producer, self.k, self.last_step = producer, max_staleness, last_step
         self.cond = threading.Condition()
         self.synced = synced_version  # the newest policy version submitted to the engines
+        # `ready`: batches of steps first_step.. produced before (a checkpoint's or a fault's carry, sampled by
+        # older policies): served as they are, and production starts after them.
+        ready = {s: b for s, b in (ready or {}).items() if s >= first_step}
+        while first_step in ready:
+            first_step += 1
         self.next_launch = first_step
         self.launched: deque[Inflight] = deque()
-        self.done: dict[int, StepBatch | BaseException] = {}
+        self.done: dict[int, StepBatch | BaseException] = dict(ready)
+        self.taken: dict[int, StepBatch] = {}  # served by get() and not yet known to stand (see salvage)
         self.error: BaseException | None = None  # the thread itself failed (not one batch)
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="mopd-pipeline", daemon=True)
@@ -242,11 +257,32 @@ class Pipeline:
             assert got is not None
         if isinstance(got, BaseException):
             raise got
+        self.taken = {s: b for s, b in self.taken.items() if s > step - 2 - self.k}
+        self.taken[step] = got
         waited = time.perf_counter() - t0
         teacher = got.metrics.get("timing_s/teacher", 0.0)
         metrics["timing_s/wait_teacher"] = min(waited, teacher)
         metrics["timing_s/wait_rollout"] = waited - metrics["timing_s/wait_teacher"]
         return got
+
+    def ahead(self, step: int) -> dict[int, StepBatch]:
+        """The batches of steps step+1..step+k (up to the last step), waiting for those still being produced:
+        after step `step`, these were sampled by policies older than `step`'s, so a checkpoint of `step` must
+        hold them to continue exactly. Empty when the pipeline failed or closed before producing them."""
+        want = range(step + 1, min(step + self.k, self.last_step) + 1)
+        with self.cond:
+            self.cond.wait_for(lambda: all(s in self.done for s in want) or self.error is not None or self.closed)
+            got = {s: self.done.get(s) for s in want}
+        if any(not isinstance(b, StepBatch) for b in got.values()):
+            return {}
+        return got  # type: ignore[return-value]
+
+    def salvage(self, after: int) -> dict[int, StepBatch]:
+        """After a fault: every batch of a step after `after` produced whole before it (served or not), so a
+        redone step trains on the samples it would have trained on."""
+        with self.cond:
+            out = {s: b for s, b in {**self.taken, **self.done}.items() if s > after and isinstance(b, StepBatch)}
+        return dict(sorted(out.items()))
 
     def close(self) -> None:
         """Stop submitting; the batch being produced finishes in the background (daemon thread)."""
@@ -298,9 +334,27 @@ def may_launch(step: int, synced_version: int, max_staleness: int) -> bool:
     return synced_version >= step - 1 - max_staleness
 
 
-def batch_digest(row_ids: list[str]) -> int:
+def rows_digest(row_ids: list[str]) -> int:
     """A short fingerprint of a step's prompts, so resumed runs can be checked for the same data order."""
     return int(hashlib.sha256(",".join(row_ids).encode()).hexdigest()[:12], 16)
+
+
+def batch_digest(samples: list[ScoredSample]) -> int:
+    """A short fingerprint of what a step trains on: each sample's row, prompt and response token ids, the
+    engine's log-probs (which policy sampled it) and the teacher's scores, bit for bit. Two runs whose steps
+    agree here trained on the same data; equal row ids alone do not show it (a redone step can resample)."""
+    h = hashlib.sha256()
+    for s in samples:
+        smp = s.sample
+        h.update(f"{s.row['id']}|{s.group}|{s.teacher}|".encode())
+        for ids in (smp.prompt_ids, smp.response_ids):
+            h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+        for lp in (smp.rollout_logprobs, s.teacher_logprobs):
+            h.update(np.asarray(lp, dtype=np.float64).tobytes() + b"|")
+        for ids, lps in zip(s.teacher_topk_ids, s.teacher_topk_logprobs, strict=True):
+            h.update(np.asarray(ids, dtype=np.int64).tobytes() + np.asarray(lps, dtype=np.float64).tobytes())
+        h.update(b";")
+    return int(h.hexdigest()[:12], 16)
 
 
 def rollout(engines: list[Any], prompt_ids: list[list[int]], rows: list[dict], *, n: int, temperature: float,

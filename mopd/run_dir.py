@@ -9,6 +9,8 @@ and a resume:
 - `--resume` needs something to resume from: `checkpoints/latest` naming a complete folder (one with
   `state.json`), or else the newest complete `step_N` (logged). Finding neither is an error saying what was
   found, never a silent fresh start over the old metrics;
+- `--resume` takes the newest checkpoint that is intact (`checkpoint_problem`: a truncated `model.safetensors`
+  or torch file is skipped with a WARNING line naming it and why); `--resume-from step_N` takes that one;
 - temporaries a crash left under `checkpoints/` (`.step_N.tmp*`, `.*.old`, `.latest.*`) are removed, and a
   `.step_N.old` whose `step_N` is gone (a crash mid-swap) is put back;
 - a run dir that is a file, cannot be created or is not writable is a `RunDirError` with a clear message;
@@ -26,7 +28,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from mopd.checkpoint import STEP_RE, checkpoints_dir, is_complete, resolve_latest
+from mopd.checkpoint import (
+    STEP_RE,
+    checkpoint_problem,
+    checkpoints_dir,
+    complete_steps,
+    intact_checkpoint,
+    is_complete,
+    resolve_latest,
+)
 from mopd.run_lock import RunDirError, RunDirLock, lock_run_dir
 
 __all__ = ["RunDirError", "clean_stale", "hold_run_dir", "holds_run", "prepare_run_dir"]
@@ -94,6 +104,24 @@ def clean_stale(run_dir: Path, log: Callable[[str], None] = print) -> list[Path]
     return removed
 
 
+def _chosen(run_dir: Path, name: str) -> Path:
+    """`--resume-from step_N` (or N): that checkpoint, complete and intact, or an error listing those there are."""
+    ckdir = checkpoints_dir(run_dir)
+    name = f"step_{name}" if name.isdigit() else name
+    ck = ckdir / name
+    have = ", ".join(p.name for _, p in complete_steps(ckdir)) or "none"
+    if not STEP_RE.fullmatch(name) or not ck.is_dir():
+        raise RunDirError(f"--resume-from {name}: no such checkpoint in {ckdir} (complete ones: {have}); "
+                          "give one of them as step_N")
+    if not is_complete(ck):
+        raise RunDirError(f"--resume-from {name}: {ck} is incomplete (no state.json: its save was interrupted); "
+                          f"give a complete one ({have})")
+    problem = checkpoint_problem(ck)
+    if problem:
+        raise RunDirError(f"--resume-from {name}: {ck} is corrupt: {problem}; give another one ({have})")
+    return ck
+
+
 def _require_writable(d: Path, what: str) -> None:
     try:
         fd, probe = tempfile.mkstemp(dir=d, prefix=".mopd-write-test.")
@@ -140,7 +168,7 @@ def hold_run_dir(run_dir: Path, resume: bool = False, overwrite: bool = False,
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool,
-                    log: Callable[[str], None] = print) -> Path | None:
+                    log: Callable[[str], None] = print, resume_from: str | None = None) -> Path | None:
     """Make `run_dir` ready for a run; returns the checkpoint to resume from, or None for a fresh run.
 
     Raises RunDirError (a ValueError) when the folder cannot be used as asked, `RunDirBusy` when another
@@ -148,26 +176,32 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool,
     module docstring.
     """
     run_dir = Path(run_dir)
+    resume = resume or resume_from is not None
     with hold_run_dir(run_dir, resume, overwrite, log):
-        return _prepare(run_dir, resume, overwrite, log)
+        return _prepare(run_dir, resume, overwrite, log, resume_from)
 
 
-def _prepare(run_dir: Path, resume: bool, overwrite: bool, log: Callable[[str], None]) -> Path | None:
+def _prepare(run_dir: Path, resume: bool, overwrite: bool, log: Callable[[str], None],
+             resume_from: str | None = None) -> Path | None:
     if resume:
         _require_writable(run_dir, "run dir")
         ckdir = checkpoints_dir(run_dir)
         if ckdir.is_dir():
             _require_writable(ckdir, "checkpoints folder")
             clean_stale(run_dir, log)
+        if resume_from is not None:
+            return _chosen(run_dir, resume_from)
         found = resolve_latest(run_dir)
         if found.path is None:
             has = holds_run(run_dir)
             seen = f" (it holds {', '.join(has)})" if has else ""
             raise RunDirError(f"--resume: nothing to resume in {run_dir}{seen}: {found.note}. Start over with "
                               "--overwrite (deletes that run) or choose another logging.run_dir")
-        if found.fallback:
-            log(f"--resume: {found.note}")
-        return found.path
+        ck = intact_checkpoint(run_dir, lambda line: log(f"--resume: {line}"))
+        if ck is None:
+            raise RunDirError(f"--resume: no intact checkpoint in {ckdir}: every complete one is corrupt (see "
+                              "the warnings above). Start over with --overwrite or choose another logging.run_dir")
+        return ck
 
     _require_writable(run_dir, "run dir")
     present = holds_run(run_dir)

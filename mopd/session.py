@@ -27,19 +27,22 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from mopd.atomic import write_text
-from mopd.checkpoint import latest_checkpoint
+from mopd.carry import CARRY_FILE, carry_key, load_carry
+from mopd.carry import encode as encode_carry
+from mopd.checkpoint import checkpoint_problem, checkpoints_dir, complete_steps, intact_checkpoint
 from mopd.config import MopdConfig, to_yaml
 from mopd.data import check_domain_mix, encode_rows, load_rows
 from mopd.engine_group import start_engines
 from mopd.evaluate import eval_rows, evaluate, evaluate_teachers
 from mopd.jsonl import read_metrics
 from mopd.logger import check_logger_packages, make_run_logger
+from mopd.manifest import check_teachers, teacher_manifest
 from mopd.memory import run_memory
 from mopd.placement import reserve
 from mopd.producer import BatchProducer, Pipeline, StepBatch
 from mopd.ray_cluster import cluster_address, init_ray
 from mopd.report import result_table
-from mopd.run_dir import hold_run_dir, prepare_run_dir
+from mopd.run_dir import clean_stale, hold_run_dir, prepare_run_dir
 from mopd.run_lock import RunDirLock
 from mopd.samples import domain_summary
 from mopd.timing import timed
@@ -64,6 +67,7 @@ class RunState:
     train_s: float = 0.0  # summed step time (what trainer.max_wallclock_s and a wall-clock schedule count)
     eval_before: dict | None = None  # the evaluation before step 1 (a resumed run does not redo it)
     eval_teacher: dict | None = None  # the teachers' own accuracy on the eval prompts
+    teachers: dict | None = None  # the teacher manifest (mopd.manifest): what a resume checks its teachers against
 
     @classmethod
     def from_checkpoint(cls, st: dict) -> RunState:
@@ -78,8 +82,11 @@ class RunSession:
     """One run's resources, schedules, recovery and state; see the module docstring."""
 
     def __init__(self, cfg: MopdConfig, resume: bool = False, overwrite: bool = False,
-                 log: Callable[[str], None] = print) -> None:
-        self.cfg, self.resume, self.overwrite, self.log = cfg, resume, overwrite, log
+                 log: Callable[[str], None] = print, resume_from: str | None = None,
+                 allow_teacher_change: bool = False) -> None:
+        self.cfg, self.overwrite, self.log = cfg, overwrite, log
+        self.resume, self.resume_from = resume or resume_from is not None, resume_from
+        self.allow_teacher_change = allow_teacher_change
         self.t_start = time.perf_counter()
         self.run_dir = Path(cfg.logging.run_dir)
         self.state = RunState()
@@ -109,7 +116,11 @@ class RunSession:
     def _open(self) -> None:
         cfg, log = self.cfg, self.log
         self.lock = hold_run_dir(self.run_dir, self.resume, self.overwrite, log)  # before anything is written
-        ck = prepare_run_dir(self.run_dir, self.resume, self.overwrite, log)
+        ck = prepare_run_dir(self.run_dir, self.resume, self.overwrite, log, self.resume_from)
+        self.manifest = teacher_manifest(cfg)
+        if ck is not None:
+            saved = json.loads((ck / "state.json").read_text()).get("teachers")
+            check_teachers(saved, self.manifest, ck.name, self.allow_teacher_change, log)
         write_text(self.run_dir / "config.yaml", to_yaml(cfg))
         # -- data, teachers, engines: every check that can fail runs before step 1 ---------------------
         check_logger_packages(cfg.logging.sinks, cfg)
@@ -139,6 +150,7 @@ class RunSession:
         if ck is not None:
             self.state = RunState.from_checkpoint(self.trainer.load(ck))
             log(f"resumed from {ck} at step {self.state.step}")
+        self.state.teachers = self.manifest  # the next checkpoints name the teachers this run uses
         self.engines = start_engines(cfg, registry, self.placement, self.trainer)
         self.stop = _StopSignals()
         self.trainer.ready()
@@ -167,7 +179,7 @@ class RunSession:
         if s.eval_teacher is None and self.producer.objective.needs_teachers:
             s.eval_teacher = evaluate_teachers(cfg, self.engines, registry, self.tokenizer, self.evals,
                                                prompt_ids=self.eval_ids)
-        self._start_pipeline()
+        self._start_pipeline(self._carried(ck))
 
     def close(self) -> None:
         """Stop the pipeline and every actor (an error mid-run must not leave them, or the placement group, on
@@ -186,11 +198,22 @@ class RunSession:
                 self.lock.release()
                 self.lock = None
 
-    def _start_pipeline(self) -> None:
-        """Rollouts and teacher scoring of the next batches run while the trainer steps (trainer.max_staleness)."""
+    def _start_pipeline(self, ready: dict[int, StepBatch] | None = None) -> None:
+        """Rollouts and teacher scoring of the next batches run while the trainer steps (trainer.max_staleness).
+        `ready`: the batches after the current step that were sampled before it (a checkpoint's carry, or what a
+        fault left intact): the pipeline serves them first, so those steps train on what they would have."""
         s = self.state.step
-        self.pipeline = Pipeline(self.producer, self.cfg.trainer.max_staleness, s + 1, s, self.last_step)
+        if ready:
+            self.log(f"continuing with the {len(ready)} batch(es) already sampled for step(s) "
+                     f"{', '.join(map(str, sorted(ready)))} (trainer.max_staleness={self.cfg.trainer.max_staleness})")
+        self.pipeline = Pipeline(self.producer, self.cfg.trainer.max_staleness, s + 1, s, self.last_step, ready)
         self.updates = []
+
+    def _carried(self, ck: Path | None) -> dict[int, StepBatch]:
+        """The batches checkpoint `ck` carries for the steps right after it (`mopd.carry`)."""
+        if ck is None:
+            return {}
+        return load_carry(ck, self.cfg, self.producer.rows, self.tokenizer.pad_token_id, self.log)
 
     # -- the step's parts ------------------------------------------------------------------------
     def next_step(self) -> bool:
@@ -239,8 +262,18 @@ class RunSession:
             self.save()
 
     def save(self) -> None:
-        self.trainer.save(self.run_dir, self.state.step, self.state.extra())
-        self.saved_step = self.state.step
+        """The trainer's checkpoint of the current step, with the batches the pipeline already sampled for the
+        steps after it (`Pipeline.ahead`): a run continued from it trains on exactly those."""
+        step, files = self.state.step, None
+        if self.pipeline is not None and self.cfg.trainer.max_staleness > 0 and step < self.last_step:
+            ahead = self.pipeline.ahead(step)
+            if ahead:
+                files = {CARRY_FILE: encode_carry(ahead, carry_key(self.cfg))}
+            else:
+                self.log(f"checkpoint step_{step}: the pipeline holds no batches after it (it failed or closed); "
+                         "a resume from it resamples them (not bit-exact)")
+        self.trainer.save(self.run_dir, step, self.state.extra(), files)
+        self.saved_step = step
 
     def evaluate(self) -> dict:
         return evaluate(self.cfg, self.engines, self.registry, self.tokenizer, self.evals, prompt_ids=self.eval_ids)
@@ -252,56 +285,104 @@ class RunSession:
     # -- faults ----------------------------------------------------------------------------------
     def recover(self, err: Exception, failed_step: int) -> None:
         """An actor died during `failed_step`: wait for Ray to restart engines (and re-sync them: a restarted
-        student engine holds its initial weights), or rebuild a dead trainer from the last checkpoint. The loop
-        then redoes the steps after the last one that stands, from the same inputs and seeds."""
+        student engine holds its initial weights), then redo the steps after the last one that stands, on the
+        batches they would have had. A live trainer continues when it holds exactly the recorded steps and the
+        batches the next steps need (sampled by older policies, `trainer.max_staleness`) came through whole;
+        otherwise, and when the trainer died, it is rebuilt from the last intact checkpoint, whose carried
+        batches make the redone steps equal to the uninterrupted run's."""
         cfg, f = self.cfg, self.faults
         self.pipeline.close()
         restarted, self.pids = self.engines.wait_restarted(self.pids)
         logged = self.state.step == failed_step  # a recorded step stands (its interrupted save is redone)
-        if not self.trainer.alive():
-            if f["faults/trainer_restarts"] >= cfg.ray.max_restarts:
+        alive = self.trainer.alive()
+        if alive and not restarted:
+            raise err  # every actor is alive: not a fault to recover from
+        done, ready = self.state.step, {}
+        if alive:
+            ready = self._intact_ahead(done)
+        if not alive or ready is None:
+            if not alive and f["faults/trainer_restarts"] >= cfg.ray.max_restarts:
                 raise RuntimeError(f"the trainer actor died {f['faults/trainer_restarts'] + 1} times "
                                    f"(ray.max_restarts={cfg.ray.max_restarts}); the last checkpoint is intact: "
                                    "continue with --resume") from err
-            f["faults/trainer_restarts"] += 1
-            self.trainer.close()
-            last = latest_checkpoint(self.run_dir)
-            self.trainer = RemoteTrainer(cfg, str(last / "model") if last else cfg.student.path, self.placement)
-            self.engines.rehost(self.trainer.actors)  # the colocated engines went with the dead trainer
-            st = self.trainer.load(last) if last else {}
-            self.state.step, self.state.train_s = st.get("step", 0), st.get("train_s", 0.0)
-            self.saved_step = self.state.step
-            self.logger.close()
-            self.logger = make_run_logger(cfg, self.run_dir, self.state.step)  # drops the records about to be redone
-            self.actors.update(self.trainer.named_actors())
-        elif not restarted:
-            raise err  # every actor is alive: not a fault to recover from
+            f["faults/trainer_restarts"] += 0 if alive else 1
+            ready = self._rebuild_trainer("the trainer died" if not alive else
+                                          "the batches sampled ahead of it were lost")
         done = self.state.step
         f["faults/engine_restarts"] += len(restarted)
         f["faults/redone_steps"] += failed_step - done
         self.trainer.connect(self.engines.students)  # a restarted engine (or trainer) is in no weight-sync group
         self.trainer.sync(self.engines.students, version=done)
-        if logged and done == failed_step and self._save_due(done) and self.saved_step != done:
-            self.save()  # the save that the death interrupted
         self.log(f"step {failed_step}: {', '.join(restarted) or 'the trainer'} died and came back; continuing "
                  f"from step {done + 1} with the same data and seeds")
-        self._start_pipeline()
+        self._start_pipeline(ready)
+        if logged and done == failed_step and self._save_due(done) and self.saved_step != done:
+            self.save()  # the save that the death interrupted
+
+    def _intact_ahead(self, done: int) -> dict[int, StepBatch] | None:
+        """The batches of steps done+1..done+k that a fault left whole (sampled by the policies the
+        uninterrupted run sampled them with), or None when the live trainer cannot continue exactly: a batch
+        is missing, or it already applied a step that is not recorded (its sync failed)."""
+        k = self.cfg.trainer.max_staleness
+        if self.trainer.version != done:
+            return None
+        got = self.pipeline.salvage(done)
+        need = range(done + 1, min(done + k, self.last_step) + 1)
+        ready = {s: got[s] for s in need if s in got and _sampled_in_time(got[s], k)}
+        return ready if len(ready) == len(need) else None
+
+    def _rebuild_trainer(self, why: str) -> dict[int, StepBatch]:
+        """A new trainer from the last intact checkpoint (temporaries of a save it interrupted removed); the
+        run continues from that step, on the batches the checkpoint carries (returned)."""
+        cfg = self.cfg
+        clean_stale(self.run_dir, self.log)
+        last = self._exact_checkpoint()
+        self.log(f"{why}: rebuilding the trainer from {last.name if last else cfg.student.path}")
+        self.trainer.close()
+        self.trainer = RemoteTrainer(cfg, str(last / "model") if last else cfg.student.path, self.placement)
+        self.engines.rehost(self.trainer.actors)  # the colocated engines went with the old trainer
+        st = self.trainer.load(last) if last else {}
+        self.state.step, self.state.train_s = st.get("step", 0), st.get("train_s", 0.0)
+        self.saved_step = self.state.step
+        self.logger.close()
+        self.logger = make_run_logger(cfg, self.run_dir, self.state.step)  # drops the records about to be redone
+        self.actors.update(self.trainer.named_actors())
+        return self._carried(last)
+
+    def _exact_checkpoint(self) -> Path | None:
+        """The newest intact checkpoint that carries the batches sampled ahead of it (one saved while the
+        pipeline had already lost them cannot continue exactly: an older one can); the newest intact one when
+        none does (said)."""
+        if not checkpoints_dir(self.run_dir).is_dir():
+            return None
+        newest = intact_checkpoint(self.run_dir, self.log)
+        if newest is None or self.cfg.trainer.max_staleness == 0 or (newest / CARRY_FILE).is_file():
+            return newest
+        step = int(newest.name.removeprefix("step_"))
+        if step >= self.last_step:
+            return newest  # nothing after it to carry
+        for s, ck in reversed(complete_steps(checkpoints_dir(self.run_dir))):
+            if s < step and (ck / CARRY_FILE).is_file() and checkpoint_problem(ck) is None:
+                self.log(f"{newest.name} was saved without the batches sampled ahead of it (the fault had already "
+                         f"cost them): rebuilding from {ck.name}, which has them")
+                return ck
+        self.log(f"no checkpoint carries the batches sampled ahead of it: rebuilding from {newest.name} "
+                 "(the steps right after it resample theirs: not bit-exact)")
+        return newest
 
     # -- the end ---------------------------------------------------------------------------------
     def finish(self) -> dict:
         """After the last step: with a stop signal, save and raise `Interrupted`; otherwise the final evaluation,
         checkpoint, result files and table."""
-        self.pipeline.close()
         s = self.state
+        if self.saved_step != s.step:  # a stop signal or the wall-clock budget between checkpoints
+            self.save()  # before the pipeline stops: with its batches after the step
+        self.pipeline.close()
         if self.stop is not None and self.stop.signal is not None:
-            if self.saved_step != s.step:
-                self.save()
             self.logger.close()
             raise Interrupted(self.stop.signal)
         after = self.evaluate()
         self.logger.log(s.step, _eval_metrics(after))
-        if self.saved_step != s.step:  # stopped by the wall-clock budget between checkpoints
-            self.save()
         result = {"experiment": self.cfg.experiment, "objective": str(self.cfg.algorithm.objective),
                   "steps": s.step, "train_s": s.train_s, "total_s": time.perf_counter() - self.t_start,
                   "before": s.eval_before, "after": after, "teacher": s.eval_teacher or {}}
@@ -349,6 +430,13 @@ class _StopSignals:
         self.previous = {}
 
 
+def _sampled_in_time(sb: StepBatch, k: int) -> bool:
+    """Every student sample of batch `sb.step` was drawn by policy sb.step - 1 - k or later (a batch that a
+    restarted engine sampled with its initial weights is not)."""
+    versions = [x.sample.policy_version for x in sb.samples if x.sample.policy_version is not None]
+    return all(v >= sb.step - 1 - k for v in versions)
+
+
 def _step_record(sb: StepBatch, metrics: dict[str, float]) -> dict[str, float]:
     """Step-level figures: the unaccounted rest of the step's time (timing_s/other), throughput, lengths,
     the data digest and the verifiers' accuracy per domain."""
@@ -356,7 +444,8 @@ def _step_record(sb: StepBatch, metrics: dict[str, float]) -> dict[str, float]:
     n_tok = int(b.mask_BT.sum())
     out = {"timing_s/other": max(0.0, step_s - sum(metrics.get(f"timing_s/{s}", 0.0) for s in _STAGES)),
            "perf/tokens_per_s": n_tok / step_s, "response_length/mean": n_tok / b.size,
-           "response_length/max": float(b.mask_BT.sum(1).max()), "data/batch_digest": sb.digest}
+           "response_length/max": float(b.mask_BT.sum(1).max()), "data/batch_digest": sb.digest,
+           "data/rows_digest": sb.rows_digest}
     for d, s in domain_summary(sb.samples).items():
         out[f"reward/{d}/acc"] = s["acc"]
     return out

@@ -101,8 +101,10 @@ def runtime_env(cfg: MopdConfig, environ: Mapping[str, str] = os.environ) -> dic
     return {"working_dir": str(wd.resolve()), "excludes": list(env.excludes), "env_vars": env_vars}
 
 
-def entrypoint(config: str, overrides: list[str], cfg: MopdConfig, resume: bool = False) -> str:
-    """`mopd train` for the job, with the config path relative to the working dir it is uploaded from."""
+def entrypoint(config: str, overrides: list[str], cfg: MopdConfig, resume: bool = False,
+               train_flags: list[str] | None = None) -> str:
+    """`mopd train` for the job, with the config path relative to the working dir it is uploaded from.
+    `train_flags`: more `mopd train` flags (`--resume-from step_N`, `--allow-teacher-change`)."""
     # The matcher Ray applies to `excludes` while packing the upload, so this check agrees with it.
     wd = Path(cfg.ray.runtime_env.working_dir).resolve()
     try:
@@ -115,7 +117,8 @@ def entrypoint(config: str, overrides: list[str], cfg: MopdConfig, resume: bool 
                           "configs/ (or another uploaded folder) and submit that copy")
     paths = {**section_dirs(cfg), "logging.run_dir": cfg.logging.run_dir}
     pinned = [f"{key}={wd / value}" for key, value in paths.items() if not Path(value).is_absolute()]
-    return shlex.join(["mopd", "train", str(rel), *overrides, *pinned, *(["--resume"] if resume else [])])
+    return shlex.join(["mopd", "train", str(rel), *overrides, *pinned, *(["--resume"] if resume else []),
+                       *(train_flags or [])])
 
 
 def job_run_dir(cfg: MopdConfig) -> Path:
@@ -136,11 +139,11 @@ def check_run_dir_free(cfg: MopdConfig) -> None:
 
 
 def submit(cfg: MopdConfig, config: str, overrides: list[str], address: str | None = None, wait: bool = True,
-           resume: bool = False, out: Callable[..., None] = print) -> int:
+           resume: bool = False, out: Callable[..., None] = print, train_flags: list[str] | None = None) -> int:
     """`cfg`: `config` + `overrides` already loaded (so validated) by the caller."""
     url = dashboard_url(address, cfg)
     env = runtime_env(cfg)
-    command = entrypoint(config, overrides, cfg, resume)
+    command = entrypoint(config, overrides, cfg, resume, train_flags)
     check_run_dir_free(cfg)
     client = connect(url)
     job_id = client.submit_job(entrypoint=command, runtime_env=env, metadata={"mopd_experiment": cfg.experiment})

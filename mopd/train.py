@@ -17,17 +17,19 @@ import ray
 import torch
 
 from mopd.config import MopdConfig
-from mopd.producer import batch_digest
+from mopd.producer import batch_digest, rows_digest
 from mopd.session import Interrupted, RunSession
 from mopd.timing import timed
 
-__all__ = ["train", "main_train", "batch_digest", "Interrupted"]
+__all__ = ["train", "main_train", "batch_digest", "rows_digest", "Interrupted"]
 
 
-def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
-    """One run; `resume` continues the run dir's last checkpoint, `overwrite` replaces a run already there
-    (without either, a run dir that holds a run is refused: nothing is lost silently)."""
-    with RunSession(cfg, resume, overwrite, log) as run:
+def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = print, overwrite: bool = False,
+          resume_from: str | None = None, allow_teacher_change: bool = False) -> dict:
+    """One run; `resume` continues the run dir's last intact checkpoint (`resume_from`: that one, step_N),
+    `overwrite` replaces a run already there (without either, a run dir that holds a run is refused: nothing
+    is lost silently). A resume refuses teachers other than the checkpoint's unless `allow_teacher_change`."""
+    with RunSession(cfg, resume, overwrite, log, resume_from, allow_teacher_change) as run:
         while run.next_step():
             step, metrics = run.state.step + 1, {}
             try:
@@ -43,12 +45,14 @@ def train(cfg: MopdConfig, resume: bool = False, log: Callable[[str], None] = pr
         return run.finish()
 
 
-def main_train(cfg: MopdConfig, resume: bool, overwrite: bool = False) -> int:
+def main_train(cfg: MopdConfig, resume: bool, overwrite: bool = False, resume_from: str | None = None,
+               allow_teacher_change: bool = False) -> int:
     """`mopd train`: 0 when the run finished, or when SIGTERM stopped it after saving (a preemption is not a
     failure); 130 after Ctrl-C."""
     torch.set_num_threads(max(1, cfg.ray.num_cpus))
     try:
-        train(cfg, resume=resume, overwrite=overwrite)
+        train(cfg, resume=resume, overwrite=overwrite, resume_from=resume_from,
+              allow_teacher_change=allow_teacher_change)
     except Interrupted as e:
         print(f"mopd: stopped by {e}; the last finished step is checkpointed: continue with --resume",
               file=sys.stderr)

@@ -168,12 +168,12 @@ class TrainerWorker:
             raise
         return {"mb": sent / 1e6, "s": time.perf_counter() - t0}
 
-    def save(self, run_dir: str, step: int, extra: dict) -> str:
+    def save(self, run_dir: str, step: int, extra: dict, files: dict | None = None) -> str:
         state = self.trainer.checkpoint_state()  # every rank: a collective under DeepSpeed
         if self.rank != 0:
             return ""
         return str(save_checkpoint(Path(run_dir), step, self.trainer, self.tokenizer, extra,
-                                   keep=self.trainer.cfg.trainer.keep_checkpoints, state=state))
+                                   keep=self.trainer.cfg.trainer.keep_checkpoints, state=state, files=files))
 
     def load(self, ck: str) -> dict:
         return load_checkpoint(Path(ck), self.trainer)
@@ -198,6 +198,9 @@ class RemoteTrainer:
         self.bucket_bytes = int(r.weight_sync_bucket_mb * 1e6)
         self.backend = "nccl" if cfg.trainer.num_gpus > 0 and r.num_gpus_per_engine > 0 else "gloo"
         self.members: list[Any] | None = None  # the engines in the weight-sync group with rank 0
+        # The optimizer steps its weights hold (the checkpoint's step + steps taken here): a fault's recovery
+        # knows whether the step it redoes was already applied.
+        self.version = 0
         res = placement.plan.actor_resources("trainer")
         env = {"OMP_NUM_THREADS": str(_threads(cfg)), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                "TOKENIZERS_PARALLELISM": "false"}
@@ -250,7 +253,9 @@ class RemoteTrainer:
 
     def step(self, batch: TrainBatch, progress: float | None = None) -> dict[str, float]:
         ref = ray.put(batch) if len(self.actors) > 1 else batch  # one copy in the object store for all workers
-        return self._all([a.step.remote(ref, progress) for a in self.actors])
+        out = self._all([a.step.remote(ref, progress) for a in self.actors])
+        self.version += 1
+        return out
 
     def connect(self, engines: list[Any]) -> bool:
         """Form the weight-sync group of rank 0 and `engines` (again, if one was formed before: an engine Ray
@@ -322,11 +327,15 @@ class RemoteTrainer:
             raise
         return pending
 
-    def save(self, run_dir: Path, step: int, extra: dict) -> Path:
-        return Path(self._all([a.save.remote(str(run_dir), step, extra) for a in self.actors]))
+    def save(self, run_dir: Path, step: int, extra: dict, files: dict | None = None) -> Path:
+        """`files`: kept with the checkpoint (`save_checkpoint`); only rank 0 writes, only rank 0 gets them."""
+        return Path(self._all([a.save.remote(str(run_dir), step, extra, files if rank == 0 else None)
+                               for rank, a in enumerate(self.actors)]))
 
     def load(self, ck: Path) -> dict:
-        return self._all([a.load.remote(str(ck)) for a in self.actors])
+        st = self._all([a.load.remote(str(ck)) for a in self.actors])
+        self.version = int(st.get("step", 0))
+        return st
 
     def weights(self) -> list[dict[str, torch.Tensor]]:
         """Every worker's whole weights (tests: data-parallel replicas must agree)."""

@@ -11,7 +11,7 @@ from test_train_loop import world_overrides
 from mopd.config import load_config
 from mopd.data import DomainMixSampler, load_rows
 from mopd.jsonl import read_metrics
-from mopd.producer import batch_digest, may_launch
+from mopd.producer import may_launch, rows_digest
 from mopd.train import train
 
 
@@ -87,10 +87,10 @@ def test_one_step_off_overlaps_and_corrects_with_the_sampling_policy(tiny_world,
     cfg, async1 = _run(tiny_world, tmp_path, 1)
     rows = load_rows(cfg.data.train_files)
     sampler = DomainMixSampler(rows, cfg.data.domain_mix, cfg.trainer.seed)
-    expected = [batch_digest([rows[i]["id"] for i in sampler.batch(s, cfg.trainer.prompts_per_step)]) for s in range(5)]
+    expected = [rows_digest([rows[i]["id"] for i in sampler.batch(s, cfg.trainer.prompts_per_step)]) for s in range(5)]
     # The same prompts at every step as the synchronous loop: batches are a function of (seed, step).
     assert [m["step"] for m in async1] == [1, 2, 3, 4, 5]
-    assert [m["data/batch_digest"] for m in async1] == expected
+    assert [m["data/rows_digest"] for m in async1] == expected
     # Never more than one step stale, and stale after the first step (the rollout ran during training).
     assert all(m["rollout/staleness_max"] <= 1 for m in async1)
     first = async1[0]  # batch 1 is drawn by the initial weights, which train on it: the synchronous case

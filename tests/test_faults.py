@@ -15,7 +15,7 @@ from test_train_loop import world_overrides
 from mopd.config import load_config
 from mopd.data import DomainMixSampler, load_rows
 from mopd.jsonl import read_metrics
-from mopd.train import batch_digest, train
+from mopd.train import rows_digest, train
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -79,9 +79,9 @@ def test_killed_actor_is_restarted_and_the_run_finishes_every_step(tiny_world, r
     assert [m["step"] for m in records] == list(range(1, STEPS + 1))  # every step once: redone ones replaced
     rows = load_rows(cfg.data.train_files)
     sampler = DomainMixSampler(rows, cfg.data.domain_mix, cfg.trainer.seed)
-    expected = [batch_digest([rows[i]["id"] for i in sampler.batch(s, cfg.trainer.prompts_per_step)])
+    expected = [rows_digest([rows[i]["id"] for i in sampler.batch(s, cfg.trainer.prompts_per_step)])
                 for s in range(STEPS)]
-    assert [m["data/batch_digest"] for m in records] == expected  # the same batches as an uninterrupted run
+    assert [m["data/rows_digest"] for m in records] == expected  # the same batches as an uninterrupted run
     assert records[-1][key] == 1
     # A dead engine costs the step it was serving; a dead trainer worker costs the steps since the last
     # checkpoint: none when the kill lands just after one (seen on a loaded CI machine), at most save_every

@@ -204,6 +204,9 @@ def test_entrypoint_pins_relative_outputs_to_the_working_dir(tmp_path):
     wd = Path(".").resolve()
     assert cmd == (f"mopd train configs/quickstart.yaml trainer.steps=3 world.dir={wd}/.cache/world "
                    f"logging.run_dir={wd}/runs/quickstart --resume")
+    flags = entrypoint("configs/quickstart.yaml", [], cfg, train_flags=["--resume-from", "step_4",
+                                                                        "--allow-teacher-change"])
+    assert flags.endswith("/runs/quickstart --resume-from step_4 --allow-teacher-change"), flags
     absolute = load_config("configs/quickstart.yaml", [f"world.dir={tmp_path}", f"logging.run_dir={tmp_path}/r"])
     assert "world.dir" not in entrypoint("configs/quickstart.yaml", [], absolute).split("quickstart.yaml")[1]
     outside = tmp_path / "x.yaml"

@@ -16,7 +16,7 @@ import pytest
 from mopd.config import load_config
 from mopd.data import AutoMix, DomainMixSampler, load_rows
 from mopd.jsonl import read_metrics
-from mopd.train import batch_digest, train
+from mopd.train import rows_digest, train
 
 pytestmark = pytest.mark.slow
 
@@ -114,10 +114,10 @@ def test_killed_run_resumes_with_same_data_order(tiny_world, ray_local, tmp_path
     expected = []
     for m in metrics:  # batch s: a function of the seed, s and (auto mix) the teacher KL logged up to s - 1 - k
         w = None if auto is None else auto.weights_for(m["step"])
-        expected.append(batch_digest([rows[i]["id"] for i in sampler.batch(m["step"] - 1, cfg.trainer.prompts_per_step, w)]))
+        expected.append(rows_digest([rows[i]["id"] for i in sampler.batch(m["step"] - 1, cfg.trainer.prompts_per_step, w)]))
         if auto is not None:
             auto.observe(m["step"], m)
-    assert [m["data/batch_digest"] for m in metrics] == expected
+    assert [m["data/rows_digest"] for m in metrics] == expected
     if auto is not None:
         assert any(abs(m["data/mix/add"] - sampler.weights[0]) > 0.01 for m in metrics)
     assert Path(run / "checkpoints" / "latest").read_text().strip() == f"step_{last}"

@@ -55,10 +55,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     # The run dir's lock is taken first and held through the world build and the run (the session re-enters it).
     check_logger_packages(cfg.logging.sinks, cfg)
     run_dir = Path(cfg.logging.run_dir)
-    with hold_run_dir(run_dir, args.resume, args.overwrite, log=print):
-        prepare_run_dir(run_dir, args.resume, args.overwrite, log=print)
+    resume = args.resume or args.resume_from is not None
+    with hold_run_dir(run_dir, resume, args.overwrite, log=print):
+        prepare_run_dir(run_dir, resume, args.overwrite, log=print, resume_from=args.resume_from)
         prepare_world(cfg)
-        return main_train(cfg, resume=args.resume, overwrite=False)
+        return main_train(cfg, resume=resume, overwrite=False, resume_from=args.resume_from,
+                          allow_teacher_change=args.allow_teacher_change)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -70,7 +72,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.config is None:
         args.config = DEFAULT_CONFIG
     cfg = _cfg(args)  # validated here: a bad key fails before anything is uploaded
-    return submit(cfg, args.config, args.overrides, args.address, wait=not args.no_wait, resume=args.resume)
+    flags = [*(["--resume-from", args.resume_from] if args.resume_from else []),
+             *(["--allow-teacher-change"] if args.allow_teacher_change else [])]
+    return submit(cfg, args.config, args.overrides, args.address, wait=not args.no_wait, resume=args.resume,
+                  train_flags=flags)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -109,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("train", help="MOPD training: rollout, teacher scoring, update, sync, metrics")
     with_config(sp)
     sp.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    sp.add_argument("--resume-from", metavar="step_N",
+                    help="continue from this checkpoint of the run (implies --resume)")
+    sp.add_argument("--allow-teacher-change", action="store_true",
+                    help="resume although a teacher differs from the checkpoint's manifest (files, path, domains)")
     sp.add_argument("--overwrite", action="store_true",
                     help="replace the run already in the run dir (its metrics, checkpoints and results)")
     sp.set_defaults(fn=cmd_train)
@@ -118,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--address", help="the cluster's dashboard URL (default: RAY_ADDRESS, then ray.address)")
     sp.add_argument("--no-wait", action="store_true", help="print the job id and return instead of streaming its log")
     sp.add_argument("--resume", action="store_true", help="the job continues from the run's last checkpoint")
+    sp.add_argument("--resume-from", metavar="step_N", help="the job continues from this checkpoint")
+    sp.add_argument("--allow-teacher-change", action="store_true",
+                    help="the job resumes although a teacher differs from the checkpoint's manifest")
     jobs = sp.add_mutually_exclusive_group()
     jobs.add_argument("--status", metavar="JOB_ID", help="print a submitted job's status")
     jobs.add_argument("--stop", metavar="JOB_ID", help="stop a submitted job")
