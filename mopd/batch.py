@@ -2,7 +2,9 @@
 
 Position convention: `*_BT` tensors are indexed by the *predicting* position t of `input_ids_BL`
 (T = L - 1), so `logits[:, t]` scores token `input_ids[:, t + 1]`. `mask_BT` is 1 where that token is
-part of the response.
+part of the response *and written by the student*: a multi-turn trajectory's observation tokens (the
+environment's, `Sample.student_mask` 0) are context only, so every consumer of the mask (losses, advantages,
+teacher KL, IcePop/TIS weights, per-token metrics, token means) leaves them out by construction.
 """
 
 from __future__ import annotations
@@ -118,7 +120,10 @@ def build_batch(samples: list[ScoredSample], pad_id: int) -> TrainBatch:
         ids[b, :n] = torch.tensor(p + r)
         attn[b, :n] = 1
         sl = slice(len(p) - 1, len(p) - 1 + len(r))
-        mask[b, sl] = 1.0
+        if s.sample.student_mask is None:
+            mask[b, sl] = 1.0
+        else:
+            mask[b, sl] = torch.tensor(s.sample.student_mask, dtype=torch.float32)
         mu[b, sl] = torch.tensor(s.sample.rollout_logprobs, dtype=torch.float32)
         if s.teacher_logprobs:
             tlp[b, sl] = torch.tensor(s.teacher_logprobs, dtype=torch.float32)

@@ -419,6 +419,21 @@ class RolloutConfig:
     # > 0; collective: MB per broadcast (a larger tensor goes alone). 16 measured best on CPU (gloo, loopback):
     # 1-16 MB within 5% of each other, 64 MB 20-25% slower (README, "Weight sync over a collective").
     weight_sync_bucket_mb: float = 16.0
+    # Multi-turn rows (a row naming an `env`, see rollout/envs.py; rows without one are single-turn and these
+    # keys do not touch them): at most `max_turns` student turns per trajectory, each at most `max_tokens`
+    # long, and at most `max_total_tokens` response tokens in all (student + observation tokens; 0: the same
+    # as max_tokens). An environment step gets `env_timeout_s` seconds and may answer at most
+    # `env_max_observation_chars` characters (or token ids); past either the trajectory ends as
+    # env_timeout / env_flood, the run goes on.
+    max_turns: int = 4  # >= 1
+    max_total_tokens: int = 0  # >= 0
+    env_timeout_s: float = 10.0  # > 0
+    env_max_observation_chars: int = 4096  # >= 1
+
+    @property
+    def response_budget(self) -> int:
+        """The most response tokens one sample may hold (single-turn: max_tokens; multi-turn: the total)."""
+        return max(self.max_tokens, self.max_total_tokens)
 
     def __post_init__(self) -> None:
         c = Checker("rollout", self)
@@ -436,6 +451,10 @@ class RolloutConfig:
         c.num("eval_temperature", ge=0, note="0: greedy")
         c.choice("weight_sync", WeightSync)
         c.num("weight_sync_bucket_mb", gt=0, note="MB per broadcast of rollout.weight_sync=collective")
+        c.count("max_turns", 1)
+        c.count("max_total_tokens", 0)
+        c.num("env_timeout_s", gt=0, note="seconds one environment step may take")
+        c.count("env_max_observation_chars", 1)
 
 
 @dataclass

@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rollout.envs import ENVIRONMENTS
+
 ROW_SHAPE = '{"prompt": "...", "domain": "..."}'
 CHAT_SHAPE = '[{"role": "user", "content": "..."}]'
 MAX_LISTED = 5  # rows named in one error; the rest are counted
@@ -149,6 +151,11 @@ def _check_row(r: Any, where: str) -> None:
         got = json.dumps(r["id"], default=str)
         raise DataError(f"{where}: 'id' is {got}; give a non-empty string or an integer, or drop the key (a row "
                         "without one is named <file stem>-<index>)")
+    env = r.get("env")
+    if env is not None and (not isinstance(env, str) or env not in ENVIRONMENTS):
+        raise DataError(f"{where}: 'env' is {env!r}, which names no registered environment; registered: "
+                        f"{sorted(ENVIRONMENTS)} (register one with rollout.envs.register_environment in code imported "
+                        "before the data is loaded, or drop the row's 'env' for a single-turn row)")
     answer = r.get("answer")
     if isinstance(answer, float) and not math.isfinite(answer):
         raise DataError(f"{where}: 'answer' is {answer} (a missing value written as NaN, e.g. by pandas); a verifier "

@@ -84,14 +84,15 @@ def answer_when_alive(actor: Any, fn: Any, deadline: float, name: str) -> Any:
 def max_model_len(cfg: MopdConfig) -> int:
     """Engine context: the longest prompt plus the longest response plus the one token a teacher's
     scoring request generates; refused up front if a model cannot hold it."""
-    need = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens + 1
+    need = cfg.data.max_prompt_tokens + cfg.rollout.response_budget + 1  # multi-turn: the whole trajectory
     # A server teacher's context is its server's (checked by the teacher preflight), not its `path`'s.
     local = [(f"teacher '{n}'", t.path) for n, t in cfg.teachers.items() if not get_teacher_backend(t.backend).remote]
     for name, path in [("student", cfg.student.path), *local]:
         limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
         if limit is not None and need > limit:
             raise ConfigError(
-                f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) + rollout.max_tokens ({cfg.rollout.max_tokens}) "
+                f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) + rollout.max_tokens ({cfg.rollout.max_tokens}, "
+                f"or rollout.max_total_tokens ({cfg.rollout.max_total_tokens}) if larger) "
                 f"+ 1 = {need} exceeds the {name}'s max_position_embeddings={limit}; lower one of them")
     return need
 

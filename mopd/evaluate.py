@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from mopd.config import MopdConfig
 from mopd.data import encode_rows, load_rows
 from mopd.engine_group import EngineGroup, start_engines
+from mopd.multiturn import TurnLimits
 from mopd.producer import rollout, score_with_teachers, teacher_rollout, verify_samples
 from mopd.ray_cluster import init_ray
 from mopd.report import round_table
@@ -35,11 +36,12 @@ def evaluate(cfg: MopdConfig, engines: EngineGroup, registry: TeacherRegistry, t
     """`prompt_ids`: the rows' encoded prompts when the caller has them (a run encodes its eval set once)."""
     prompt_ids = prompt_ids or encode_rows(tokenizer, rows, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens)
     r = cfg.rollout
+    turns = {"tokenizer": tokenizer, "limits": TurnLimits.of(r)}  # rows naming an env roll out multi-turn
     greedy = rollout(engines.students, prompt_ids, rows, n=1, temperature=r.eval_temperature, top_p=1.0,
-                     max_tokens=r.max_tokens, seed=seed)
+                     max_tokens=r.max_tokens, seed=seed, **turns)
     verify_samples(greedy, tokenizer)
     sampled = rollout(engines.students, prompt_ids, rows, n=1, temperature=1.0, top_p=1.0,
-                      max_tokens=r.max_tokens, seed=seed)
+                      max_tokens=r.max_tokens, seed=seed, **turns)
     score_with_teachers(engines.teachers, registry, sampled)
     acc = domain_summary(greedy)
     kl = domain_summary(sampled)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ import ray
 from mopd.batch import TrainBatch, build_batch
 from mopd.config import MopdConfig
 from mopd.data import AutoMix, DomainMixSampler
+from mopd.multiturn import TurnLimits, has_env, length_metrics, multi_turn_rollout
 from mopd.objectives import get_objective
 from mopd.samples import ScoredSample
 from mopd.timing import timed
@@ -55,6 +57,11 @@ class BatchProducer:
         am = cfg.data.auto_mix  # refused by the config where the objective measures no teacher KL
         self.auto_mix = (AutoMix(self.sampler.domains, self.sampler.weights, am.ema, am.floor,
                                  cfg.trainer.max_staleness) if am.enabled else None)
+        # Multi-turn batches (rows naming an `env`) roll out in a thread of their own per batch, so that the
+        # pipeline can launch the next batch while this one's turns go on (mopd/multiturn.py).
+        self.turns = TurnLimits.of(cfg.rollout)
+        self._multi_turn = ThreadPoolExecutor(max_workers=cfg.trainer.max_staleness + 2,
+                                              thread_name_prefix="mopd-multiturn")
 
     def observe(self, step: int, metrics: dict[str, float]) -> None:
         """Step `step` has trained: its per-domain teacher KL steers later batches (data.auto_mix)."""
@@ -82,6 +89,12 @@ class BatchProducer:
         seed = t.seed * 1_000_003 + (step - 1) * 10_007
         if self.objective.teacher_samples:  # baseline: the teachers generate, the student imitates
             return Inflight(step, ids, rows, seed, time.perf_counter(), [], [])
+        if has_env(rows):
+            job = Inflight(step, ids, rows, seed, time.perf_counter(), [], [])
+            job.multi_turn = self._multi_turn.submit(
+                multi_turn_rollout, self.students, self.tokenizer, ids, rows, n=r.n, temperature=r.temperature,
+                top_p=r.top_p, limits=self.turns, seed=seed, metrics=job.multi_turn_metrics)
+            return job
         futures, chunks = submit_rollout(self.students, ids, n=r.n, temperature=r.temperature, top_p=r.top_p,
                                          max_tokens=r.max_tokens, seed=seed)
         return Inflight(step, ids, rows, seed, time.perf_counter(), futures, chunks)
@@ -98,6 +111,8 @@ class BatchProducer:
                                           temperature=r.temperature, max_tokens=r.max_tokens, seed=job.seed)
             verify_samples(samples, self.tokenizer)
             return self._batch(job, samples, metrics)
+        if job.multi_turn is not None:
+            return self._finish_multi_turn(job, between)
         timeout = None if between is None else 0.01  # a pipeline polls, to submit rollouts the moment they may go
         parts: dict[int, list[ScoredSample]] = {}
         scoring: list[tuple[list[ScoredSample], list[tuple[str, list[int], Any]]]] = []
@@ -128,6 +143,32 @@ class BatchProducer:
         metrics["timing_s/teacher"] = time.perf_counter() - (t_first or t_rolled) if scoring else 0.0
         return self._batch(job, [x for k in sorted(parts) for x in parts[k]], metrics)
 
+    def _finish_multi_turn(self, job: Inflight, between: Callable[[], None] | None) -> StepBatch:
+        """A multi-turn batch: wait for its rollout thread (polling `between`), then score every trajectory
+        with its teacher in one prefill of prompt + whole response each."""
+        assert job.multi_turn is not None
+        while True:
+            try:
+                samples = job.multi_turn.result(timeout=None if between is None else 0.01)
+                break
+            except TimeoutError:
+                assert between is not None
+                between()
+        metrics: dict[str, float] = {"timing_s/rollout": time.perf_counter() - job.t_submit,
+                                     **job.multi_turn_metrics}
+        verify_samples(samples, self.tokenizer)
+        t0 = time.perf_counter()
+        if self.objective.needs_teacher_scores:
+            calls = submit_scores(self.teachers, self.registry, samples, self.cfg.algorithm.teacher_top_k)
+            pending = [fut for _, _, fut in calls]
+            while pending:
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=None if between is None else 0.01)
+                if between is not None:
+                    between()
+            collect_scores(samples, calls)
+        metrics["timing_s/teacher"] = time.perf_counter() - t0 if self.objective.needs_teacher_scores else 0.0
+        return self._batch(job, samples, metrics)
+
     def _batch(self, job: Inflight, samples: list[ScoredSample], metrics: dict[str, float]) -> StepBatch:
         # Staleness: how many optimizer steps the sampling policy is behind the one that trains on the batch
         # (version step - 1); 0 in the synchronous loop.
@@ -136,6 +177,7 @@ class BatchProducer:
             lag = [job.step - 1 - v for v in versions]
             metrics["rollout/staleness_mean"] = sum(lag) / len(lag)
             metrics["rollout/staleness_max"] = float(max(lag))
+        metrics.update(length_metrics([x.sample for x in samples]))
         batch = build_batch(samples, self.tokenizer.pad_token_id)
         return StepBatch(job.step, samples, batch, [row["id"] for row in job.rows], metrics)
 
@@ -151,6 +193,8 @@ class Inflight:
     t_submit: float
     futures: list[Any]
     chunks: list[list[int]]
+    multi_turn: Future | None = None  # a multi-turn batch's rollout thread (then futures/chunks are empty)
+    multi_turn_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -259,7 +303,15 @@ def batch_digest(row_ids: list[str]) -> int:
 
 
 def rollout(engines: list[Any], prompt_ids: list[list[int]], rows: list[dict], *, n: int, temperature: float,
-            top_p: float, max_tokens: int, seed: int) -> list[ScoredSample]:
+            top_p: float, max_tokens: int, seed: int, tokenizer: Any = None,
+            limits: TurnLimits | None = None) -> list[ScoredSample]:
+    """Samples of `rows` (evaluation); rows naming an environment are rolled out multi-turn, which needs the
+    student's `tokenizer` (observations) and the rollout section's `limits` (default: max_tokens per turn)."""
+    if has_env(rows):
+        if tokenizer is None:
+            raise ValueError("rows naming an environment need the student's tokenizer to roll out multi-turn")
+        return multi_turn_rollout(engines, tokenizer, prompt_ids, rows, n=n, temperature=temperature, top_p=top_p,
+                                  limits=limits or TurnLimits(max_tokens), seed=seed)
     futures, _ = submit_rollout(engines, prompt_ids, n=n, temperature=temperature, top_p=top_p,
                                 max_tokens=max_tokens, seed=seed)
     groups: list[list[Sample]] = [g for res in ray.get(futures) for g in res]
@@ -331,6 +383,20 @@ def collect_scores(samples: list[ScoredSample], pending: list[tuple[str, list[in
             samples[i].teacher_logprobs = sc.logprobs
             samples[i].teacher_topk_ids = sc.topk_ids
             samples[i].teacher_topk_logprobs = sc.topk_logprobs
+            if samples[i].sample.student_mask is not None:
+                mask_student_positions(samples[i])
+
+
+def mask_student_positions(s: ScoredSample) -> None:
+    """Keep the teacher's scores at the student's positions of a multi-turn trajectory only: the teacher read
+    the observations in its one prefill of the whole trajectory (they condition its later predictions), but
+    its log-probs *of* observation tokens are no training signal (0.0 and no top-k there; the trainer's mask
+    leaves those positions out too)."""
+    mask = s.sample.student_mask_or_ones()
+    s.teacher_logprobs = [lp if m else 0.0 for lp, m in zip(s.teacher_logprobs, mask, strict=True)]
+    if s.teacher_topk_ids:
+        s.teacher_topk_ids = [k if m else [] for k, m in zip(s.teacher_topk_ids, mask, strict=True)]
+        s.teacher_topk_logprobs = [k if m else [] for k, m in zip(s.teacher_topk_logprobs, mask, strict=True)]
 
 
 def verify_samples(samples: list[ScoredSample], tokenizer: Any) -> None:
@@ -340,6 +406,8 @@ def verify_samples(samples: list[ScoredSample], tokenizer: Any) -> None:
         s.text = tokenizer.decode(s.sample.response_ids, skip_special_tokens=True)
         if s.row.get("answer") is not None:
             s.score = verify(s.domain, s.text, str(s.row["answer"]), s.row.get("verifier"))
+        if s.sample.meta.get("env_reward") is not None:  # the environment's own outcome reward wins
+            s.score = float(s.sample.meta["env_reward"])
 
 
 def contiguous_chunks(items: list, parts: int) -> list[list]:

@@ -57,5 +57,5 @@ def _teacher_kl(samples: list[ScoredSample]) -> float:
             raise ValueError(f"row '{s.row['id']}': {len(s.teacher_logprobs)} teacher log-probs for {n} response tokens")
         mu_BT[b, :n] = torch.tensor(s.sample.rollout_logprobs)
         teacher_BT[b, :n] = torch.tensor(s.teacher_logprobs)
-        mask_BT[b, :n] = 1.0
+        mask_BT[b, :n] = torch.tensor(s.sample.student_mask_or_ones(), dtype=torch.float32)
     return teacher_kl(mu_BT, teacher_BT, mask_BT)

@@ -28,7 +28,7 @@ from mopd.timing import timed
 from mopd.trainer_backend import make_backend
 from rewards.advantages import advantage_metrics, grpo_outcome_advantage
 from stability.correction import correction_metrics, correction_weights
-from stability.diagnostics import mismatch_metrics, teacher_kl
+from stability.diagnostics import mismatch_metrics, teacher_kl, teacher_kl_per_turn
 from stability.r3 import RoutingCounts, RoutingReplay, routing_counts
 
 
@@ -325,6 +325,7 @@ class Trainer:
             for d in sorted(set(b.domains)):
                 rows = [i for i, x in enumerate(b.domains) if x == d]
                 metrics[f"mopd/teacher_kl/{d}"] = teacher_kl(t.old_BT[rows], b.teacher_logprobs_BT[rows], mask[rows])
+            metrics.update(teacher_kl_per_turn(t.old_BT, b.teacher_logprobs_BT, mask))
 
     def _outcome_B(self, b: TrainBatch) -> torch.Tensor | None:
         """The GRPO outcome advantage per row, over the whole batch's groups (None where unused)."""

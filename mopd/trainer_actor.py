@@ -98,6 +98,9 @@ class TrainerWorker:
     def generate(self, prompt_ids: list[list[int]], **kw: Any) -> Any:
         return self._engine().generate(prompt_ids, **kw)
 
+    def generate_turns(self, prompt_ids: list[list[int]], **kw: Any) -> Any:
+        return self._engine().generate_turns(prompt_ids, **kw)
+
     def sync_engine(self, version: int | None = None, full: bool = True) -> float:
         """The new weights into this actor's own engine: an in-process copy, no object store, no group."""
         return self._engine().update_weights(self.trainer.state_dict(trained_only=not full), version)

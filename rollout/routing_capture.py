@@ -35,6 +35,14 @@ Semantics that matter to the trainer:
   positions `P-1 .. T-2` only; the last position's hidden state (and thus its routing) affects no
   loss term, so its fallback to the trainer's own router is harmless (it is counted as unreplayed).
   vLLM's native output has `T - 1` rows for the same reason; it is padded to `T` here.
+* Multi-turn trajectories (mopd/multiturn.py): each turn is a new request whose prompt is the whole
+  trajectory so far (prompt, earlier student turns, observations), prefilled from scratch (no prefix
+  cache). A trajectory keeps the record of its *last* turn: the earlier turns and the observations are
+  captured during that turn's prefill, the last turn's tokens during its decode, so one record covers
+  every position with one forward of one weight version (the version that sampled the last turn; under
+  the pipeline an earlier turn may have been sampled by an older one, whose routing is not kept). Only the
+  final sampled token has no record, as single-turn. Tested: tests/test_multiturn_engine.py (every fed
+  position recorded, trainer agreement 1.0 with replay on).
 
 Worker-side calls go through `collective_rpc` by method name when the engine was built with
 `routing_llm_kwargs()` (it adds `RoutingWorkerExtension`), so capture also works with the engine core

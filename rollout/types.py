@@ -20,6 +20,13 @@ class Sample:
     # The engine's weight version when it sampled this (the trainer's step count after its last sync): the
     # behaviour policy whose log-probs are `rollout_logprobs`. None: not sampled by the student's engine.
     policy_version: int | None = None
+    # Who wrote each response token (multi-turn rollouts): 1 = the student sampled it, 0 = the environment's
+    # observation (context only: no loss, no advantage, no teacher term, no metric; its rollout log-prob is a
+    # 0.0 placeholder). None: every response token is the student's (single-turn rows).
+    student_mask: list[int] | None = None
+
+    def student_mask_or_ones(self) -> list[int]:
+        return [1] * len(self.response_ids) if self.student_mask is None else self.student_mask
 
 
 @dataclass

@@ -112,6 +112,45 @@ class VllmEngine:
             result.append(samples)
         return result
 
+    def generate_turns(self, prompt_ids: list[list[int]], *, max_tokens: list[int], seeds: list[int],
+                       stop: list[list[str]], temperature: float = 1.0, top_p: float = 1.0) -> list[Sample]:
+        """One turn of each multi-turn trajectory: request i continues `prompt_ids[i]` (the prompt plus the
+        trajectory so far) by at most `max_tokens[i]` tokens, seeded `seeds[i]`, until EOS or one of `stop[i]`
+        (kept in the output). Trajectories at different turns share this one engine batch.
+
+        `Sample.meta["stop"]` is the stop string that ended the turn (None: EOS or the length limit). R3: the
+        routing record covers every position of the request, the earlier turns and observations captured during
+        this turn's prefill (see rollout/routing_capture.py).
+        """
+        from vllm import SamplingParams
+
+        if not len(prompt_ids) == len(max_tokens) == len(seeds) == len(stop):
+            raise ValueError("generate_turns needs one max_tokens, seed and stop list per request")
+        for i, (p, m) in enumerate(zip(prompt_ids, max_tokens, strict=True)):
+            if m < 1 or len(p) + m > self.max_model_len:
+                raise ValueError(f"turn request {i}: {len(p)} tokens + max_tokens={m} exceeds the engine's "
+                                 f"max_model_len={self.max_model_len} (or max_tokens < 1)")
+        # Stop strings are matched on detokenized text, so those requests detokenize; the token ids and
+        # log-probs are the same either way.
+        params = [SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=m, logprobs=0, seed=sd,
+                                 stop=list(st) or None, include_stop_str_in_output=True, detokenize=bool(st),
+                                 flat_logprobs=True)
+                  for m, sd, st in zip(max_tokens, seeds, stop, strict=True)]
+        window = self.routing.recording() if self.routing is not None else contextlib.nullcontext()
+        with window as rec:
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        routed = rec.routed_experts(outs) if rec is not None else None
+        result = []
+        for i, (p, out) in enumerate(zip(prompt_ids, outs, strict=True)):
+            c = out.outputs[0]
+            mu = [_sampled_logprob(c.logprobs, t, tok) for t, tok in enumerate(c.token_ids)]
+            result.append(Sample(prompt_ids=list(p), response_ids=list(c.token_ids), rollout_logprobs=mu,
+                                 finish_reason=str(c.finish_reason),
+                                 routed_experts=None if routed is None else routed[i][0],
+                                 meta={"stop": c.stop_reason if isinstance(c.stop_reason, str) else None},
+                                 policy_version=self.weight_version))
+        return result
+
     def score_tokens(self, sequences: list[list[int]], prompt_lens: list[int]) -> list[list[float]]:
         """The engine's own log-prob of each response token of given sequences (sync checks, diagnostics)."""
         return [s.logprobs for s in prompt_logprobs_of(self.llm, sequences, prompt_lens, top_k=0)]

@@ -198,6 +198,21 @@ def _specs(runs: list[RunData]) -> list[Panel]:
     panels.append(Panel("Advantage", sec, [Curve(n, n.rsplit("/", 1)[-1]) for n in glob("mopd/advantage/*")],
                         optional=True))
 
+    sec = "Multi-turn rollouts"  # runs whose rows name an environment (mopd/multiturn.py); else not drawn
+    panels.append(Panel("Turns per trajectory", sec, [Curve("rollout/turns_mean", "mean"),
+                                                      Curve("rollout/turns_max", "max", EVAL_DASH)], optional=True))
+    panels.append(one(sec, "rollout/tool_calls_mean", "Tool calls per trajectory", optional=True))
+    panels.append(Panel("Environment failures (share of trajectories)", sec, [
+        Curve(f"rollout/{o}", o) for o in ("env_error", "env_timeout", "env_flood")], optional=True))
+    panels.append(Panel("Trajectory ended by a limit (share)", sec, [
+        Curve(f"rollout/{o}", o) for o in ("max_turns", "max_total_tokens")], optional=True))
+    panels.append(one(sec, "rollout/obs_token_share", "Observation-token share", optional=True))
+    turns = sorted(glob("mopd/teacher_kl_turn/*"), key=lambda n: int(n.rsplit("/", 1)[-1]))
+    panels.append(Panel("Teacher KL per turn", sec, [Curve(n, "turn " + n.rsplit("/", 1)[-1]) for n in turns],
+                        optional=True))
+    panels.append(Panel("Response length distribution (tokens, observations included)", sec, [
+        Curve(f"rollout/response_length/{q}", q) for q in ("min", "p50", "mean", "p90", "max")], optional=True))
+
     sec = "Speed and memory"
     panels.append(one(sec, "perf/tokens_per_s", "Throughput (tokens/s)"))
     timing = glob("timing_s/*")

@@ -46,7 +46,8 @@ from torch import Tensor
 
 from stability.correction import safe_log_ratio
 
-__all__ = ["MISMATCH_METRIC_NAMES", "EXTRA_METRIC_NAMES", "mismatch_metrics", "teacher_kl"]
+__all__ = ["MISMATCH_METRIC_NAMES", "EXTRA_METRIC_NAMES", "mismatch_metrics", "teacher_kl", "teacher_kl_per_turn",
+           "turn_index"]
 
 #: Every key :func:`mismatch_metrics` can return (``rollout_is_oob_ratio`` only when a band is given).
 MISMATCH_METRIC_NAMES = (
@@ -186,3 +187,23 @@ def teacher_kl(student_logprobs_BT: Tensor, teacher_logprobs_BT: Tensor, mask_BT
     if n == 0:
         return 0.0
     return float(diff_BT[ok_BT].sum().item()) / n
+
+
+def turn_index(mask_BT: Tensor) -> Tensor:
+    """Which student turn each valid position belongs to (1, 2, ...; 0 where masked): in a multi-turn
+    trajectory the student's turns are the runs of the mask between observation tokens (mask 0)."""
+    valid_BT = mask_BT.bool()
+    before_BT = torch.nn.functional.pad(valid_BT[:, :-1], (1, 0), value=False)
+    return torch.cumsum((valid_BT & ~before_BT).long(), dim=1) * valid_BT.long()
+
+
+def teacher_kl_per_turn(student_logprobs_BT: Tensor, teacher_logprobs_BT: Tensor, mask_BT: Tensor) -> dict[str, float]:
+    """``mopd/teacher_kl_turn/<i>``: :func:`teacher_kl` over the student's i-th turn of every trajectory (where
+    the student drifts from the teacher: after reading a tool's answer, or before). Empty when no row has a
+    second turn, so single-turn runs log nothing new."""
+    turn_BT = turn_index(mask_BT)
+    last = int(turn_BT.max().item()) if turn_BT.numel() else 0
+    if last < 2:
+        return {}
+    return {f"mopd/teacher_kl_turn/{i}": teacher_kl(student_logprobs_BT, teacher_logprobs_BT, (turn_BT == i).float())
+            for i in range(1, last + 1)}

@@ -69,6 +69,9 @@ class Probe:
     sequences: list[list[int]]
     prompt_lens: list[int]
     texts: list[str]  # for the server-side tokenization check
+    # A multi-turn trajectory (prompt, student turn, observation, student turn) and the length of its first
+    # student turn, when the teacher's domains have rows naming an environment; None otherwise.
+    multi_turn: tuple[list[int], int, int] | None = None
 
 
 def run_preflight(cfg: Any, teachers: dict[str, list[Any]], student_tokenizer: Any,
@@ -76,7 +79,7 @@ def run_preflight(cfg: Any, teachers: dict[str, list[Any]], student_tokenizer: A
     """All checks for every teacher in `teachers` (name -> replica handles, in config order)."""
     # The engines' context: the longest prompt, the longest response and the one token a scoring request
     # generates (the same figure the engines are started with).
-    need_len = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens + 1
+    need_len = cfg.data.max_prompt_tokens + cfg.rollout.response_budget + 1
     student = Path(str(cfg.student.path)).expanduser()
     student_vocab = config_vocab_size(student) if student.is_dir() else None
     out: list[Check] = []
@@ -147,7 +150,32 @@ def check_teacher(name: str, tcfg: Any, handles: list[Any], student_tokenizer: A
         healthy.append((h, info))
     if healthy:
         out.append(_normalised_check(name, *healthy[0], probe, server))
+        if probe.multi_turn is not None:
+            out.append(_multi_turn_check(name, healthy[0][0], probe.multi_turn))
     return out
+
+
+# The same positions scored in two requests of different lengths: batch-shape noise only (bf16 engines
+# reach ~1e-3), far below what a truncated or non-causal context does to them.
+MULTI_TURN_TOL = 1e-2
+
+
+def _multi_turn_check(name: str, h: Any, probe: tuple[list[int], int, int]) -> Check:
+    """The teacher scores a whole multi-turn trajectory in one prefill (what training sends): its log-probs
+    of the first student turn must be those it gives that turn alone, so the observation and the later turn
+    behind it neither shift nor truncate the context."""
+    seq, plen, first = probe
+    try:
+        whole = _logprobs(_call(h, "score", [seq], [plen], 0))[:first]
+        alone = _logprobs(_call(h, "score", [seq[: plen + first]], [plen], 0))
+    except Exception as e:  # noqa: BLE001
+        return Check(name, "multi_turn", False, f"scoring a multi-turn trajectory failed: {_short(e)}",
+                     "the teacher must take prompt + the whole trajectory (rollout.max_total_tokens) as one sequence")
+    diff = _max_abs_diff(whole, alone)
+    return Check(name, "multi_turn", diff <= MULTI_TURN_TOL,
+                 f"a {len(seq) - plen}-token trajectory in one prefill vs its first turn alone: max |diff| = {diff:.2g}",
+                 "the teacher's scores of an earlier turn changed with what follows it: it must score the sequence "
+                 "causally, unshifted and untruncated")
 
 
 def require_preflight(cfg: Any, teachers: dict[str, list[Any]], student_tokenizer: Any,
@@ -431,7 +459,22 @@ def make_probe(tokenizer: Any, rows: list[dict], domains: list[str], max_len: in
     eos = getattr(tokenizer, "eos_token", None)
     if eos:
         texts.append(texts[0] + eos)  # special tokens must map to the same ids too
-    return Probe(seqs, plens, texts)
+    return Probe(seqs, plens, texts, _multi_turn_probe(tokenizer, [r for r in mine if r.get("env")], max_len))
+
+
+def _multi_turn_probe(tokenizer: Any, rows: list[dict], max_len: int) -> tuple[list[int], int, int] | None:
+    """prompt + first half of the answer + an observation + the rest, from the first row naming an env."""
+    for r in rows:
+        if not isinstance(r.get("prompt"), str):
+            continue
+        p = list(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"])
+        ans = list(tokenizer(str(r.get("answer") or "0 1"), add_special_tokens=False)["input_ids"]) or p[-2:]
+        obs = list(tokenizer("=1", add_special_tokens=False)["input_ids"])
+        first = max(1, len(ans) // 2)
+        seq = (p + ans[:first] + obs + ans[first:] + ans[:first])[: max_len - 1]
+        if len(seq) > len(p) + first:
+            return seq, len(p), first
+    return None
 
 
 # -- individual checks ------------------------------------------------------------------------------
