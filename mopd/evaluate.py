@@ -55,7 +55,8 @@ def evaluate_teachers(cfg: MopdConfig, engines: EngineGroup, registry: TeacherRe
     """Each domain's teacher, decoding greedily (rollout.eval_temperature) on the eval rows of its domains."""
     prompt_ids = prompt_ids or encode_rows(tokenizer, rows, cfg.data.max_prompt_tokens, cfg.data.add_special_tokens)
     samples = teacher_rollout(engines.teachers, registry, prompt_ids, rows, n=1,
-                              temperature=cfg.rollout.eval_temperature, max_tokens=cfg.rollout.max_tokens, seed=seed)
+                              temperature=cfg.rollout.eval_temperature, max_tokens=cfg.rollout.max_tokens, seed=seed,
+                              tokenizer=tokenizer, limits=TurnLimits.of(cfg.rollout))
     verify_samples(samples, tokenizer)
     return {d: s["acc"] for d, s in domain_summary(samples).items()}
 

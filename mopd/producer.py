@@ -108,7 +108,8 @@ class BatchProducer:
         if self.objective.teacher_samples:
             with timed("rollout", metrics):
                 samples = teacher_rollout(self.teachers, self.registry, job.prompt_ids, job.rows, n=r.n,
-                                          temperature=r.temperature, max_tokens=r.max_tokens, seed=job.seed)
+                                          temperature=r.temperature, max_tokens=r.max_tokens, seed=job.seed,
+                                          tokenizer=self.tokenizer, limits=self.turns)
             verify_samples(samples, self.tokenizer)
             return self._batch(job, samples, metrics)
         if job.multi_turn is not None:
@@ -330,21 +331,47 @@ def submit_rollout(engines: list[Any], prompt_ids: list[list[int]], *, n: int, t
 
 
 def teacher_rollout(teachers: dict[str, list[Any]], registry: TeacherRegistry, prompt_ids: list[list[int]],
-                    rows: list[dict], *, n: int, temperature: float, max_tokens: int, seed: int) -> list[ScoredSample]:
-    """Samples from each row's teacher instead of the student: the off-policy SFT baseline's data."""
+                    rows: list[dict], *, n: int, temperature: float, max_tokens: int, seed: int, tokenizer: Any = None,
+                    limits: TurnLimits | None = None) -> list[ScoredSample]:
+    """Samples from each row's teacher instead of the student: the off-policy SFT baseline's data and the
+    teachers' own evaluation. Rows naming an environment are rolled out multi-turn with the tool, as the
+    student's are (vLLM teachers; needs the student's `tokenizer` and the rollout `limits`)."""
     by_teacher = registry.group([r["domain"] for r in rows], [r["id"] for r in rows])
     pending = []
+    out: list[ScoredSample] = []
     for name, idx in by_teacher.items():
+        multi = [i for i in idx if rows[i].get("env")]
+        if multi:
+            out += _teacher_multi_turn(name, teachers[name], [prompt_ids[i] for i in multi], [rows[i] for i in multi],
+                                       multi, n=n, temperature=temperature, seed=seed, tokenizer=tokenizer,
+                                       limits=limits or TurnLimits(max_tokens))
+            idx = [i for i in idx if not rows[i].get("env")]
         for actor, part in zip(teachers[name], contiguous_chunks(idx, len(teachers[name])), strict=True):
             if part:
                 pending.append((name, part, actor.generate.remote([prompt_ids[i] for i in part], n=n,
                                                                   temperature=temperature, max_tokens=max_tokens,
                                                                   seed=seed + part[0] * 7919)))
-    out: list[ScoredSample] = []
     for name, part, fut in pending:
         for i, group in zip(part, ray.get(fut), strict=True):
             out.extend(ScoredSample(row=rows[i], group=i, sample=s, teacher=name) for s in group)
     return sorted(out, key=lambda s: s.group)
+
+
+def _teacher_multi_turn(name: str, actors: list[Any], prompt_ids: list[list[int]], rows: list[dict], where: list[int],
+                        *, n: int, temperature: float, seed: int, tokenizer: Any, limits: TurnLimits) -> list[ScoredSample]:
+    if tokenizer is None:
+        raise ValueError("rows naming an environment need the student's tokenizer to roll out multi-turn")
+    try:
+        for a in actors:
+            a.generate_turns  # noqa: B018 - a vLLM engine actor has it; hf / vllm_server teachers do not
+    except AttributeError:
+        raise ValueError(f"teacher '{name}' cannot roll out rows that name an environment (multi-turn teacher "
+                         "generation needs backend: vllm); give it backend: vllm or drop those rows' env") from None
+    samples = multi_turn_rollout(actors, tokenizer, prompt_ids, rows, n=n, temperature=temperature, top_p=1.0,
+                                 limits=limits, seed=seed + where[0] * 7919)
+    for s in samples:
+        s.group, s.teacher = where[s.group], name
+    return samples
 
 
 def score_with_teachers(teachers: dict[str, list[Any]], registry: TeacherRegistry, samples: list[ScoredSample],

@@ -177,3 +177,16 @@ def test_preflight_scores_a_multi_turn_trajectory(models):
     assert [c.ok for c in bad if c.name == "multi_turn"] == [False], format_report(bad)
     single = run_preflight(cfg, {"t": [TransformersTeacher(d / "teacher")]}, tok, [{**rows[0], "env": None}])
     assert not [c for c in single if c.name == "multi_turn"]
+
+
+def test_observation_ids_use_the_chat_templates_tool_turn(models):
+    """A tokenizer with a chat template gets the tool message as the template renders it after an exchange
+    (its turn markers included); a template without a tool role falls back to the plain text."""
+    tok, _ = models
+    tok = copy.deepcopy(tok)
+    tok.chat_template = ("{% for m in messages %}{{ m.role[0] }}:{{ m.content }}|{% endfor %}"
+                         "{% if add_generation_prompt %}a:{% endif %}")
+    assert tok.decode(observation_ids(tok, "=42")) == "t:=42|a:"
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tool role') }}"
+                         "{% endif %}{{ m.content }}{% endfor %}")
+    assert observation_ids(tok, "=42") == tok.encode("=42", add_special_tokens=False)

@@ -19,12 +19,13 @@ from transformers import AutoModelForCausalLM
 from mopd.batch import build_batch
 from mopd.config import load_config
 from mopd.multiturn import TurnLimits, multi_turn_rollout
-from mopd.producer import mask_student_positions, verify_samples
+from mopd.producer import mask_student_positions, teacher_rollout, verify_samples
 from mopd.trainer import Trainer
 from rollout.actors import start_student_engines
 from rollout.envs import ENVIRONMENTS, EnvStep, register_environment
 from rollout.types import EngineSpec
 from teachers.hf_teacher import HfTeacher
+from teachers.registry import TeacherRegistry
 
 pytestmark = pytest.mark.slow
 STOP = tuple(string.digits + string.ascii_lowercase)
@@ -190,3 +191,97 @@ def test_teacher_scores_whole_trajectory_at_student_positions(synced, models):
             want = lp[p - 1 + j, seq[p + j]].item() if k else 0.0
             worst = max(worst, abs(got - want))
     assert worst <= 1e-5, worst
+
+
+def test_vllm_teacher_scores_whole_trajectory(synced, models, ray_local):
+    """The vLLM teacher backend, one prefill per trajectory: log-probs and top-k at the student's positions
+    equal a transformers forward over the trajectory; observation positions are left out."""
+    from teachers.vllm_teacher import start_teacher
+
+    _, d = models
+    _, _, samples, _ = synced
+    spec = EngineSpec(str(d / "teacher"), max_model_len=48, dtype="float32", num_cpus=0.5, omp_threads=1,
+                      kv_cache_gb=0.25, max_top_k=3)
+    teacher = start_teacher(spec, replicas=1)[0]
+    try:
+        multi = [s for s in samples if 0 in s.sample.student_mask]
+        assert multi
+        scores = ray_local.get(teacher.score.remote([s.sample.prompt_ids + s.sample.response_ids for s in multi],
+                                                    [len(s.sample.prompt_ids) for s in multi], 3))
+        # The teacher generates multi-turn too (its own evaluation, the SFT baseline's data): with the tool.
+        tok, _ = models
+        rows, prompts = rows_and_prompts(tok)
+        registry = TeacherRegistry()
+        registry.register("t", ["rev"], str(d / "teacher"))
+        own = teacher_rollout({"t": [teacher]}, registry, prompts, rows, n=1, temperature=1.0, max_tokens=6, seed=3,
+                              tokenizer=tok, limits=LIMITS)
+    finally:
+        ray_local.kill(teacher)
+    ref = AutoModelForCausalLM.from_pretrained(d / "teacher", dtype=torch.float32).eval()
+    worst = 0.0
+    for s, sc in zip(multi, scores, strict=True):
+        s.teacher_logprobs, s.teacher_topk_ids, s.teacher_topk_logprobs = sc.logprobs, sc.topk_ids, sc.topk_logprobs
+        mask_student_positions(s)
+        seq, p = s.sample.prompt_ids + s.sample.response_ids, len(s.sample.prompt_ids)
+        with torch.no_grad():
+            lp = ref(torch.tensor([seq])).logits.float().log_softmax(-1)[0]
+        for j, k in enumerate(s.sample.student_mask):
+            if not k:
+                assert s.teacher_logprobs[j] == 0.0 and s.teacher_topk_ids[j] == []
+                continue
+            worst = max(worst, abs(s.teacher_logprobs[j] - lp[p - 1 + j, seq[p + j]].item()))
+            assert s.teacher_topk_ids[j] == lp[p - 1 + j].topk(3).indices.tolist()
+    assert worst < 1e-3, worst
+    assert [x.group for x in own] == list(range(len(rows))) and all(x.teacher == "t" for x in own)
+    echo = [x for x in own if x.row.get("env") == "t_echo"]
+    assert any(0 in x.sample.student_mask for x in echo) and max(x.sample.meta["turns"] for x in echo) >= 2
+    assert [x.sample.meta["outcome"] for x in own if x.row.get("env") == "t_raise"] in (["env_error"], ["done"],
+                                                                                         ["length"])
+    assert own[-1].sample.student_mask is None  # the single-turn row: the teacher's plain generate
+
+
+def test_batch_producer_rolls_out_multi_turn_batches_reproducibly(models, student, ray_local):
+    """The producer's multi-turn path end to end (rollout thread, teacher scoring, batch): a batch is a function
+    of (seed, step) (what a resumed run relies on), and the one-step-off pipeline produces them too."""
+    from tiny_config import REQUIRED_OVERRIDES
+
+    from mopd.producer import BatchProducer, Pipeline
+    from teachers.hf_teacher import start_hf_group
+    from teachers.registry import TeacherRegistry
+
+    tok, d = models
+    cfg = load_config(None, [*REQUIRED_OVERRIDES, f"student.path={d}/student", f"teachers.t.path={d}/teacher",
+                             "teachers.t.domains=[rev]", "rollout.max_tokens=6", "rollout.max_total_tokens=30",
+                             "rollout.max_turns=3", "rollout.n=2", "trainer.prompts_per_step=4",
+                             "algorithm.objective=reverse_kl", "algorithm.teacher_top_k=3"])
+    teachers = start_hf_group({"t": EngineSpec(str(d / "teacher"), max_model_len=48, num_cpus=0.5)}, 1)
+    try:
+        rows, prompts = rows_and_prompts(tok)
+        rows = [r for r in rows if r.get("env") in ("t_echo", None)]
+        prompts = [tok.encode(r["prompt"], add_special_tokens=False) for r in rows]
+        producer = BatchProducer(cfg, [student], teachers, TeacherRegistry.from_config(cfg, tok), tok, rows, prompts)
+        a, b = producer.get(1), producer.get(1)
+        assert [x.sample.response_ids for x in a.samples] == [x.sample.response_ids for x in b.samples]
+        assert torch.equal(a.batch.mask_BT, b.batch.mask_BT) and a.digest == b.digest
+        student_tokens = sum(sum(x.sample.student_mask) for x in a.samples)
+        assert a.batch.mask_BT.sum().item() == student_tokens < sum(len(x.sample.response_ids) for x in a.samples)
+        assert a.batch.teacher_topk_ids_BTK is not None
+        for key in ("rollout/turns_mean", "rollout/obs_token_share", "timing_s/env", "timing_s/teacher",
+                    "rollout/response_length/p90"):
+            assert key in a.metrics, key
+        with pytest.raises(ValueError, match="teacher 't' cannot roll out rows that name an environment"):
+            teacher_rollout(teachers, producer.registry, prompts, rows, n=1, temperature=1.0, max_tokens=6, seed=0,
+                            tokenizer=tok)
+        pipe = Pipeline(producer, max_staleness=1, first_step=1, synced_version=0, last_step=2)
+        try:
+            one = pipe.get(1, {})
+            pipe.weights_sent(1)
+            two = pipe.get(2, {})
+        finally:
+            pipe.close()
+        assert [x.sample.response_ids for x in one.samples] == [x.sample.response_ids for x in a.samples]
+        assert two.metrics["rollout/turns_mean"] >= 1
+    finally:
+        for actors in teachers.values():
+            for actor in actors:
+                ray_local.kill(actor)
