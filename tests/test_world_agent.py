@@ -14,7 +14,7 @@ from mopd.world.accuracy import accuracy, multi_turn_generate
 from mopd.world.build import config_hash
 from mopd.world.config import WorldConfig, world_config
 from mopd.world.models import build_teacher
-from mopd.world.report import world_table
+from mopd.world.report import plain_teacher_table, world_table
 from mopd.world.sft import IGNORE, collate, encode_sft_examples, sft
 from mopd.world.tasks import (
     CARRY_DIGITS,
@@ -71,19 +71,19 @@ def _column_sum(x: str, y: str) -> str:
 
 
 def test_carry_solution_is_one_fixed_width_state_per_column_then_the_sum():
-    sol = carry_solution("carry:458317+907264=")
+    sol = carry_solution("carry:8317+7264=")
     steps, answer = sol.split("|")
     states = steps.split(" ")
-    assert answer == _column_sum("458317", "907264") == "1365581"
-    assert states[0] == ".45831+.90726,7+4+0=11,1....." and states[1] == "..4583+..9072,1+6+1=08,81...."
-    assert states[-1] == "......+......,4+9+0=13,365581"
+    assert answer == _column_sum("8317", "7264") == "15581"
+    assert states[0] == ".831+.726,7+4+0=11,1..." and states[1] == "..83+..72,1+6+1=08,81.."
+    assert states[-1] == "....+....,8+7+0=15,5581"
     assert len(states) == CARRY_DIGITS and {len(s) for s in states} == {3 * CARRY_DIGITS + 11}
-    assert len(sol) == 187 and all(c in CHARS for c in sol)
+    assert len(sol) == 101 and all(c in CHARS for c in sol)
     rng = random.Random(1)
     for _ in range(200):
         p, a = gen_carry(rng)
         x, y = p.removeprefix("carry:").removesuffix("=").split("+")
-        assert a == _column_sum(x, y) and len(p) == 20
+        assert a == _column_sum(x, y) and len(p) == 16
         assert final_answer(carry_solution(p)) == a and verify("carry", carry_solution(p) + "<eos>", a) == 1.0
     row = make_rows("carry", 1, "train", seed=0)[0]
     assert row["solution"] == carry_solution(row["prompt"]) and "env" not in row
@@ -177,7 +177,8 @@ def test_the_agent_config_is_a_world_of_its_own():
     assert sorted(cfg.teachers) == ["carry_teacher", "mul_teacher"]
     assert all(p.startswith(".cache/world_agent/") for p in [cfg.student.path, *cfg.data.train_files])
     assert cfg.data.max_prompt_tokens + cfg.rollout.max_tokens + 1 <= world.max_positions
-    assert cfg.rollout.max_tokens >= 188  # carry's 187 characters + EOS
+    assert cfg.rollout.max_tokens >= 102  # carry's 101 characters + EOS
+    assert cfg.rollout.max_turns >= 2  # mul: the call, then the answer
 
 
 def test_world_table_shows_plain_teachers_on_their_own_domain():
@@ -190,3 +191,7 @@ def test_world_table_shows_plain_teachers_on_their_own_domain():
         "| model | mul | carry |", "|---|---|---|", "| teacher/mul | 1.000 | 0.000 |",
         "| teacher/mul (no tool) | 0.010 | - |", "| teacher/carry | 0.000 | 0.970 |",
         "| teacher/carry (no chain) | - | 0.200 |", "| student | 0.400 | 0.100 |"]
+    note = plain_teacher_table(info).splitlines()
+    assert note[2:] == ["| domain | teacher | teacher without | without |", "|---|---|---|---|",
+                        "| mul | 1.000 | 0.010 | no tool |", "| carry | 0.970 | 0.200 | no chain |"]
+    assert plain_teacher_table({**info, "plain_teachers": []}) == ""

@@ -57,8 +57,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.logging.run_dir)
     with hold_run_dir(run_dir, args.resume, args.overwrite, log=print):
         prepare_run_dir(run_dir, args.resume, args.overwrite, log=print)
-        prepare_world(cfg)
-        return main_train(cfg, resume=args.resume, overwrite=False)
+        world = prepare_world(cfg)
+        rc = main_train(cfg, resume=args.resume, overwrite=False)
+    if world:
+        from mopd.world.report import plain_teacher_table
+
+        note = plain_teacher_table(world)
+        if note:
+            print("\n" + note)
+    return rc
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

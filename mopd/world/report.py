@@ -27,3 +27,16 @@ def world_table(info: dict) -> str:
     total = info.get("timings", {}).get("total", {}).get("wall_s", float("nan"))
     return (f"quickstart world in {info.get('dir', '')} (built in {total:.0f} s)\n\n"
             + markdown_table(["model", *domains], rows))
+
+
+def plain_teacher_table(info: dict) -> str:
+    """The world's plain teachers (no tool, no chain) beside its teachers, on their own domains, for the end of
+    a training run: the run's table has the teachers the student learnt from; this row says what the tool or
+    the chain is worth. Empty when the world has none."""
+    plain = info.get("plain_teachers") or []
+    if not plain:
+        return ""
+    acc = info["accuracy"]
+    rows = [[d, acc[f"teacher/{d}"][d], acc[f"teacher/{d}-plain"][d], plain_label(d)] for d in plain]
+    return ("world build's teachers (greedy, the world's own rollout loop) with and without their tool / chain\n\n"
+            + markdown_table(["domain", "teacher", "teacher without", "without"], rows))

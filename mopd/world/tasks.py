@@ -135,15 +135,15 @@ def swap_solution(prompt: str) -> str:
     return " ".join(tapes) + FINAL + state
 
 
-CARRY_DIGITS = 6  # operands of the `carry` domain
+CARRY_DIGITS = 4  # operands of the `carry` domain
 CARRY_PAD = "."  # a consumed digit (operands) or a sum digit not yet written
 
 
 def gen_carry(rng: random.Random) -> tuple[str, str]:
-    """`carry:458317+907264=` -> `1365581` (CARRY_DIGITS-digit operands, the sum zero-padded to one more).
+    """`carry:8317+7264=` -> `15581` (CARRY_DIGITS-digit operands, the sum zero-padded to one more).
 
     The agentic world's long-reasoning domain: addition written column by column (`carry_solution`), a chain of
-    187 characters before the answer, every character of which is copied from a fixed distance back or is the
+    101 characters before the answer, every character of which is copied from a fixed distance back or is the
     sum of three digits written just before it, so the student can learn it from its own samples within
     minutes (the `swap` chain, which composes eight permutations, stayed at 0.005 after 300 MOPD steps).
     """
@@ -154,8 +154,8 @@ def gen_carry(rng: random.Random) -> tuple[str, str]:
 def carry_solution(prompt: str) -> str:
     """The worked solution of a `carry` prompt: one fixed-width state per column, then `|` and the sum.
 
-        carry:458317+907264=  ->  .45831+.90726,7+4+0=11,1..... ..4583+..9072,1+6+1=08,81.... ...
-                                  ......+......,4+9+0=13,365581|1365581
+        carry:8317+7264=  ->  .831+.726,7+4+0=11,1... ..83+..72,1+6+1=08,81.. ...8+...7,3+2+0=05,581.
+                              ....+....,8+7+0=15,5581|15581
 
     A state is `A+B,a+b+c=cd,S`: the operands with the column just added shifted out (`.` in front), that
     column written out (its two digits, the carry into it, their two-digit sum: the carry out and the digit)
