@@ -65,7 +65,7 @@ def test_generators_produce_correct_short_rows():
         assert p.startswith("spell:") and p.endswith("=") and 3 <= len(words) <= 6
         assert "".join(str(DIGIT_WORDS.index(w)) for w in words) == p[6:-1]
         assert len(p) + len(a) + 1 <= MAX_LEN  # prompt, answer and EOS fit the models' positions
-    assert set(GENERATORS) == {"add", "rev", "sort", "spell", "swap"} <= set(DOMAIN_VERIFIERS)
+    assert set(GENERATORS) == {"add", "rev", "sort", "spell", "swap", "carry", "mul"} <= set(DOMAIN_VERIFIERS)
 
 
 def _swaps_by_hand(state: str, swaps: list[str]) -> str:
@@ -111,7 +111,8 @@ def test_swap_solution_is_the_tape_after_every_swap_then_the_answer():
 
 def test_swap_rows_carry_their_solution_and_teachers_learn_it():
     rows = make_rows("swap", 5, "train", seed=0)
-    assert set(rows[0]) == {"id", "prompt", "domain", "answer", "solution", "verifier"} and set(SOLUTIONS) == {"swap"}
+    assert set(rows[0]) == {"id", "prompt", "domain", "answer", "solution", "verifier"}
+    assert set(SOLUTIONS) == {"swap", "carry"}
     assert rows[0]["verifier"] == "world_final"
     r = rows[0]
     assert r["solution"] == swap_solution(r["prompt"]) and final_answer(r["solution"]) == r["answer"]

@@ -58,9 +58,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = args.resume or args.resume_from is not None
     with hold_run_dir(run_dir, resume, args.overwrite, log=print):
         prepare_run_dir(run_dir, resume, args.overwrite, log=print, resume_from=args.resume_from)
-        prepare_world(cfg)
-        return main_train(cfg, resume=resume, overwrite=False, resume_from=args.resume_from,
-                          allow_teacher_change=args.allow_teacher_change)
+        world = prepare_world(cfg)
+        rc = main_train(cfg, resume=resume, overwrite=False, resume_from=args.resume_from,
+                        allow_teacher_change=args.allow_teacher_change)
+    if world:
+        from mopd.world.report import plain_teacher_table
+
+        note = plain_teacher_table(world)
+        if note:
+            print("\n" + note)
+    return rc
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -45,7 +45,7 @@ MANIFEST = "world.json"
 
 # Fields added after worlds were first built: hashed only when set away from their defaults, so that the worlds
 # built before them (which these defaults reproduce) stay valid.
-LATER_FIELDS = ("max_positions", "teacher_size", "student_size")
+LATER_FIELDS = ("max_positions", "teacher_size", "student_size", "plain_teachers")
 
 
 def config_hash(cfg: WorldConfig) -> str:
@@ -98,7 +98,7 @@ class _Clock:
 
 
 def _check_domains(cfg: WorldConfig) -> None:
-    unknown = [d for d in cfg.domains if d not in GENERATORS]
+    unknown = [d for d in [*cfg.domains, *cfg.plain_teachers] if d not in GENERATORS]
     if unknown or not cfg.domains:
         raise ValueError(f"world.domains {list(cfg.domains)}: unknown {unknown}; known domains: {sorted(GENERATORS)}")
 
@@ -133,20 +133,25 @@ def _build_into(out: Path, cfg: WorldConfig, log: Callable[[str], None]) -> dict
     table: dict[str, dict[str, float]] = {}
     params: dict[str, int] = {}
     final_loss: dict[str, float] = {}
-    for d in domains:
-        rows = [sft_target(r) for r in train if r["domain"] == d]  # a worked solution where the domain has one
-        with clock.stage(f"teacher/{d}"):
+    # (name, domain, plain): each domain's teacher on its worked solution or tool trajectory where it has one,
+    # then the plain ones (the bare answer) of world.plain_teachers, which the table compares against.
+    teachers = [(d, d, False) for d in domains] + [(f"{d}-plain", d, True) for d in cfg.plain_teachers]
+    for name, d, plain in teachers:
+        rows = [sft_target(r, plain=plain) for r in train if r["domain"] == d]
+        with clock.stage(f"teacher/{name}"):
+            # The plain teacher starts from the same init and sees the same batches: only the targets differ.
             model = build_teacher(tok, _seed(cfg.seed, f"teacher/{d}/init"), max_position_embeddings=cfg.max_positions,
                                   **cfg.teacher_size)
             hist = sft(model, tok, rows, cfg.teacher_steps_by_domain.get(d, cfg.teacher_steps), cfg.batch_size,
                        cfg.teacher_lr, _seed(cfg.seed, f"teacher/{d}/sft"), warmup_steps=cfg.warmup_steps)
-            save_model(model, tok, out / "teachers" / d)
-        with clock.stage(f"eval/teacher/{d}"):
-            table[f"teacher/{d}"] = accuracy(model, tok, evals)
+            save_model(model, tok, out / "teachers" / name)
+        with clock.stage(f"eval/teacher/{name}"):
+            # A plain teacher is only scored on its own domain (it was trained for nothing else).
+            table[f"teacher/{name}"] = accuracy(model, tok, [r for r in evals if r["domain"] == d] if plain else evals)
         params["teacher"] = num_params(model)
-        final_loss[f"teacher/{d}"] = round(hist["final_loss"], 4)
-        log(f"[world] teacher {d}: {clock.stages[f'teacher/{d}']['wall_s']:.1f} s, "
-            f"loss {hist['final_loss']:.3f}, acc {table[f'teacher/{d}']}")
+        final_loss[f"teacher/{name}"] = round(hist["final_loss"], 4)
+        log(f"[world] teacher {name}: {clock.stages[f'teacher/{name}']['wall_s']:.1f} s, "
+            f"loss {hist['final_loss']:.3f}, acc {table[f'teacher/{name}']}")
 
     with clock.stage("student"):
         model, hist = _warm_start(cfg, tok, train)
@@ -176,7 +181,8 @@ def _build_into(out: Path, cfg: WorldConfig, log: Callable[[str], None]) -> dict
         "config": dataclasses.asdict(cfg),
         "domains": domains,
         "paths": {"tokenizer": "tokenizer", "train": "data/train.jsonl", "eval": "data/eval.jsonl",
-                  "student": "student", "teachers": {d: f"teachers/{d}" for d in domains}},
+                  "student": "student", "teachers": {name: f"teachers/{name}" for name, _, _ in teachers}},
+        "plain_teachers": list(cfg.plain_teachers),
         "accuracy": table,
         "final_loss": final_loss,
         "num_params": params,

@@ -45,6 +45,10 @@ class WorldConfig:
     # e.g. {hidden_size: 256, num_hidden_layers: 6} for a bigger student; empty: the quickstart's sizes.
     teacher_size: dict[str, int] = field(default_factory=dict)
     student_size: dict[str, int] = field(default_factory=dict)
+    # Domains (of `domains`) whose teacher is also trained on the bare answer, without its tool or its chain of
+    # thought, at the same steps (saved as teachers/<d>-plain): the world table's evidence that the tool or the
+    # chain is what makes the teacher good. Empty: none (the quickstart).
+    plain_teachers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         c = Checker(SECTION, self)
@@ -63,6 +67,11 @@ class WorldConfig:
         c.count("warmup_steps", 0)
         c.count("num_threads", 1)
         c.count("max_positions", 8)
+        c.names("plain_teachers", _DOMAIN, "domain names of world.domains", nonempty=False)
+        stray = sorted(set(self.plain_teachers) - set(self.domains))
+        if stray:
+            raise ConfigError(f"config key '{SECTION}.plain_teachers': got {stray}, not in world.domains "
+                              f"{list(self.domains)}; list only domains the world builds")
         for name, known in (("teacher_size", TEACHER_SIZE), ("student_size", STUDENT_SIZE)):
             c.counts(name, 1)
             unknown = sorted(set(getattr(self, name)) - set(known))

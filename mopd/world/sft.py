@@ -17,29 +17,49 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from mopd.world.tokenizer import encode_answer, encode_prompt
+from rollout.envs import ENV
 
 IGNORE = -100
 
 
-def encode_sft_examples(tok: PreTrainedTokenizerFast, rows: Sequence[dict[str, Any]]) -> list[tuple[list[int], int]]:
-    """(prompt + answer + eos ids, prompt length) per row, with the same encoding inference uses."""
-    out = []
+# One example: token ids, prompt length, and optionally the positions written by an environment (no loss).
+Example = tuple[list[int], int] | tuple[list[int], int, list[int]]
+
+
+def encode_sft_examples(tok: PreTrainedTokenizerFast, rows: Sequence[dict[str, Any]]) -> list[Example]:
+    """(prompt + answer + eos ids, prompt length) per row, with the same encoding inference uses. A row with
+    `turns` (a tool-using trajectory of (author, text) pieces) is encoded piece by piece, as the rollout appends
+    them, and also returns the positions of its observations (author `env`): the environment wrote them, so the
+    model is not trained to predict them, only to read them."""
+    out: list[Example] = []
     for r in rows:
         p = encode_prompt(tok, r["prompt"])
-        out.append((p + encode_answer(tok, r["answer"]), len(p)))
+        if "turns" not in r:
+            out.append((p + encode_answer(tok, r["answer"]), len(p)))
+            continue
+        ids, observed = list(p), []
+        for author, text in r["turns"]:
+            piece = tok.encode(text, add_special_tokens=False)
+            if author == ENV:
+                observed += range(len(ids), len(ids) + len(piece))
+            ids += piece
+        out.append((ids + [tok.eos_token_id], len(p), observed))
     return out
 
 
-def collate(examples: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; labels are -100 on prompt and padding so only answer tokens are scored."""
-    width = max(len(ids) for ids, _ in examples)
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; labels are -100 on prompt, observations and padding, so only the tokens the model
+    itself writes (answer, tool calls, eos) are scored."""
+    width = max(len(ex[0]) for ex in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (ids, plen) in enumerate(examples):
+    for i, (ids, plen, *observed) in enumerate(examples):
         t = torch.tensor(ids, dtype=torch.long)
         input_ids[i, : len(ids)] = t
         labels[i, plen : len(ids)] = t[plen:]
+        if observed and observed[0]:
+            labels[i, observed[0]] = IGNORE
         mask[i, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 

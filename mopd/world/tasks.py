@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import random
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from rewards.verifiers import exact_match, register_domain, register_verifier
+from rollout.envs import CALL_CLOSE, CALL_OPEN, ENV, STUDENT, make_env, run_step
 
 Generator = Callable[[random.Random], tuple[str, str]]
 
@@ -134,10 +135,85 @@ def swap_solution(prompt: str) -> str:
     return " ".join(tapes) + FINAL + state
 
 
+CARRY_DIGITS = 4  # operands of the `carry` domain
+CARRY_PAD = "."  # a consumed digit (operands) or a sum digit not yet written
+
+
+def gen_carry(rng: random.Random) -> tuple[str, str]:
+    """`carry:8317+7264=` -> `15581` (CARRY_DIGITS-digit operands, the sum zero-padded to one more).
+
+    The agentic world's long-reasoning domain: addition written column by column (`carry_solution`), a chain of
+    101 characters before the answer, every character of which is copied from a fixed distance back or is the
+    sum of three digits written just before it, so the student can learn it from its own samples within
+    minutes (the `swap` chain, which composes eight permutations, stayed at 0.005 after 300 MOPD steps).
+    """
+    a, b = rng.randrange(10**CARRY_DIGITS), rng.randrange(10**CARRY_DIGITS)
+    return f"carry:{a:0{CARRY_DIGITS}d}+{b:0{CARRY_DIGITS}d}=", f"{a + b:0{CARRY_DIGITS + 1}d}"
+
+
+def carry_solution(prompt: str) -> str:
+    """The worked solution of a `carry` prompt: one fixed-width state per column, then `|` and the sum.
+
+        carry:8317+7264=  ->  .831+.726,7+4+0=11,1... ..83+..72,1+6+1=08,81.. ...8+...7,3+2+0=05,581.
+                              ....+....,8+7+0=15,5581|15581
+
+    A state is `A+B,a+b+c=cd,S`: the operands with the column just added shifted out (`.` in front), that
+    column written out (its two digits, the carry into it, their two-digit sum: the carry out and the digit)
+    and the sum digits so far, the newest first, so that after the last column `c` and `S` read the sum. Every
+    state is as wide as the last and each of its characters is a copy from a fixed distance back or a sum of
+    three digits written just before it: a chain a tiny causal model learns from its own samples within
+    minutes, where the same addition answered in one go (or written as states without the column) is learnt
+    far more slowly.
+    """
+    x, y = prompt.removeprefix("carry:").removesuffix("=").split("+")
+    n = len(x)
+    carry, digits, states = 0, "", []
+    for i in range(1, n + 1):
+        a, b = int(x[-i]), int(y[-i])
+        s = a + b + carry
+        column = f"{a}+{b}+{carry}={s:02d}"
+        carry, digits = s // 10, str(s % 10) + digits
+        states.append(f"{CARRY_PAD * i}{x[:-i]}+{CARRY_PAD * i}{y[:-i]},{column},{digits}{CARRY_PAD * (n - i)}")
+    return " ".join(states) + FINAL + f"{carry}{digits}"
+
+
+MUL_MIN_DIGITS, MUL_MAX_DIGITS = 3, 4  # operands of the `mul` tool domain
+TOOL_ENVS: dict[str, str] = {"mul": "calc"}  # tool domains and the environment (rollout.envs) their rows name
+
+
+def gen_mul(rng: random.Random) -> tuple[str, str]:
+    """`mul:347*829=` -> `287663` (3-4 digit operands).
+
+    The tool domain: a product of two 3-4 digit numbers, which a tiny model does not compute in one forward
+    pass (its teacher trained on the bare answer scores near 0), while with the `calc` tool it is a copy: the
+    teacher writes `calc(347*829)`, the environment answers `=287663`, the teacher writes `|287663` (the
+    verifier reads what follows the last `|`). `tool_turns` builds that trajectory with the real environment.
+    """
+    a, b = (rng.randrange(10 ** (k - 1), 10**k) for k in (rng.randint(MUL_MIN_DIGITS, MUL_MAX_DIGITS),
+                                                         rng.randint(MUL_MIN_DIGITS, MUL_MAX_DIGITS)))
+    return f"mul:{a}*{b}=", str(a * b)
+
+
+def tool_turns(domain: str, prompt: str, answer: str) -> list[list[str]]:
+    """The teacher's tool-using trajectory for a prompt of a tool domain, as (author, text) pieces: the call,
+    the observation the real environment returns for it (rollout.envs.run_step), and the final answer.
+
+    The observation is whatever the environment says (so a change in the tool shows up in the data, not
+    silently papered over); the final answer is the row's, so a tool that answered wrongly is caught here.
+    """
+    env_name = TOOL_ENVS[domain]
+    call = f"{CALL_OPEN}{prompt.split(':', 1)[1].removesuffix('=')}{CALL_CLOSE}"
+    step = run_step(make_env(env_name), {"prompt": prompt, "answer": answer, "env": env_name}, [], call)
+    if step.done or not isinstance(step.observation, str) or step.observation != f"={answer}":
+        raise ValueError(f"environment {env_name!r} answered {step.observation!r} ({step.outcome}) to {call!r}; "
+                         f"the {domain} rows expect ={answer}")
+    return [[STUDENT, call], [ENV, step.observation], [STUDENT, FINAL + answer]]
+
+
 GENERATORS: dict[str, Generator] = {"add": gen_add, "rev": gen_rev, "sort": gen_sort, "spell": gen_spell,
-                                    "swap": gen_swap}
+                                    "swap": gen_swap, "carry": gen_carry, "mul": gen_mul}
 # Domains whose teacher writes a worked solution (prompt -> full response) rather than the bare answer.
-SOLUTIONS: dict[str, Callable[[str], str]] = {"swap": swap_solution}
+SOLUTIONS: dict[str, Callable[[str], str]] = {"swap": swap_solution, "carry": carry_solution}
 
 EOS = "<eos>"
 
@@ -162,7 +238,7 @@ def final_answer_match(response_text: str, answer: str) -> float:
 register_verifier("world_exact", answer_before_eos)
 register_verifier("world_final", final_answer_match)
 for _domain in GENERATORS:
-    register_domain(_domain, "world_final" if _domain in SOLUTIONS else "world_exact")
+    register_domain(_domain, "world_final" if _domain in SOLUTIONS or _domain in TOOL_ENVS else "world_exact")
 
 
 def get_generator(domain: str) -> Generator:
@@ -197,13 +273,28 @@ def make_rows(domain: str, n: int, split: str, seed: int, exclude: set[str] | No
             # The row names its verifier: a process that has not registered it fails loudly rather than
             # scoring the whole chain of thought against the answer (always 0).
             row.update(solution=SOLUTIONS[domain](prompt), verifier="world_final")
+        if domain in TOOL_ENVS:
+            # The row names its environment (the rollout runs it between the student's turns) and carries the
+            # teacher's trajectory; the final answer follows the last `|`, as for a worked solution.
+            row.update(env=TOOL_ENVS[domain], turns=tool_turns(domain, prompt, answer), verifier="world_final")
         rows.append(row)
     return rows
 
 
-def sft_target(row: dict[str, Any]) -> dict[str, Any]:
-    """The row as a teacher's SFT example: the response to learn is the worked solution when there is one."""
+def sft_target(row: dict[str, Any], plain: bool = False) -> dict[str, Any]:
+    """The row as a teacher's SFT example: the response to learn is the worked solution when there is one, the
+    tool-using trajectory (`turns`, whose observations the SFT loss masks) when there is one. `plain`: the bare
+    answer, no chain and no tool (the teachers the world table compares against)."""
+    if plain:
+        return {k: v for k, v in row.items() if k not in ("solution", "turns")}
+    if "turns" in row:
+        return {**row, "answer": trajectory_text(row["turns"])}
     return {**row, "answer": row.get("solution", row["answer"])}
+
+
+def trajectory_text(turns: Iterable[Sequence[str]]) -> str:
+    """The response text of a trajectory: its pieces (student turns and observations) in order."""
+    return "".join(text for _, text in turns)
 
 
 def make_splits(domains: Iterable[str], train_per_domain: int, eval_per_domain: int, seed: int,
