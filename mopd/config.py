@@ -859,6 +859,15 @@ def _validate_placement(cfg: MopdConfig) -> None:
     for cpu_key, gpu_key, cpus, gpus in bundles:
         _check(cpus + gpus > 0, f"{cpu_key}/{gpu_key}", (cpus, gpus),
                "at least one > 0 (a placement-group bundle cannot be empty)")
+    # A tensor-parallel engine on GPUs splits its model over its bundle's GPUs: it needs that many.
+    engines = [("rollout", r.tensor_parallel_size, r.num_gpus_per_engine)] if not r.colocate else []
+    engines += [(f"teachers.{n}", tc.tensor_parallel_size or r.tensor_parallel_size,
+                 r.num_gpus_per_engine if tc.num_gpus is None else tc.num_gpus)
+                for n, tc in cfg.teachers.items() if not (TEACHER_BACKENDS[tc.backend].remote or tc.colocate)]
+    for key, tp, gpus in engines:
+        gpu_key = "rollout.num_gpus_per_engine" if key == "rollout" or gpus == r.num_gpus_per_engine else f"{key}.num_gpus"
+        _check(gpus == 0 or tp <= gpus, f"{key}.tensor_parallel_size", tp,
+               f"at most {gpu_key}={gpus:g}: a tensor-parallel engine splits its model over its bundle's GPUs")
 
 
 # ---------------------------------------------------------------------------------------------- loading
