@@ -866,7 +866,7 @@ def _validate_placement(cfg: MopdConfig) -> None:
                 for n, tc in cfg.teachers.items() if not (TEACHER_BACKENDS[tc.backend].remote or tc.colocate)]
     for key, tp, gpus in engines:
         gpu_key = "rollout.num_gpus_per_engine" if key == "rollout" or gpus == r.num_gpus_per_engine else f"{key}.num_gpus"
-        _check(gpus == 0 or tp <= gpus, f"{key}.tensor_parallel_size", tp,
+        _check(tp == 1 or gpus == 0 or tp <= gpus, f"{key}.tensor_parallel_size", tp,
                f"at most {gpu_key}={gpus:g}: a tensor-parallel engine splits its model over its bundle's GPUs")
 
 

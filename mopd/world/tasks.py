@@ -134,8 +134,20 @@ def swap_solution(prompt: str) -> str:
     return " ".join(tapes) + FINAL + state
 
 
+def gen_max(rng: random.Random) -> tuple[str, str]:
+    """`max:5721=` -> `7`: one answer token, a cheap extra domain (the six-teacher world)."""
+    digits = [rng.randrange(10) for _ in range(rng.randint(3, 6))]
+    return f"max:{''.join(map(str, digits))}=", str(max(digits))
+
+
+def gen_rot(rng: random.Random) -> tuple[str, str]:
+    """`rot:abz=` -> `bca`: every letter shifted by one (z wraps to a), copy-like, a cheap extra domain."""
+    s = _letters(rng)
+    return f"rot:{s}=", "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s)
+
+
 GENERATORS: dict[str, Generator] = {"add": gen_add, "rev": gen_rev, "sort": gen_sort, "spell": gen_spell,
-                                    "swap": gen_swap}
+                                    "swap": gen_swap, "max": gen_max, "rot": gen_rot}
 # Domains whose teacher writes a worked solution (prompt -> full response) rather than the bare answer.
 SOLUTIONS: dict[str, Callable[[str], str]] = {"swap": swap_solution}
 
