@@ -145,9 +145,10 @@ def plan_table(cfg: MopdConfig, placed: NodePlan, source: str) -> str:
     return "\n".join(lines)
 
 
-# What one quickstart-sized vLLM engine process holds resident on CPU beyond its KV cache and weights (README:
-# 0.86 GB at rollout.kv_cache_gb=0.125): the estimate of what each engine a pool saves frees on CPU.
-CPU_ENGINE_RUNTIME_GB = 0.73
+# What one quickstart-sized vLLM engine process adds to a run's summed PSS on CPU beyond its KV cache and weights:
+# benchmarks/teacher_pool.py measured 5.88 GB with seven engines and 3.50 GB with three (README, "Many teachers"),
+# ~0.6 GB per engine at rollout.kv_cache_gb=0.125. The estimate of what each engine a pool saves frees on CPU.
+CPU_ENGINE_RUNTIME_GB = 0.46
 
 
 def pool_lines(cfg: MopdConfig, plan: Any) -> list[str]:
@@ -175,7 +176,7 @@ def pool_lines(cfg: MopdConfig, plan: Any) -> list[str]:
             largest = max(sizes.values())
             per_engine = CPU_ENGINE_RUNTIME_GB + cfg.rollout.kv_cache_gb * 2**30 / 1e9 + largest
             line += (f"; on CPU ~{(n - k) * per_engine - weights:.2f} GB resident ({n - k} x ~{per_engine:.2f} GB per "
-                     f"engine, less {weights * 1e3:.1f} MB of teacher weights kept once in the object store)")
+                     f"engine, less {weights * 1e3:.1f} MB of teacher weights kept once in the object store; an estimate)")
         out.append(line)
     return out
 
