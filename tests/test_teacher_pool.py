@@ -163,3 +163,45 @@ def test_a_run_on_a_pool_of_two_engines_for_three_teachers(tiny_world, ray_local
         assert sum(m[f"pool/dense/resident/{n}"] for n in names) == 2
     assert steps[0]["perf/mem_gb/teacher_pool:dense[1]"] > 0
     assert not any(k.startswith("perf/mem_gb/teacher:") for k in steps[0])
+
+
+def test_concurrent_scoring_through_one_pooled_engine_never_mixes_weights(three_teachers, ray_local):
+    """Two threads score as different teachers through a one-engine pool at once, so every call needs a swap
+    between two of the other thread's: each answer is still its own teacher's (the dedicated engine's)."""
+    import threading
+
+    from rollout.types import EngineSpec
+    from teachers.backends import TeacherLaunch
+    from teachers.pool import start_teacher_pool
+    from teachers.vllm_teacher import TeacherEngine
+
+    d, names = three_teachers, ["a", "b", "c"]
+    tok = build_tokenizer()
+    seqs, plens = [tok.encode("12+34=46"), tok.encode("dcba>abcd")], [3, 5]
+    kw = dict(max_model_len=32, kv_cache_gb=0.02)
+    dedicated = {}
+    for n in names:
+        e = TeacherEngine(str(d / n), max_top_k=2, **kw)
+        dedicated[n] = [x for s in e.score(seqs, plens, 2) for x in s.logprobs]
+        del e
+        gc.collect()
+    launches = [TeacherLaunch(n, None, EngineSpec(str(d / n), num_cpus=0.5, max_top_k=2, **kw)) for n in names]
+    pool = start_teacher_pool("p", launches, engines=1)
+    handles = {n: pool.handle(n) for n in names}
+    got: dict[str, list] = {n: [] for n in names}
+
+    def worker(order: list[str]) -> None:
+        refs = [(n, handles[n].score.remote(seqs, plens, 2)) for n in order]
+        for n, ref in refs:
+            got[n].append([x for s in ray_local.get(ref) for x in s.logprobs])
+
+    threads = [threading.Thread(target=worker, args=(o,)) for o in (["a", "b"] * 4, ["c", "a"] * 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for n in names:
+        assert got[n] and all(g == pytest.approx(dedicated[n], abs=1e-6, rel=0) for g in got[n]), n
+    assert ray_local.get(pool.engines[0].ready.remote())["teacher"] in names
+    assert ray_local.get(pool.engines[0].__ray_call__.remote(lambda self: self.swaps)) >= 4  # it really swapped
+    ray_local.kill(pool.engines[0])
