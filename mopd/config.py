@@ -127,6 +127,12 @@ class WandbMode(_Choice):
     disabled = "disabled"
 
 
+class PoolPolicy(_Choice):
+    """`teacher_pools.<pool>.policy`: which engine a non-resident teacher swaps into."""
+
+    lru = "lru"  # the least recently used engine
+
+
 class PlacementStrategy(_Choice):
     PACK = "PACK"
     SPREAD = "SPREAD"
@@ -278,6 +284,11 @@ class TeacherConfig:
     # Alignment mode for tokenizers that differ from the student's; only "none" (identical
     # tokenizers required) exists today.
     tokenizer_alignment: TokenizerAlignment = TokenizerAlignment.none
+    # A `teacher_pools.<pool>` whose engines serve this teacher by loading its weights in place (teachers of one
+    # architecture; teachers/pool.py); null: engines of its own (replicas).
+    pool: str | None = None
+    # > 0 and dividing the bundle's GPUs: the vLLM engine's tensor_parallel_size; null: rollout.tensor_parallel_size.
+    tensor_parallel_size: int | None = None
 
     def __post_init__(self) -> None:
         # Coerce plain strings (direct construction); the ranges need the name: see `check`.
@@ -303,6 +314,15 @@ class TeacherConfig:
         c.count("max_retries", 0)
         c.count("max_concurrency", 1)
         c.count("request_batch_size", 1)
+        if self.tensor_parallel_size is not None:
+            c.count("tensor_parallel_size", 1, note="null: rollout.tensor_parallel_size")
+        if self.pool is not None:
+            poolable = " | ".join(n for n, b in TEACHER_BACKENDS.items() if b.poolable)
+            _check(backend.poolable and isinstance(self.pool, str) and bool(_TEACHER_NAME.fullmatch(self.pool)),
+                   f"{key}.pool", self.pool, f"null, or with backend {poolable} the name of a teacher_pools entry")
+            _check(self.replicas == 1 and not self.colocate, f"{key}.pool", self.pool,
+                   f"null with replicas {self.replicas} / colocate {self.colocate}: a pooled teacher runs on its "
+                   "pool's engines (teacher_pools.<pool>.engines), drop replicas and colocate")
         if self.colocate:
             sharing = " | ".join(n for n, b in TEACHER_BACKENDS.items() if b.shares_actor)
             _check(backend.shares_actor and not backend.remote, f"{key}.colocate", True,
@@ -336,6 +356,19 @@ class TeacherConfig:
                f"{len(self.urls)} (one replica per URL) or leave it out: a {self.backend} teacher has one "
                "replica per URL")
         self.replicas = len(self.urls)
+
+
+@dataclass
+class TeacherPoolConfig:
+    """One entry of `teacher_pools.<pool>`: `engines` vLLM engines serve every teacher naming the pool
+    (`teachers.<name>.pool`, one architecture), a teacher that is not resident swapping in by an in-place weight
+    load. Each engine's bundle is the largest of its teachers' (teachers.<name>.num_cpus/num_gpus)."""
+
+    engines: int = 1  # >= 1 and at most the pool's teachers
+    policy: PoolPolicy = PoolPolicy.lru
+
+    def __post_init__(self) -> None:
+        self.policy = _coerce("teacher_pools.<pool>.policy", self.policy, PoolPolicy)
 
 
 @dataclass
@@ -395,6 +428,9 @@ class RolloutConfig:
     top_p: float = 1.0  # (0, 1]
     max_tokens: int = 16  # >= 1
     num_engines: int = 1  # >= 1
+    # >= 1: each vLLM engine's tensor_parallel_size (student engines, and teachers without their own); its GPUs
+    # come from the engine's bundle (num_gpus_per_engine must be a multiple on GPU nodes).
+    tensor_parallel_size: int = 1
     # > 0; each vLLM engine's KV cache on CPU in GiB (allocated whole at start; on GPU
     # gpu_memory_utilization sizes it). 0.125 holds ~90k tokens of the quickstart's models.
     kv_cache_gb: float = 1.0
@@ -442,6 +478,7 @@ class RolloutConfig:
         c.num("top_p", gt=0, le=1)
         c.count("max_tokens", 1)
         c.count("num_engines", 1)
+        c.count("tensor_parallel_size", 1)
         c.num("kv_cache_gb", gt=0, note="GiB of KV cache per engine on CPU")
         c.choice("dtype", Dtype, nullable="student.dtype")
         c.num("gpu_memory_utilization", gt=0, le=1, note="a share of each GPU's memory, e.g. 0.5")
@@ -684,6 +721,8 @@ class MopdConfig:
     experiment: str = "quickstart"
     student: StudentConfig = field(default_factory=StudentConfig)
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    # Pools of vLLM engines shared by teachers of one architecture (teachers.<name>.pool names one).
+    teacher_pools: dict[str, TeacherPoolConfig] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -714,6 +753,31 @@ class MopdConfig:
                 _check(t.replicas == reps, f"teachers.{name}.replicas", t.replicas,
                        f"{reps}, as teachers.{first}.replicas: teachers in actor_group '{t.actor_group}' share "
                        "one actor per replica")
+        self._check_pools()
+
+    def _check_pools(self) -> None:
+        """Every pool named exists, holds at least as many teachers as engines, and runs one dtype."""
+        members: dict[str, list[str]] = {p: [] for p in self.teacher_pools}
+        for name, t in self.teachers.items():
+            if t.pool is None:
+                continue
+            _check(t.pool in self.teacher_pools, f"teachers.{name}.pool", t.pool,
+                   f"one of teacher_pools: {sorted(self.teacher_pools) or '(none: add teacher_pools.' + t.pool + ')'}")
+            members[t.pool].append(name)
+        for pool, p in self.teacher_pools.items():
+            key = f"teacher_pools.{pool}"
+            _check(bool(_TEACHER_NAME.fullmatch(pool)), key, pool, "pool names of letters, digits, '_' and '-'")
+            names = members[pool]
+            _check(bool(names), key, pool, f"a pool some teacher names (teachers.<name>.pool: {pool}), or remove it")
+            Checker(key, p).count("engines", 1)
+            _check(p.engines <= len(names), f"{key}.engines", p.engines,
+                   f"at most {len(names)}, the pool's teachers ({', '.join(names)}): more engines than teachers "
+                   "leaves engines idle")
+            dtypes = {str(self.teachers[n].dtype) for n in names}
+            tps = {self.teachers[n].tensor_parallel_size for n in names}
+            _check(len(dtypes) == 1 and len(tps) == 1, f"{key}", pool,
+                   f"teachers of one dtype and tensor_parallel_size (one engine serves them all); got dtypes "
+                   f"{sorted(dtypes)}, tensor_parallel_size {sorted(tps, key=str)} for {', '.join(names)}")
 
 
 # ---------------------------------------------------------------------------------------------- extensions
@@ -814,6 +878,15 @@ def _validate_placement(cfg: MopdConfig) -> None:
     for cpu_key, gpu_key, cpus, gpus in bundles:
         _check(cpus + gpus > 0, f"{cpu_key}/{gpu_key}", (cpus, gpus),
                "at least one > 0 (a placement-group bundle cannot be empty)")
+    # A tensor-parallel engine on GPUs splits its model over its bundle's GPUs: it needs that many.
+    engines = [("rollout", r.tensor_parallel_size, r.num_gpus_per_engine)] if not r.colocate else []
+    engines += [(f"teachers.{n}", tc.tensor_parallel_size or r.tensor_parallel_size,
+                 r.num_gpus_per_engine if tc.num_gpus is None else tc.num_gpus)
+                for n, tc in cfg.teachers.items() if not (TEACHER_BACKENDS[tc.backend].remote or tc.colocate)]
+    for key, tp, gpus in engines:
+        gpu_key = "rollout.num_gpus_per_engine" if key == "rollout" or gpus == r.num_gpus_per_engine else f"{key}.num_gpus"
+        _check(tp == 1 or gpus == 0 or tp <= gpus, f"{key}.tensor_parallel_size", tp,
+               f"at most {gpu_key}={gpus:g}: a tensor-parallel engine splits its model over its bundle's GPUs")
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from transformers import AutoConfig
 
 from mopd.config import ConfigError, MopdConfig
-from mopd.placement import Placement, colocated_teachers, reserve, teacher_roles
+from mopd.placement import POOL_ROLE, Placement, colocated_teachers, engine_tp, reserve, teacher_roles
 from rollout.actors import start_student_engines
 from rollout.types import EngineSpec
 from teachers.backends import TeacherLaunch, get_teacher_backend
 from teachers.hf_teacher import teacher_handle
+from teachers.pool import TeacherPool, start_teacher_pool
 from teachers.registry import TeacherRegistry
 
 
@@ -30,12 +31,17 @@ class EngineGroup:
     # Engines held in the trainer's actors (rollout.colocate, teachers.<name>.colocate): not actors of their own,
     # so they are neither restarted, counted, nor killed as engines (the trainer's own recovery covers them).
     hosted: frozenset[str] = frozenset()
+    # Teacher pools (teachers/pool.py) by name: their engines are the actors; the pooled teachers' handles are not.
+    pools: dict[str, TeacherPool] = field(default_factory=dict)
 
     def named_actors(self) -> dict[str, Any]:
-        """Every engine actor by a readable name: student[i], teacher:<name>[i] (not those in the trainer's)."""
+        """Every engine actor by a readable name: student[i], teacher:<name>[i], teacher_pool:<pool>[i] (not
+        those in the trainer's)."""
+        pooled = {n for p in self.pools.values() for n in p.teachers}
         out = {f"student[{i}]": a for i, a in enumerate(self.students)} if "student" not in self.hosted else {}
-        out.update({f"teacher:{n}[{i}]": a for n, reps in self.teachers.items() if n not in self.hosted
-                    for i, a in enumerate(reps)})
+        out.update({f"teacher:{n}[{i}]": a for n, reps in self.teachers.items()
+                    if n not in self.hosted and n not in pooled for i, a in enumerate(reps)})
+        out.update({f"{POOL_ROLE}{name}[{i}]": a for name, p in self.pools.items() for i, a in enumerate(p.engines)})
         return out
 
     def rehost(self, trainer_actors: list[Any]) -> None:
@@ -104,7 +110,7 @@ def engine_spec(cfg: MopdConfig, model_path: str, **fields: Any) -> EngineSpec:
     return EngineSpec(model_path=model_path, dtype=str(getattr(dtype, "value", dtype)), seed=cfg.trainer.seed,
                       enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
                       omp_threads=r.omp_threads, kv_cache_gb=r.kv_cache_gb, max_restarts=cfg.ray.max_restarts,
-                      **fields)
+                      **{"tensor_parallel_size": r.tensor_parallel_size, **fields})
 
 
 def student_spec(cfg: MopdConfig, model_path: str, resources: dict[str, float]) -> EngineSpec:
@@ -128,28 +134,35 @@ def start_engines(cfg: MopdConfig, registry: TeacherRegistry, placement: Placeme
                                          r.num_engines, placement.strategies("student"))
     else:  # rollout.colocate: the trainer's workers hold them
         students, hosted = list(trainer.actors), {"student"}
-    teachers = start_teachers(cfg, registry, placement, mml, host=trainer.actor if trainer is not None else None)
+    pools: dict[str, TeacherPool] = {}
+    teachers = start_teachers(cfg, registry, placement, mml, host=trainer.actor if trainer is not None else None,
+                              pools=pools)
     if trainer is not None and "trainer" in placement.plan.roles:
         hosted |= set(colocated_teachers(cfg))
+    pooled = {n for p in pools.values() for n in p.teachers}
     names = [f"student[{i}]" for i in range(len(students))] + [
-        f"{n}[{i}]" for n, reps in teachers.items() for i in range(len(reps))]
+        f"{n}[{i}]" for n, reps in teachers.items() if n not in pooled for i in range(len(reps))] + [
+        f"{POOL_ROLE}{name}[{i}]" for name, p in pools.items() for i in range(len(p.engines))]
     ready = [a.engine_ready.remote() if "student" in hosted else a.ready.remote() for a in students]
-    ready += [a.ready.remote() for reps in teachers.values() for a in reps]
+    ready += [a.ready.remote() for n, reps in teachers.items() if n not in pooled for a in reps]
+    ready += [e.ready.remote() for p in pools.values() for e in p.engines]
     try:
         info = ray.get(ready)
     except Exception as e:  # noqa: BLE001
         raise RuntimeError(f"an engine failed to start: {e}") from e
     return EngineGroup(students, teachers, time.perf_counter() - t0,
                        {n: round(i["startup_s"], 2) for n, i in zip(names, info, strict=True)}, placement,
-                       frozenset(hosted))
+                       frozenset(hosted), pools)
 
 
 def start_teachers(cfg: MopdConfig, registry: TeacherRegistry, placement: Placement,
-                   mml: int | None = None, host: Any = None) -> dict[str, list[Any]]:
+                   mml: int | None = None, host: Any = None,
+                   pools: dict[str, TeacherPool] | None = None) -> dict[str, list[Any]]:
     """Each placement role's teachers started by their backend (teachers.backends): one actor per replica in
     the role's bundles (teachers of one `actor_group` share it), or, for a remote backend, a client per URL
     that reserves nothing. `host`: trainer rank 0's actor, which holds the colocated teachers when the placement
-    has the trainer (their handles address it). Not waited on here."""
+    has the trainer (their handles address it). A `teacher_pool:<pool>` role starts the pool's engines (added to
+    `pools`); its teachers get one handle each that routes to them. Not waited on here."""
     mml = mml or max_model_len(cfg)
     hosting = host is not None and "trainer" in placement.plan.roles
     roles = {name: role for role, names in teacher_roles(cfg, hosting).items() for name in names}
@@ -163,9 +176,18 @@ def start_teachers(cfg: MopdConfig, registry: TeacherRegistry, placement: Placem
         launch = TeacherLaunch(name, tcfg, None, cfg.ray.max_restarts)
         if role is not None:  # in the cluster: an engine spec in its bundle
             launch.spec = engine_spec(cfg, spec.path, dtype=spec.dtype, max_model_len=mml,
-                                      max_top_k=cfg.algorithm.teacher_top_k, **placement.plan.actor_resources(role))
+                                      max_top_k=cfg.algorithm.teacher_top_k, tensor_parallel_size=engine_tp(cfg, role),
+                                      **placement.plan.actor_resources(role))
         groups.setdefault(role or f"remote:{name}", []).append(launch)
     for role, launches in groups.items():
+        if role.startswith(POOL_ROLE):
+            pool_name = role.removeprefix(POOL_ROLE)
+            pool = start_teacher_pool(pool_name, launches, cfg.teacher_pools[pool_name].engines,
+                                      placement.strategies(role))
+            if pools is not None:
+                pools[pool_name] = pool
+            out.update({t.name: [pool.handle(t.name)] for t in launches})
+            continue
         backend = get_teacher_backend(launches[0].config.backend)
         out.update(backend.starter()(launches, registry.teachers[launches[0].name].replicas,
                                      placement.strategies(role)))

@@ -2,7 +2,8 @@
 trainer, sized from the config, so that a run either gets every resource it needs before step 1 or
 stops with a message that says what was asked for and what the cluster has.
 
-Roles name the bundles: "student", "teacher:<name>", "hf_group:<group>" (teachers sharing one actor), "trainer".
+Roles name the bundles: "student", "teacher:<name>", "hf_group:<group>" (teachers sharing one actor),
+"teacher_pool:<pool>" (the engines of a teacher pool), "trainer".
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ def plan_bundles(cfg: MopdConfig, trainer: bool = True) -> BundlePlan:
         cpus = max(r.num_cpus_per_engine if t.num_cpus is None else t.num_cpus for t in ts)
         gpus = max(r.num_gpus_per_engine if t.num_gpus is None else t.num_gpus for t in ts)
         keys = "/".join(f"teachers.{n}" for n in names)
+        if role.startswith(POOL_ROLE):
+            pool = role.removeprefix(POOL_ROLE)
+            plan.add(role, cfg.teacher_pools[pool].engines, cpus, gpus,
+                     f"teacher_pools.{pool}.engines x {keys}.num_cpus/num_gpus (default: rollout.num_*_per_engine)")
+            continue
         plan.add(role, ts[0].replicas, cpus, gpus,
                  f"{keys}.replicas x {keys}.num_cpus/num_gpus (default: rollout.num_*_per_engine)")
     if trainer:
@@ -75,6 +81,16 @@ def plan_bundles(cfg: MopdConfig, trainer: bool = True) -> BundlePlan:
                  "trainer.num_workers x trainer.num_cpus/num_gpus" + (f" (also holds {' and '.join(hosts)})"
                                                                       if hosts else ""))
     return plan
+
+
+POOL_ROLE = "teacher_pool:"  # the bundles of a teacher pool's engines: teacher_pool:<pool>
+
+
+def engine_tp(cfg: MopdConfig, role: str) -> int:
+    """The tensor_parallel_size of the engines filling `role` ("student", "teacher:<name>", "teacher_pool:<pool>")."""
+    names = teacher_roles(cfg).get(role) or teacher_roles(cfg, trainer=False).get(role) or []
+    tps = [cfg.teachers[n].tensor_parallel_size for n in names]
+    return max([t for t in tps if t is not None] or [cfg.rollout.tensor_parallel_size])
 
 
 def colocated_teachers(cfg: MopdConfig) -> list[str]:
@@ -90,6 +106,9 @@ def teacher_roles(cfg: MopdConfig, trainer: bool = True) -> dict[str, list[str]]
     for name, t in cfg.teachers.items():
         backend = get_teacher_backend(t.backend)
         if backend.remote or (trainer and t.colocate):
+            continue
+        if t.pool is not None:
+            roles.setdefault(f"{POOL_ROLE}{t.pool}", []).append(name)
             continue
         group = t.actor_group if backend.shares_actor else None
         roles.setdefault(f"teacher:{name}" if group is None else f"{t.backend}_group:{group}", []).append(name)

@@ -30,6 +30,7 @@ from mopd.samples import ScoredSample
 from mopd.timing import timed
 from rewards.verifiers import verify
 from rollout.types import Sample
+from teachers.accounting import add_stats, call_stats, scoring_order, teacher_metrics
 from teachers.registry import TeacherRegistry
 
 
@@ -146,8 +147,12 @@ class BatchProducer:
                 _, calls = ray.wait(calls, num_returns=len(calls), timeout=timeout)
                 if between is not None:
                     between()
+            stats: dict[str, dict[str, float]] = {}
             for part, part_calls in scoring:
-                collect_scores(part, part_calls)
+                for name, s in collect_scores(part, part_calls).items():
+                    add_stats(stats, name, s)
+            scored = [x for part, _ in scoring for x in part]
+            metrics.update(teacher_metrics(stats, scored_tokens(scored), self.teachers))
         metrics["timing_s/teacher"] = time.perf_counter() - (t_first or t_rolled) if scoring else 0.0
         return self._batch(job, [x for k in sorted(parts) for x in parts[k]], metrics)
 
@@ -439,8 +444,8 @@ def submit_scores(teachers: dict[str, list[Any]], registry: TeacherRegistry, sam
     """Submit the scoring of `samples` by their domains' teachers (one call per replica); returns the calls."""
     by_teacher = registry.group([s.domain for s in samples], [s.row["id"] for s in samples])
     pending = []
-    for name, idx in by_teacher.items():
-        replicas = teachers[name]
+    for name in scoring_order(teachers, by_teacher):  # pooled teachers: resident ones first
+        idx, replicas = by_teacher[name], teachers[name]
         for actor, part in zip(replicas, contiguous_chunks(idx, len(replicas)), strict=True):
             if not part:
                 continue
@@ -450,8 +455,10 @@ def submit_scores(teachers: dict[str, list[Any]], registry: TeacherRegistry, sam
     return pending
 
 
-def collect_scores(samples: list[ScoredSample], pending: list[tuple[str, list[int], Any]]) -> None:
-    """Wait for `submit_scores`' calls and fill the samples' teacher fields."""
+def collect_scores(samples: list[ScoredSample], pending: list[tuple[str, list[int], Any]]) -> dict[str, dict[str, float]]:
+    """Wait for `submit_scores`' calls and fill the samples' teacher fields; returns what the calls cost per
+    teacher (teachers.accounting.call_stats, summed)."""
+    stats: dict[str, dict[str, float]] = {}
     for name, part, fut in pending:
         try:
             scores = ray.get(fut)
@@ -459,6 +466,7 @@ def collect_scores(samples: list[ScoredSample], pending: list[tuple[str, list[in
             raise  # the replica died: the loop restarts it and redoes the step
         except Exception as e:  # noqa: BLE001
             raise RuntimeError(f"teacher '{name}' failed to score {len(part)} samples: {e}") from e
+        add_stats(stats, name, call_stats(scores))
         for i, sc in zip(part, scores, strict=True):
             samples[i].teacher = name
             samples[i].teacher_logprobs = sc.logprobs
@@ -466,6 +474,7 @@ def collect_scores(samples: list[ScoredSample], pending: list[tuple[str, list[in
             samples[i].teacher_topk_logprobs = sc.topk_logprobs
             if samples[i].sample.student_mask is not None:
                 mask_student_positions(samples[i])
+    return stats
 
 
 def mask_student_positions(s: ScoredSample) -> None:
@@ -478,6 +487,15 @@ def mask_student_positions(s: ScoredSample) -> None:
     if s.teacher_topk_ids:
         s.teacher_topk_ids = [k if m else [] for k, m in zip(s.teacher_topk_ids, mask, strict=True)]
         s.teacher_topk_logprobs = [k if m else [] for k, m in zip(s.teacher_topk_logprobs, mask, strict=True)]
+
+
+def scored_tokens(samples: list[ScoredSample]) -> dict[str, int]:
+    """Response tokens each teacher scored."""
+    out: dict[str, int] = {}
+    for s in samples:
+        if s.teacher is not None:
+            out[s.teacher] = out.get(s.teacher, 0) + len(s.sample.response_ids)
+    return out
 
 
 def verify_samples(samples: list[ScoredSample], tokenizer: Any) -> None:

@@ -47,9 +47,11 @@ class EngineSpec:
     capture_routing: bool = False  # students: return routed experts (R3)
     max_top_k: int = 0  # teachers: the top-k log-probs they must return (-1: the whole vocabulary)
     max_restarts: int = 0  # Ray restarts a dead engine this often (its in-flight calls fail; the caller redoes)
+    tensor_parallel_size: int = 1  # vLLM's: the engine's model split over this many devices of its bundle
 
     def engine_kwargs(self) -> dict:
         """Keyword arguments of the engine classes' constructors (besides the model path)."""
         return {"dtype": self.dtype, "max_model_len": self.max_model_len, "seed": self.seed,
                 "enforce_eager": self.enforce_eager, "gpu_memory_utilization": self.gpu_memory_utilization,
-                "omp_threads": self.omp_threads, "kv_cache_gb": self.kv_cache_gb}
+                "omp_threads": self.omp_threads, "kv_cache_gb": self.kv_cache_gb,
+                "tensor_parallel_size": self.tensor_parallel_size}

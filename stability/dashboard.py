@@ -215,7 +215,15 @@ def _specs(runs: list[RunData]) -> list[Panel]:
 
     sec = "Speed and memory"
     panels.append(one(sec, "perf/tokens_per_s", "Throughput (tokens/s)"))
-    timing = glob("timing_s/*")
+    # Per-teacher accounting (teachers/accounting.py): each teacher's share of the scored tokens and its engine's
+    # scoring seconds, and a teacher pool's swaps; the stage panel keeps the stages only.
+    panels.append(Panel("Teacher token share", sec, [Curve(n, n.split("/")[1]) for n in glob("teacher/*/token_share")],
+                        wide=True, optional=True))
+    panels.append(Panel("Teacher scoring (s)", sec, [Curve(n, n.split("/")[-1]) for n in glob("timing_s/teacher/*")],
+                        wide=True, optional=True))
+    panels.append(Panel("Teacher pool swaps", sec, [Curve(n, n) for n in glob("pool/swaps", "timing_s/pool_swap")],
+                        optional=True))
+    timing = [n for n in glob("timing_s/*") if not n.startswith(("timing_s/teacher/", "timing_s/pool_swap"))]
     timing.sort(key=lambda n: (STAGES.index(n[9:]) if n[9:] in STAGES else len(STAGES), n))
     panels.append(Panel("Stage timings (s)", sec, [Curve(n, n[9:]) for n in timing], wide=True, split=True,
                         optional=True))

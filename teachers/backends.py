@@ -41,6 +41,9 @@ class TeacherBackend:
     remote: bool = False
     # Teachers naming one `actor_group` share one actor per replica (one process, models side by side).
     shares_actor: bool = False
+    # Teachers of one architecture can share a pool of its engines, a swap being an in-place weight load
+    # (`teachers.<name>.pool`, teachers/pool.py).
+    poolable: bool = False
     # What `mopd teachers check` suggests when a replica does not answer ({name}: the teacher, {where}: the
     # replica, {serve_command}: a command that serves its model).
     start_hint: str = ""
@@ -81,6 +84,7 @@ def _resolve(target: str) -> Callable[..., Any]:
 
 register_teacher_backend(
     "vllm", start="teachers.vllm_teacher:start_vllm_teachers", describe="an in-cluster vLLM engine actor per replica",
+    poolable=True,
     start_hint="the in-cluster engine did not start: check teachers.{name}.path (a model folder vLLM can load) and "
                "memory (rollout.kv_cache_gb, rollout.gpu_memory_utilization)")
 register_teacher_backend(

@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from teachers.backends import get_teacher_backend
 from teachers.http_teacher import serve_command
+from teachers.pool import architecture_mismatch
 from teachers.tokenizer_check import tokenizer_mismatch
 
 # Scores of the same sequence may differ by float noise when a shared server batches it with other
@@ -277,12 +278,28 @@ def check_model_folders(cfg: Any, student_path: str | None = None, log: Callable
         if top_k > size:
             problems.append(f"algorithm.teacher_top_k={top_k} is above the vocabulary size {size} ({who}, {path}): "
                             f"give at most {size}, or -1 for the whole vocabulary")
+    if not problems:
+        problems += pool_problems(cfg)
     if problems:
         raise ModelCheckError("; ".join(problems))
     lines.append(f"models checked in {time.perf_counter() - t0:.1f} s")
     if log is not None:
         log("model check: " + "; ".join(lines))
     return lines
+
+
+def pool_problems(cfg: Any) -> list[str]:
+    """A teacher pool's engines become each of its teachers by a weight load, so its teachers must share one
+    architecture (config.json, less bookkeeping keys); one problem per pool that mixes them."""
+    out = []
+    for pool in getattr(cfg, "teacher_pools", {}):
+        paths = {n: t.path for n, t in cfg.teachers.items() if t.pool == pool}
+        problem = architecture_mismatch(paths)
+        if problem:
+            out.append(f"teacher_pools.{pool} mixes architectures: {problem}; one engine can only serve teachers of "
+                       "one architecture: put the others in a pool of their own (teachers.<name>.pool) or give "
+                       "them engines of their own (pool: null)")
+    return out
 
 
 def _local_folder(path: str) -> tuple[Path | None, str]:

@@ -6,6 +6,7 @@ Temperature is fixed at 1: the teacher's distribution, not a sharpened one, is t
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from transformers import AutoConfig
@@ -19,6 +20,15 @@ from rollout.vllm_engine import VllmEngine
 TeacherScores = TokenScores
 
 
+class ScoreBatch(list):
+    """A scoring call's answer: its `TeacherScores` (a list, read as before) plus how the engine spent the call,
+    which per-teacher accounting reads (`getattr`, so backends that return plain lists still work)."""
+
+    score_s: float = 0.0  # the engine's seconds scoring this call
+    swapped: bool = False  # a pooled engine loaded this teacher's weights just before (teachers/pool.py)
+    swap_s: float = 0.0
+
+
 class TeacherEngine(VllmEngine):
     """Scores sequences; can also generate (teacher samples for the off-policy SFT baseline)."""
 
@@ -27,14 +37,17 @@ class TeacherEngine(VllmEngine):
         vocab_size = AutoConfig.from_pretrained(model_path).vocab_size
         super().__init__(model_path, max_logprobs=vocab_size if max_top_k < 0 else max(1, max_top_k), **kw)
 
-    def score(self, sequences: list[list[int]], prompt_lens: list[int], top_k: int = 0) -> list[TeacherScores]:
+    def score(self, sequences: list[list[int]], prompt_lens: list[int], top_k: int = 0) -> ScoreBatch:
         for i, s in enumerate(sequences):
             if len(s) + 1 > self.max_model_len:
                 raise ValueError(f"sequence {i} has {len(s)} tokens, over the teacher's max_model_len="
                                  f"{self.max_model_len}; raise rollout.max_tokens/data.max_prompt_tokens consistently")
         if top_k > 0 and top_k > self.max_logprobs:
             raise ValueError(f"top_k={top_k} exceeds this teacher's max_logprobs={self.max_logprobs}")
-        return prompt_logprobs_of(self.llm, sequences, prompt_lens, top_k=top_k)
+        t0 = time.perf_counter()
+        out = ScoreBatch(prompt_logprobs_of(self.llm, sequences, prompt_lens, top_k=top_k))
+        out.score_s = time.perf_counter() - t0
+        return out
 
 
 def start_teacher(spec: EngineSpec, replicas: int, scheduling: list[Any] | None = None) -> list[Any]:

@@ -173,3 +173,29 @@ def test_cli_prints_the_plan_and_exits_0_or_2(capsys, monkeypatch):
     assert "local: CPU 2/2, GPU 0/0" in capsys.readouterr().out
     assert main(["plan", QS, "ray.num_cpus=1"]) == 2
     assert "mopd: error: the cluster cannot hold" in capsys.readouterr().err
+
+
+def test_a_teacher_pool_of_tensor_parallel_engines_on_declared_gpu_nodes(capsys):
+    """Six teachers on two TP=2 pool engines: two 2-GPU bundles instead of six, placed on GPU nodes; the plan
+    says which engines may hold which teachers, the GPUs saved and TP per engine."""
+    six = ["add_teacher", "rev_teacher", "sort_teacher", "t4", "t5", "t6"]
+    over = ["rollout.num_gpus_per_engine=2", "rollout.tensor_parallel_size=2", "rollout.num_cpus_per_engine=4",
+            "teacher_pools.dense.engines=2", "trainer.num_gpus=1",
+            *[f"teachers.{t}.path=/models/t" for t in six[3:]],
+            *[f"teachers.{t}.domains=[d{i}]" for i, t in enumerate(six[3:])],
+            *[f"teachers.{t}.pool=dense" for t in six]]
+    nodes = [Node("node0", 32, 8), Node("node1", 32, 8)]
+    assert placed_labels(QS, nodes, *over) == [
+        ["student[0]", "teacher_pool:dense[0]", "teacher_pool:dense[1]", "trainer"], []]
+    assert main(["plan", QS, *over, "--node", "2xcpus=32,gpus=8"]) == 0
+    out = capsys.readouterr().out
+    pool_row = next(line for line in out.splitlines() if line.startswith(f"teacher_pool:dense ({', '.join(six)})"))
+    student_row = next(line for line in out.splitlines() if line.startswith("student "))
+    assert pool_row.split()[7:11] == ["2", "4", "2", "2"]  # count, CPU, GPU, TP after the role and six names
+    assert student_row.split()[1:5] == ["1", "4", "2", "2"]
+    assert "2 engine(s) for 6 teachers" in out and "[0] holds add_teacher, [1] holds rev_teacher" in out
+    assert "saves 4 engine(s) against one per teacher: bundles 16 CPU, 8 GPU" in out
+    # A TP engine needs its GPUs in its bundle.
+    with pytest.raises(ConfigError, match=r"'rollout.tensor_parallel_size': got 4; allowed: at most "
+                                          r"rollout.num_gpus_per_engine=2"):
+        load_config(QS, [*over, "rollout.tensor_parallel_size=4"])

@@ -65,7 +65,12 @@ def test_generators_produce_correct_short_rows():
         assert p.startswith("spell:") and p.endswith("=") and 3 <= len(words) <= 6
         assert "".join(str(DIGIT_WORDS.index(w)) for w in words) == p[6:-1]
         assert len(p) + len(a) + 1 <= MAX_LEN  # prompt, answer and EOS fit the models' positions
-    assert set(GENERATORS) == {"add", "rev", "sort", "spell", "swap", "carry", "mul"} <= set(DOMAIN_VERIFIERS)
+        p, a = GENERATORS["max"](rng)
+        assert p.startswith("max:") and p.endswith("=") and a == max(p[4:-1]) and 3 <= len(p[4:-1]) <= 6
+        p, a = GENERATORS["rot"](rng)
+        assert p.startswith("rot:") and len(a) == len(p) - 5
+        assert all((ord(y) - ord(x)) % 26 == 1 for x, y in zip(p[4:-1], a, strict=True))
+    assert set(GENERATORS) == {"add", "rev", "sort", "spell", "swap", "carry", "mul", "max", "rot"} <= set(DOMAIN_VERIFIERS)
 
 
 def _swaps_by_hand(state: str, swaps: list[str]) -> str:

@@ -114,18 +114,20 @@ def _n(x: float) -> str:
 
 def plan_table(cfg: MopdConfig, placed: NodePlan, source: str) -> str:
     """Bundles per role, then per node: which actor goes where and the node's use against its capacity."""
-    from mopd.placement import bundle_labels, teacher_roles
+    from mopd.placement import POOL_ROLE, bundle_labels, engine_tp, teacher_roles
 
     plan, labels = placed.plan, bundle_labels(placed.plan)
     groups = teacher_roles(cfg)
     lines = [f"placement plan: {len(plan.bundles)} bundles, ray.placement_strategy={placed.strategy}, "
              f"{len(placed.nodes)} node(s) from {source}", ""]
-    rows = [("role", "count", "CPU", "GPU", "sized by")]
+    rows = [("role", "count", "CPU", "GPU", "TP", "sized by")]
     for role, idx in plan.roles.items():
         b = plan.bundles[idx[0]]
-        name = f"{role} ({', '.join(groups[role])})" if "_group:" in role else role
-        rows.append((name, str(len(idx)), _n(b.get("CPU", 0.0)), _n(b.get("GPU", 0.0)), plan.sources[role]))
+        name = f"{role} ({', '.join(groups[role])})" if "_group:" in role or role.startswith(POOL_ROLE) else role
+        tp = "-" if role == "trainer" or role.startswith("hf_group:") else str(engine_tp(cfg, role))
+        rows.append((name, str(len(idx)), _n(b.get("CPU", 0.0)), _n(b.get("GPU", 0.0)), tp, plan.sources[role]))
     lines += _columns(rows)
+    lines += pool_lines(cfg, plan)
     for j, node in enumerate(placed.nodes):
         used, cap = placed.used(j), node.capacity()
         lines += ["", f"{node.name}: CPU {_n(used.get('CPU', 0.0))}/{_n(cap['CPU'])}, "
@@ -141,6 +143,47 @@ def plan_table(cfg: MopdConfig, placed: NodePlan, source: str) -> str:
     cpus, gpus = sum(n.cpus for n in placed.nodes), sum(n.gpus for n in placed.nodes)
     lines += ["", f"total: CPU {_n(need.get('CPU', 0.0))}/{_n(cpus)}, GPU {_n(need.get('GPU', 0.0))}/{_n(gpus)}"]
     return "\n".join(lines)
+
+
+# What one quickstart-sized vLLM engine process adds to a run's summed PSS on CPU beyond its KV cache and weights:
+# benchmarks/teacher_pool.py measured 5.88 GB with seven engines and 3.50 GB with three (README, "Many teachers"),
+# ~0.6 GB per engine at rollout.kv_cache_gb=0.125. The estimate of what each engine a pool saves frees on CPU.
+CPU_ENGINE_RUNTIME_GB = 0.46
+
+
+def pool_lines(cfg: MopdConfig, plan: Any) -> list[str]:
+    """Per teacher pool: which engines may hold which teachers, and what the pool saves against an engine per
+    teacher (bundles; on CPU an estimate of resident memory, less the weights the object store keeps)."""
+    from mopd.placement import POOL_ROLE
+
+    out = []
+    for role, idx in plan.roles.items():
+        if not role.startswith(POOL_ROLE):
+            continue
+        pool = role.removeprefix(POOL_ROLE)
+        names = [n for n, t in cfg.teachers.items() if t.pool == pool]
+        k, n = len(idx), len(names)
+        b = plan.bundles[idx[0]]
+        sizes = {t: _weights_gb(cfg.teachers[t].path) for t in names}
+        out += ["", f"{role}: {k} engine(s) for {n} teachers, policy {cfg.teacher_pools[pool].policy}; "
+                    f"each of {role}[0..{k - 1}] may hold any of: {', '.join(names)}; at start "
+                    + ", ".join(f"[{i}] holds {t}" for i, t in enumerate(names[:k]))]
+        saved = {key: (n - k) * v for key, v in b.items()}
+        line = f"  saves {n - k} engine(s) against one per teacher: bundles {_n(saved.get('CPU', 0.0))} CPU"
+        line += f", {_n(saved.get('GPU', 0.0))} GPU"
+        if None not in sizes.values():
+            weights = sum(sizes.values())
+            largest = max(sizes.values())
+            per_engine = CPU_ENGINE_RUNTIME_GB + cfg.rollout.kv_cache_gb * 2**30 / 1e9 + largest
+            line += (f"; on CPU ~{(n - k) * per_engine - weights:.2f} GB resident ({n - k} x ~{per_engine:.2f} GB per "
+                     f"engine, less {weights * 1e3:.1f} MB of teacher weights kept once in the object store; an estimate)")
+        out.append(line)
+    return out
+
+
+def _weights_gb(path: str) -> float | None:
+    files = list(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    return sum(f.stat().st_size for f in files) / 1e9 if files else None
 
 
 def _columns(rows: list[tuple[str, ...]]) -> list[str]:

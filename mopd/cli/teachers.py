@@ -83,7 +83,9 @@ class _teacher_handles:
             init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.host, log_to_driver=cfg.ray.log_to_driver)
             self.placement = reserve(cfg, trainer=False)
             started = start_teachers(cfg, local, self.placement)
-            self.actors = [a for reps in started.values() for a in reps]
+            # A pooled teacher's handle is not an actor: its pool's engines are (each once).
+            self.actors = list({id(x): x for reps in started.values() for a in reps
+                                for x in (a.pool.engines if hasattr(a, "pool") else [a])}.values())
         out: dict[str, list[Any]] = {}
         for name, t in cfg.teachers.items():
             backend = get_teacher_backend(t.backend)

@@ -210,8 +210,21 @@ def tool_turns(domain: str, prompt: str, answer: str) -> list[list[str]]:
     return [[STUDENT, call], [ENV, step.observation], [STUDENT, FINAL + answer]]
 
 
+def gen_max(rng: random.Random) -> tuple[str, str]:
+    """`max:5721=` -> `7`: one answer token, a cheap extra domain (the six-teacher world)."""
+    digits = [rng.randrange(10) for _ in range(rng.randint(3, 6))]
+    return f"max:{''.join(map(str, digits))}=", str(max(digits))
+
+
+def gen_rot(rng: random.Random) -> tuple[str, str]:
+    """`rot:abz=` -> `bca`: every letter shifted by one (z wraps to a), copy-like, a cheap extra domain."""
+    s = _letters(rng)
+    return f"rot:{s}=", "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s)
+
+
 GENERATORS: dict[str, Generator] = {"add": gen_add, "rev": gen_rev, "sort": gen_sort, "spell": gen_spell,
-                                    "swap": gen_swap, "carry": gen_carry, "mul": gen_mul}
+                                    "swap": gen_swap, "carry": gen_carry, "mul": gen_mul, "max": gen_max,
+                                    "rot": gen_rot}
 # Domains whose teacher writes a worked solution (prompt -> full response) rather than the bare answer.
 SOLUTIONS: dict[str, Callable[[str], str]] = {"swap": swap_solution, "carry": carry_solution}
 

@@ -1,0 +1,67 @@
+"""Six teachers on dedicated engines vs on a pool of two (printed, never asserted).
+
+    .venv/bin/python benchmarks/teacher_pool.py [--steps 40] [--staleness 1]
+
+Runs `mopd train` on configs/quickstart_6teacher.yaml (an engine per teacher) and on
+configs/quickstart_6teacher_pool.yaml (the six teachers on two pooled engines, swapped in by in-place weight
+loads), one after the other, with the same seed and steps, and prints per run: the summed PSS of every process
+of the run (`perf/pss_gb/total`, first step), the median step time after a warm-up and its ratio to the
+dedicated run's, swaps per step and swap seconds per step, and the mean final greedy accuracy over the six
+domains. The world (.cache/world6) is built on the first run if missing (minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = {"dedicated": "configs/quickstart_6teacher.yaml", "pool of 2": "configs/quickstart_6teacher_pool.yaml"}
+WARMUP = 5
+
+
+def run(config: str, run_dir: Path, steps: int, staleness: int) -> dict:
+    cmd = [str(REPO / ".venv/bin/mopd"), "train", config, f"trainer.steps={steps}", f"trainer.max_staleness={staleness}",
+           f"logging.run_dir={run_dir}", "logging.progress_bar=false", "trainer.eval_every=0",
+           "trainer.save_every=0", "trainer.max_wallclock_s=0"]
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps_m = [m for m in records if "timing_s/step" in m]
+    result = json.loads((run_dir / "result.json").read_text())
+    after = result.get("after", {})
+    later = steps_m[WARMUP:] or steps_m
+    return {
+        "pss_gb": next((m["perf/pss_gb/total"] for m in steps_m if "perf/pss_gb/total" in m), float("nan")),
+        "step_s": statistics.median(m["timing_s/step"] for m in later),
+        "swaps": statistics.mean(m.get("pool/swaps", 0.0) for m in later),
+        "swap_s": statistics.mean(m.get("timing_s/pool_swap", 0.0) for m in later),
+        "teacher_s": statistics.mean(m.get("timing_s/teacher", 0.0) for m in later),
+        "acc": statistics.mean(v["acc"] for v in after.values()) if after else float("nan"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--staleness", type=int, default=1, help="trainer.max_staleness of both runs")
+    ap.add_argument("--out", default="runs/bench_teacher_pool")
+    args = ap.parse_args()
+    got = {name: run(cfg, REPO / args.out / name.replace(" ", "_"), args.steps, args.staleness)
+           for name, cfg in RUNS.items()}
+    base = got["dedicated"]
+    print(f"six teachers, {args.steps} steps, trainer.max_staleness={args.staleness}\n")
+    print("| engines | summed PSS (GB) | step s (median) | step time ratio | swaps/step | swap s/step | "
+          "teacher s/step | final acc (mean of 6) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in got.items():
+        print(f"| {name} | {r['pss_gb']:.2f} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f}x | "
+              f"{r['swaps']:.1f} | {r['swap_s']:.3f} | {r['teacher_s']:.3f} | {r['acc']:.3f} |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
