@@ -100,10 +100,7 @@ class VllmEngine:
                            seed=None if seed is None else seed + i, detokenize=False, flat_logprobs=True)
             for i in range(len(prompt_ids))
         ]
-        window = self.routing.recording() if self.routing is not None else contextlib.nullcontext()
-        with window as rec:
-            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
-        routed = rec.routed_experts(outs) if rec is not None else None
+        outs, routed = self._generate(prompt_ids, params)
         result = []
         for i, (p, out) in enumerate(zip(prompt_ids, outs, strict=True)):
             samples = []
@@ -116,6 +113,13 @@ class VllmEngine:
                                       policy_version=self.weight_version))
             result.append(samples)
         return result
+
+    def _generate(self, prompt_ids: list[list[int]], params: list) -> tuple[list, list | None]:
+        """vLLM's outputs for token-id prompts and, with R3 capture on, the routed experts recorded meanwhile."""
+        window = self.routing.recording() if self.routing is not None else contextlib.nullcontext()
+        with window as rec:
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        return outs, rec.routed_experts(outs) if rec is not None else None
 
     def generate_turns(self, prompt_ids: list[list[int]], *, max_tokens: list[int], seeds: list[int],
                        stop: list[list[str]], temperature: float = 1.0, top_p: float = 1.0) -> list[Sample]:
@@ -141,10 +145,7 @@ class VllmEngine:
                                  stop=list(st) or None, include_stop_str_in_output=True, detokenize=bool(st),
                                  flat_logprobs=True)
                   for m, sd, st in zip(max_tokens, seeds, stop, strict=True)]
-        window = self.routing.recording() if self.routing is not None else contextlib.nullcontext()
-        with window as rec:
-            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
-        routed = rec.routed_experts(outs) if rec is not None else None
+        outs, routed = self._generate(prompt_ids, params)
         result = []
         for i, (p, out) in enumerate(zip(prompt_ids, outs, strict=True)):
             c = out.outputs[0]
