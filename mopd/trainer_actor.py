@@ -245,8 +245,26 @@ class RemoteTrainer:
         pending, self._building = [*self._building, *refs], []
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            self._get(done[0])
+            try:
+                self._get(done[0])
+            except ray.exceptions.RayTaskError:
+                self._raise_dead_peer(pending)
+                raise
         return self._get(refs[0])
+
+    def _raise_dead_peer(self, pending: list[Any]) -> None:
+        """A worker whose collective peer was SIGKILLed fails at once (gloo: "Connection closed by peer"),
+        often before Ray has noticed the death: the dead peer is the fault to recover from, not that error."""
+        if not pending:
+            return
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=60)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                raise
+            except Exception:  # noqa: BLE001 - another worker's own error; the first one is raised
+                pass
 
     def ready(self) -> dict[str, Any]:
         return self._all([a.ready.remote() for a in self.actors])
