@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,7 +223,13 @@ class Pipeline:
     policy, so IcePop/TIS correct the staleness. Batches are still a function of (seed, step) only.
     Their samples are not: they depend on the weights that drew them, so a checkpoint of step N keeps the
     batches already drawn for N+1..N+k (`ahead`, `mopd.carry`) and a new pipeline serves them first (`ready`).
-    """
+
+    The other side of the rule (`drawn_before`): the update to version j - k is submitted only once batch j
+    has been drawn, so batch j is drawn by version j - 1 - k exactly. A single-turn batch is one engine call
+    per engine, submitted at launch, so the engines' order already gives that once it is launched; a
+    multi-turn batch submits a call per round as its environments answer, and a later round must not meet a
+    newer policy (its samples would depend on the timing of the trainer's steps: neither exact on resume nor
+    within the staleness the step records)."""
 
     def __init__(self, producer: BatchProducer, max_staleness: int, first_step: int, synced_version: int,
                  last_step: int, ready: dict[int, StepBatch] | None = None) -> None:
@@ -236,6 +243,7 @@ class Pipeline:
             first_step += 1
         self.next_launch = first_step
         self.launched: deque[Inflight] = deque()
+        self.rounds: dict[int, Future] = {}  # launched multi-turn rollouts by step (drawn_before waits on them)
         self.done: dict[int, StepBatch | BaseException] = dict(ready)
         self.taken: dict[int, StepBatch] = {}  # served by get() and not yet known to stand (see salvage)
         self.error: BaseException | None = None  # the thread itself failed (not one batch)
@@ -251,6 +259,24 @@ class Pipeline:
         with self.cond:
             self.synced = max(self.synced, version)
             self.cond.notify_all()
+
+    def drawn_before(self, version: int) -> float:
+        """Wait until batch version + k, which policy version - 1 draws, has been drawn, so the update to
+        `version` may go to the engines (class doc); returns the seconds waited. No wait once the pipeline
+        closed or failed (the loop recovers), for a batch past the last step or carried in (`ready`)."""
+        step = version + self.k
+        if self.k == 0 or step > self.last_step:
+            return 0.0
+        t0 = time.perf_counter()
+        with self.cond:
+            self.cond.wait_for(lambda: step < self.next_launch or self.closed or self.error is not None)
+            rounds = self.rounds.pop(step, None)
+        while rounds is not None and not rounds.done():
+            with self.cond:
+                if self.closed or self.error is not None:
+                    break
+            futures_wait([rounds], timeout=0.05)
+        return time.perf_counter() - t0
 
     def get(self, step: int, metrics: dict[str, float]) -> StepBatch:
         """Batch `step`, waiting for it if needed (`timing_s/wait_rollout`, `timing_s/wait_teacher`: how long
@@ -299,8 +325,13 @@ class Pipeline:
     def _launch_allowed(self) -> None:
         with self.cond:
             while not self.closed and self.may_launch(self.next_launch) and len(self.launched) <= self.k:
-                self.launched.append(self.producer.launch(self.next_launch))
+                job = self.producer.launch(self.next_launch)
+                self.launched.append(job)
+                if getattr(job, "multi_turn", None) is not None:
+                    self.rounds[self.next_launch] = job.multi_turn
                 self.next_launch += 1
+                for old in [s for s in self.rounds if s < self.next_launch - self.k - 2]:
+                    del self.rounds[old]
 
     def _run(self) -> None:
         try:
@@ -346,7 +377,8 @@ def rows_digest(row_ids: list[str]) -> int:
 
 def batch_digest(samples: list[ScoredSample]) -> int:
     """A short fingerprint of what a step trains on: each sample's row, prompt and response token ids, the
-    engine's log-probs (which policy sampled it) and the teacher's scores, bit for bit. Two runs whose steps
+    engine's log-probs (which policy sampled it), the teacher's scores and, for multi-turn samples, which tokens
+    are the student's, bit for bit. Two runs whose steps
     agree here trained on the same data; equal row ids alone do not show it (a redone step can resample)."""
     h = hashlib.sha256()
     for s in samples:
@@ -358,6 +390,8 @@ def batch_digest(samples: list[ScoredSample]) -> int:
             h.update(np.asarray(lp, dtype=np.float64).tobytes() + b"|")
         for ids, lps in zip(s.teacher_topk_ids, s.teacher_topk_logprobs, strict=True):
             h.update(np.asarray(ids, dtype=np.int64).tobytes() + np.asarray(lps, dtype=np.float64).tobytes())
+        if smp.student_mask is not None:  # who wrote each token (multi-turn): the trainer's mask depends on it
+            h.update(b"m" + np.asarray(smp.student_mask, dtype=np.int8).tobytes())
         h.update(b";")
     return int(h.hexdigest()[:12], 16)
 
@@ -394,7 +428,8 @@ def teacher_rollout(teachers: dict[str, list[Any]], registry: TeacherRegistry, p
                     limits: TurnLimits | None = None) -> list[ScoredSample]:
     """Samples from each row's teacher instead of the student: the off-policy SFT baseline's data and the
     teachers' own evaluation. Rows naming an environment are rolled out multi-turn with the tool, as the
-    student's are (vLLM teachers; needs the student's `tokenizer` and the rollout `limits`)."""
+    student's are, through the same environment loop (every backend with `generate_turns`: vllm, hf,
+    vllm_server; needs the student's `tokenizer` and the rollout `limits`)."""
     by_teacher = registry.group([r["domain"] for r in rows], [r["id"] for r in rows])
     pending = []
     out: list[ScoredSample] = []
@@ -422,10 +457,11 @@ def _teacher_multi_turn(name: str, actors: list[Any], prompt_ids: list[list[int]
         raise ValueError("rows naming an environment need the student's tokenizer to roll out multi-turn")
     try:
         for a in actors:
-            a.generate_turns  # noqa: B018 - a vLLM engine actor has it; hf / vllm_server teachers do not
+            a.generate_turns  # noqa: B018 - the vllm, hf and vllm_server backends have it; a backend of yours may not
     except AttributeError:
-        raise ValueError(f"teacher '{name}' cannot roll out rows that name an environment (multi-turn teacher "
-                         "generation needs backend: vllm); give it backend: vllm or drop those rows' env") from None
+        raise ValueError(f"teacher '{name}' cannot roll out rows that name an environment: its backend's actors have "
+                         "no generate_turns (the vllm, hf and vllm_server backends do); use one of them or drop those "
+                         "rows' env") from None
     samples = multi_turn_rollout(actors, tokenizer, prompt_ids, rows, n=n, temperature=temperature, top_p=1.0,
                                  limits=limits, seed=seed + where[0] * 7919)
     for s in samples:

@@ -234,6 +234,9 @@ class RunSession:
     def sync(self, step: int, metrics: dict[str, float]) -> None:
         """Push the step's weights into the student engines; with `max_staleness` > 0 without waiting for them
         (an earlier update that failed raises here)."""
+        # Not before the batch the current policy must draw whole has been drawn (Pipeline.drawn_before): a
+        # multi-turn batch's later rounds would otherwise meet the new weights. Time the step waited for a rollout.
+        metrics["timing_s/wait_rollout"] = metrics.get("timing_s/wait_rollout", 0.0) + self.pipeline.drawn_before(step)
         with timed("sync", metrics):
             if self.updates:
                 self.updates = self.trainer.check_updates(self.updates)

@@ -15,6 +15,9 @@ logits, and the fp32 log-softmax runs over chunks of at most `chunk_elems` eleme
 `generate` (the off-policy SFT baseline and the teachers' own evaluation) uses `model.generate`: greedy at
 temperature 0, otherwise sampling with a `torch.Generator` per request (seeded `seed + i` like the vLLM
 engine); each sampled token carries the model's raw (pre-temperature) log-prob, as vLLM's do.
+`generate_turns` is one turn of multi-turn trajectories with the vLLM engine's signature and semantics (per
+request max_tokens, seed and stop strings, matched on the detokenized new text and kept in the output), so the
+rollout's environment loop (mopd/multiturn.py) drives an hf teacher as it drives a vLLM one.
 
 The same classes run in-process (`HfTeacher`, `HfTeacherGroup`) and as Ray actors (`start_hf_group`).
 """
@@ -29,7 +32,13 @@ from typing import Any
 
 import ray
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+)
 
 from rollout.actors import at
 from rollout.scoring import TokenScores
@@ -46,8 +55,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class HfTeacher:
-    """One teacher model: `ready()`, `score(sequences, prompt_lens, top_k)` and `generate(...)` with the
-    vLLM `TeacherEngine`'s signatures and results."""
+    """One teacher model: `ready()`, `score(sequences, prompt_lens, top_k)`, `generate(...)` and
+    `generate_turns(...)` with the vLLM `TeacherEngine`'s signatures and results."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 128, seed: int = 0,
                  device: str | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
@@ -72,6 +81,7 @@ class HfTeacher:
         self.max_batch_tokens, self.logits_budget, self.chunk_elems = max_batch_tokens, logits_budget, chunk_elems
         # Logits of the response positions only (most causal LMs take `logits_to_keep`; others return all).
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._tokenizer: Any = None  # loaded on the first multi-turn call (stop strings are text)
         self.startup_s = time.perf_counter() - t0
 
     def ready(self) -> dict:
@@ -180,38 +190,92 @@ class HfTeacher:
                              "n >= 1, max_tokens >= 1, temperature >= 0 and 0 < top_p <= 1")
         greedy = temperature == 0
         copies = 1 if greedy else n  # greedy samples are all equal: decode once, repeat
-        config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens, min_new_tokens=0, num_beams=1,
-                                  eos_token_id=self.eos_ids or None, pad_token_id=self.pad_id,
-                                  output_logits=True, return_dict_in_generate=True)
         per_call = max(1, GENERATE_BATCH // copies)
         result: list[list[Sample]] = []
         for start in range(0, len(prompt_ids), per_call):
             chunk = prompt_ids[start:start + per_call]
             rows = [p for p in chunk for _ in range(copies)]  # request b's samples: rows b*copies .. +copies-1
-            width = max(len(p) for p in rows)
-            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, p in enumerate(rows):  # left padding: every prompt ends where generation starts
-                ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[r, width - len(p):] = 1
-            processors = LogitsProcessorList()
+            gens = None
             if not greedy:
-                gens = []
-                for b in range(len(chunk)):
-                    g = torch.Generator(device=self.device)
-                    g.manual_seed(seed + start + b if seed is not None
-                                  else int(torch.randint(2**62, (), generator=self._rng)))
-                    gens.append(g)
-                processors.append(_SeededSampler(gens, copies, temperature, top_p))
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      generation_config=config, logits_processor=processors)
-            new = out.sequences[:, width:].cpu()
-            raw = torch.stack(out.logits, dim=1).float()  # [rows, steps, vocab]: before any processor
-            lps = torch.log_softmax(raw, dim=-1).gather(-1, new[:, :, None].to(raw.device))[..., 0].cpu()
+                gens = [torch.Generator(device=self.device).manual_seed(
+                    seed + start + b if seed is not None else int(torch.randint(2**62, (), generator=self._rng)))
+                        for b in range(len(chunk))]
+            new, lps = self._decode(rows, max_tokens, gens, copies, temperature, top_p)
             for b, p in enumerate(chunk):
                 samples = [self._sample(p, new[b * copies + j], lps[b * copies + j]) for j in range(copies)]
                 result.append(samples + [copy.deepcopy(samples[0]) for _ in range(n - copies)])
         return result
+
+    @torch.inference_mode()
+    def generate_turns(self, prompt_ids: list[list[int]], *, max_tokens: list[int], seeds: list[int],
+                       stop: list[list[str]], temperature: float = 1.0, top_p: float = 1.0) -> list[Sample]:
+        """One turn of each multi-turn trajectory (`rollout.vllm_engine.VllmEngine.generate_turns`' contract):
+        request i continues `prompt_ids[i]` by at most `max_tokens[i]` tokens, sampled with a generator seeded
+        `seeds[i]` (greedy at temperature 0), until EOS or one of `stop[i]` appears in its new text (the token that
+        completes it is kept); `Sample.meta["stop"]` is that stop string (None: EOS or the length limit)."""
+        if not len(prompt_ids) == len(max_tokens) == len(seeds) == len(stop):
+            raise ValueError("generate_turns needs one max_tokens, seed and stop list per request")
+        for i, (p, m) in enumerate(zip(prompt_ids, max_tokens, strict=True)):
+            if not p or m < 1 or len(p) + m > self.max_model_len:
+                raise ValueError(f"turn request {i}: {len(p)} tokens + max_tokens={m} exceeds the engine's "
+                                 f"max_model_len={self.max_model_len} (or max_tokens < 1, or an empty prompt)")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
+        tokenizer = self._stop_tokenizer() if any(stop) else None
+        result: list[Sample] = []
+        for start in range(0, len(prompt_ids), GENERATE_BATCH):
+            chunk = range(start, min(len(prompt_ids), start + GENERATE_BATCH))
+            rows = [prompt_ids[i] for i in chunk]
+            gens = None
+            if temperature > 0:
+                gens = [torch.Generator(device=self.device).manual_seed(seeds[i]) for i in chunk]
+            ends = _TurnEnds(tokenizer, [max_tokens[i] for i in chunk], [list(stop[i]) for i in chunk],
+                             max(len(p) for p in rows), self.eos_ids)
+            new, lps = self._decode(rows, max(max_tokens[i] for i in chunk), gens, 1, temperature, top_p,
+                                    StoppingCriteriaList([ends]))
+            for b, p in enumerate(rows):
+                end, hit = ends.end_of(b, new[b].tolist())
+                toks = new[b, :end].tolist()
+                eos = bool(toks) and toks[-1] in self.eos_ids and hit is None
+                result.append(Sample(prompt_ids=list(p), response_ids=toks, rollout_logprobs=lps[b, :end].tolist(),
+                                     finish_reason="stop" if eos or hit is not None else "length",
+                                     meta={"stop": hit}))
+        return result
+
+    def _decode(self, rows: list[list[int]], max_new: int, gens: list[torch.Generator] | None, copies: int,
+                temperature: float, top_p: float,
+                stopping: StoppingCriteriaList | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`model.generate` over left-padded `rows` (one generator per `copies` consecutive rows, or greedy
+        without): the new tokens [rows, steps] and the raw (pre-temperature) log-prob of each."""
+        config = GenerationConfig(do_sample=False, max_new_tokens=max_new, min_new_tokens=0, num_beams=1,
+                                  eos_token_id=self.eos_ids or None, pad_token_id=self.pad_id,
+                                  output_logits=True, return_dict_in_generate=True)
+        width = max(len(p) for p in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, p in enumerate(rows):  # left padding: every prompt ends where generation starts
+            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        processors = LogitsProcessorList()
+        if gens is not None:
+            processors.append(_SeededSampler(gens, copies, temperature, top_p))
+        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  generation_config=config, logits_processor=processors, stopping_criteria=stopping)
+        new = out.sequences[:, width:].cpu()
+        raw = torch.stack(out.logits, dim=1).float()  # [rows, steps, vocab]: before any processor
+        lps = torch.log_softmax(raw, dim=-1).gather(-1, new[:, :, None].to(raw.device))[..., 0].cpu()
+        return new, lps
+
+    def _stop_tokenizer(self) -> Any:
+        """The model folder's tokenizer: stop strings are matched on text, as vLLM matches them."""
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            except Exception as e:  # noqa: BLE001 - the fix is the same whatever the loader raised
+                raise ValueError(f"hf teacher {self.model_path}: multi-turn generation matches the environment's stop "
+                                 f"strings on text and needs the model folder's tokenizer, which did not load "
+                                 f"({type(e).__name__}: {e}); save the tokenizer next to the model") from None
+        return self._tokenizer
 
     def _sample(self, prompt: list[int], tokens: torch.Tensor, logprobs: torch.Tensor) -> Sample:
         """One generated row, cut after its first end-of-sequence token (the rest is padding)."""
@@ -224,6 +288,38 @@ class HfTeacher:
     def score_tokens(self, sequences: list[list[int]], prompt_lens: list[int]) -> list[list[float]]:
         """The model's log-prob of each response token (the vLLM engines' diagnostic call)."""
         return [s.logprobs for s in self.score(sequences, prompt_lens, 0)]
+
+
+class _TurnEnds:
+    """Where each row's turn ends: its first EOS, the token that completes one of its stop strings in the new
+    text (detokenized as vLLM does, special tokens skipped), or its own token limit. As a stopping criterion it
+    stops each row there, so a batch runs as long as its longest turn only."""
+
+    def __init__(self, tokenizer: Any, limits: list[int], stops: list[list[str]], width: int, eos_ids: list[int]) -> None:
+        self.tokenizer, self.limits, self.stops, self.width, self.eos_ids = tokenizer, limits, stops, width, eos_ids
+
+    def end_of(self, row: int, tokens: list[int]) -> tuple[int, str | None]:
+        """(tokens kept, the stop string that ended the turn or None) of row `row`'s new tokens."""
+        limit = min(self.limits[row], len(tokens))
+        for t in range(limit):
+            if tokens[t] in self.eos_ids:
+                return t + 1, None
+            hit = self._hit(row, tokens[:t + 1])
+            if hit is not None:
+                return t + 1, hit
+        return limit, None
+
+    def _hit(self, row: int, tokens: list[int]) -> str | None:
+        if not self.stops[row]:
+            return None
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return next((s for s in self.stops[row] if s in text), None)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        # Called after every token: only the newest can end a live row (a finished row's verdict is ignored).
+        done = [len(toks) >= self.limits[b] or toks[-1] in self.eos_ids or self._hit(b, toks) is not None
+                for b, toks in enumerate(input_ids[:, self.width:].tolist())]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class _SeededSampler:
@@ -256,8 +352,8 @@ class _SeededSampler:
 class HfTeacherGroup:
     """The `backend: hf` actor: one process holding one or more teachers by name.
 
-    With one teacher, `ready`/`score`/`generate` are that teacher's; with several, a caller names the teacher
-    (`score_as(name, ...)`), or uses the per-teacher handles `start_hf_group` returns, which do that for it."""
+    With one teacher, `ready`/`score`/`generate`/`generate_turns` are that teacher's; with several, a caller names
+    the teacher (`score_as(name, ...)`), or uses the per-teacher handles `start_hf_group` returns, which do that for it."""
 
     def __init__(self, teachers: dict[str, dict[str, Any]], num_threads: int = 1) -> None:
         t0 = time.perf_counter()
@@ -290,6 +386,9 @@ class HfTeacherGroup:
     def generate(self, prompt_ids: list[list[int]], **kw: Any) -> list[list[Sample]]:
         return self._only().generate(prompt_ids, **kw)
 
+    def generate_turns(self, prompt_ids: list[list[int]], **kw: Any) -> list[Sample]:
+        return self._only().generate_turns(prompt_ids, **kw)
+
     def ready_as(self, name: str) -> dict:
         # The group's start-up (every model loaded) is what the caller waited for.
         return {**self.teacher(name).ready(), "startup_s": self.startup_s, "group": sorted(self.teachers)}
@@ -300,6 +399,9 @@ class HfTeacherGroup:
 
     def generate_as(self, name: str, prompt_ids: list[list[int]], **kw: Any) -> list[list[Sample]]:
         return self.teacher(name).generate(prompt_ids, **kw)
+
+    def generate_turns_as(self, name: str, prompt_ids: list[list[int]], **kw: Any) -> list[Sample]:
+        return self.teacher(name).generate_turns(prompt_ids, **kw)
 
 
 class _AsTeacher:
@@ -313,14 +415,14 @@ class _AsTeacher:
 
 
 def teacher_handle(actor: Any, name: str) -> Any:
-    """A handle to the group actor that acts as teacher `name`'s own engine actor: `ready`, `score` and
-    `generate` go to that teacher; everything else (`__ray_call__`, `ray.kill`, restarts) is the actor's.
+    """A handle to the group actor that acts as teacher `name`'s own engine actor: `ready`, `score`,
+    `generate` and `generate_turns` go to that teacher; everything else (`__ray_call__`, `ray.kill`, restarts) is the actor's.
 
     It is a real `ActorHandle` (a registered copy of `actor`), so Ray counts it as a reference to the actor.
     The binding lives in this process: pickled into another one, it becomes a plain group handle whose
     `score` refuses to guess the teacher (see `HfTeacherGroup._only`)."""
     h = copy.copy(actor)
-    for method in ("ready", "score", "generate"):
+    for method in ("ready", "score", "generate", "generate_turns"):
         setattr(h, method, _AsTeacher(h, f"{method}_as", name))
     h._mopd_teacher = name
     return h

@@ -1,7 +1,8 @@
 """A teacher served by `vllm serve` (OpenAI-compatible HTTP), scored exactly like the in-cluster engine.
 
 Big teachers often live on their own GPU nodes, shared by several runs, so the run only needs their URLs.
-`ServerTeacher` has the same `score` / `generate` / `ready` as `TeacherEngine`, and runs as a Ray actor
+`ServerTeacher` has the same `score` / `generate` / `generate_turns` / `ready` as `TeacherEngine` (so the
+rollout's environment loop drives it for multi-turn teacher samples), and runs as a Ray actor
 that needs no CPU of its own, one per URL: `score_with_teachers` spreads samples over replicas the same
 way for both backends. Scoring uses vLLM's `prompt_logprobs` extension of `/v1/completions`: token-id
 prompts, temperature 1, one generated token, log-probs of every prompt position.
@@ -49,6 +50,8 @@ from teachers.vllm_teacher import TeacherScores
 _PROBE = [0, 0]
 # Longest server message quoted in an error: a traceback-sized body would drown the fix.
 _MAX_QUOTE = 500
+# Stop strings one completion request may carry (the OpenAI API's limit, which vLLM's server enforces).
+MAX_SERVER_STOPS = 4
 
 
 class TeacherServerError(RuntimeError):
@@ -98,6 +101,7 @@ class ServerTeacher:
         self.max_model_len: int | None = None
         self.max_logprobs: int | None = None
         self.vocab_size: int | None = None
+        self._tok: Any = None
         self._client: httpx.Client | None = None
         self._client_lock = threading.Lock()
         self._handshake_lock = threading.Lock()
@@ -197,14 +201,65 @@ class ServerTeacher:
             out = self._completions(p, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                     logprobs=0, return_token_ids=True, seed=None if seed is None else seed + i)
             try:
-                return [Sample(prompt_ids=list(p), response_ids=list(c["token_ids"]),
-                               rollout_logprobs=[float(x) for x in c["logprobs"]["token_logprobs"]],
-                               finish_reason=str(c["finish_reason"]))
-                        for c in sorted(out["choices"], key=lambda c: c["index"])]
+                return [self._sample(p, c) for c in sorted(out["choices"], key=lambda c: c["index"])]
             except (KeyError, TypeError, ValueError) as e:
                 raise self._shape_error("/v1/completions", e) from None
 
         return self._map(one, list(enumerate(prompt_ids)))
+
+    def generate_turns(self, prompt_ids: list[list[int]], *, max_tokens: list[int], seeds: list[int],
+                       stop: list[list[str]], temperature: float = 1.0, top_p: float = 1.0) -> list[Sample]:
+        """One turn of each multi-turn trajectory, with the in-cluster engine's contract
+        (`rollout.vllm_engine.VllmEngine.generate_turns`): request i continues `prompt_ids[i]` by at most
+        `max_tokens[i]` tokens, seeded `seeds[i]`, until EOS or one of `stop[i]` (kept in the output);
+        `Sample.meta["stop"]` is the stop string that ended it (None: EOS or the length limit).
+
+        The server matches up to `MAX_SERVER_STOPS` stop strings itself (`stop`, `include_stop_str_in_output`;
+        its `stop_reason` names the one). The OpenAI API refuses more, so a request with more is generated
+        without them and cut here at the first token whose text (the teacher's tokenizer, `path`) holds one:
+        the same tokens, since a seeded request's tokens do not depend on how long it runs."""
+        if not len(prompt_ids) == len(max_tokens) == len(seeds) == len(stop):
+            raise ValueError("generate_turns needs one max_tokens, seed and stop list per request")
+        self.connect()
+        for i, (p, m) in enumerate(zip(prompt_ids, max_tokens, strict=True)):
+            if m < 1 or (self.max_model_len is not None and len(p) + m > self.max_model_len):
+                raise ValueError(f"turn request {i}: {len(p)} tokens + max_tokens={m} exceeds teacher '{self.name}''s "
+                                 f"max_model_len={self.max_model_len} at {self.url} (or max_tokens < 1)")
+        tokenizer = self._tokenizer() if any(len(st) > MAX_SERVER_STOPS for st in stop) else None
+
+        def one(p: list[int], m: int, sd: int, st: list[str]) -> Sample:
+            served = bool(st) and len(st) <= MAX_SERVER_STOPS
+            ends = {"stop": list(st), "include_stop_str_in_output": True} if served else {}
+            out = self._completions(p, n=1, temperature=temperature, top_p=top_p, max_tokens=m, logprobs=0,
+                                    return_token_ids=True, seed=sd, **ends)
+            try:
+                c = out["choices"][0]
+                reason = c.get("stop_reason")
+                smp = self._sample(p, c, {"stop": reason if isinstance(reason, str) else None})
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                raise self._shape_error("/v1/completions", e) from None
+            return smp if served or not st else _cut_at_stop(smp, st, tokenizer)
+
+        return self._map(one, list(zip(prompt_ids, max_tokens, seeds, stop, strict=True)))
+
+    def _tokenizer(self) -> Any:
+        """The teacher's tokenizer (its `path`), for stop strings the server cannot take."""
+        with self._client_lock:
+            if self._tok is None:
+                from transformers import AutoTokenizer
+
+                self._tok = AutoTokenizer.from_pretrained(self.path)
+            return self._tok
+
+    @staticmethod
+    def _sample(prompt: list[int], choice: dict, meta: dict | None = None) -> Sample:
+        """A completion choice as a Sample: the server's token ids and its log-prob of each."""
+        ids = [int(t) for t in choice["token_ids"]]
+        lps = [float(x) for x in choice["logprobs"]["token_logprobs"]]
+        if len(lps) != len(ids):
+            raise ValueError(f"{len(lps)} log-probs for {len(ids)} tokens")
+        return Sample(prompt_ids=list(prompt), response_ids=ids, rollout_logprobs=lps,
+                      finish_reason=str(choice["finish_reason"]), meta=dict(meta or {}))
 
     def tokenize(self, text: str) -> list[int]:
         """The server's own tokenization (checked against the student's by the preflight)."""
@@ -387,6 +442,18 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+def _cut_at_stop(smp: Sample, stop: list[str], tokenizer: Any) -> Sample:
+    """`smp` ended as vLLM ends a turn on a stop string: after the first token whose detokenized new text
+    holds one of `stop` (kept), with that string as meta["stop"] and finish_reason "stop"."""
+    for t in range(len(smp.response_ids)):
+        text = tokenizer.decode(smp.response_ids[:t + 1], skip_special_tokens=True)
+        hit = next((s for s in stop if s in text), None)
+        if hit is not None:
+            return Sample(prompt_ids=smp.prompt_ids, response_ids=smp.response_ids[:t + 1],
+                          rollout_logprobs=smp.rollout_logprobs[:t + 1], finish_reason="stop", meta={"stop": hit})
+    return smp
 
 
 def _parse_prompt_logprobs(entries: list[dict | None] | None, seq: list[int], plen: int, top_k: int,

@@ -135,6 +135,51 @@ def test_generate_greedy_and_seeded_sampling(folders):
         teacher.generate([list(range(3, 30))], max_tokens=6)
 
 
+def test_generate_turns_stops_where_the_vllm_engine_does(folders):
+    """One turn of multi-turn trajectories (the environment loop's call): each request ends at its EOS, at the
+    token that completes one of its stop strings (kept, named in meta["stop"]), or at its own max_tokens;
+    greedy tokens are an unpadded forward's argmax with its log-prob; a request's seed alone fixes its turn."""
+    teacher = HfTeacher(str(folders / "a"), max_model_len=32)
+    tok = AutoTokenizer.from_pretrained(folders / "a")
+    model = AutoModelForCausalLM.from_pretrained(folders / "a", dtype=torch.float32).eval()
+    prompts = [p[:8] for p in random_batch(4, count=6)[0]]
+    stops = [list("aeiou13579"), list("bcdfg02468"), [], list("aeiou13579"), ["xyz"], list("hjklm")]
+    limits = [6, 9, 5, 7, 8, 9]
+    hits = 0
+    for temperature in (0.0, 1.0):
+        turns = teacher.generate_turns(prompts, max_tokens=limits, seeds=list(range(20, 26)), stop=stops,
+                                       temperature=temperature)
+        for p, st, m, s in zip(prompts, stops, limits, turns, strict=True):
+            ids = s.response_ids
+            assert s.prompt_ids == p and 1 <= len(ids) <= m
+            # No stop string before the last token; the last one completes the one named, else EOS or the limit.
+            assert not any(x in tok.decode(ids[:-1], skip_special_tokens=True) for x in st)
+            hit = s.meta["stop"]
+            if hit is not None:
+                hits += 1
+                assert hit in st and hit in tok.decode(ids, skip_special_tokens=True) and s.finish_reason == "stop"
+            elif ids[-1] in teacher.eos_ids:
+                assert s.finish_reason == "stop" and teacher.eos_ids[0] not in ids[:-1]
+            else:
+                assert s.finish_reason == "length" and len(ids) == m
+            lp = plain_logprobs(model, p + ids)
+            for t, x in enumerate(ids):
+                row = lp[len(p) + t - 1]
+                assert abs(row[x].item() - s.rollout_logprobs[t]) <= TOL
+                if temperature == 0:
+                    assert x == int(row.argmax())
+    assert hits >= 4  # the stop strings did end turns
+    # A request's turn depends on its own seed only: alone, or as the plain `generate` with that seed.
+    alone = teacher.generate_turns(prompts[3:4], max_tokens=limits[3:4], seeds=[23], stop=stops[3:4])
+    assert alone[0].response_ids == turns[3].response_ids
+    plain = teacher.generate_turns(prompts[2:3], max_tokens=[5], seeds=[9], stop=[[]])[0]
+    assert plain.response_ids == teacher.generate(prompts[2:3], max_tokens=5, seed=9)[0][0].response_ids
+    with pytest.raises(ValueError, match="one max_tokens, seed and stop list per request"):
+        teacher.generate_turns(prompts, max_tokens=[4], seeds=[1], stop=[[]])
+    with pytest.raises(ValueError, match="max_model_len=32"):
+        teacher.generate_turns([list(range(3, 30))], max_tokens=[6], seeds=[0], stop=[[]])
+
+
 def test_actor_group_config_and_bundles():
     base = [*REQUIRED_OVERRIDES, "teachers.a.path=/x", "teachers.a.domains=[add]", "teachers.b.path=/y",
             "teachers.b.domains=[rev]", "teachers.c.path=/z", "teachers.c.domains=[sort]",

@@ -6,6 +6,7 @@ is tests/test_resume_exact_slow.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -96,6 +97,34 @@ def test_carry_round_trips_bit_for_bit_through_weights_only_load(tmp_path):
         assert x.row is ROWS[2] and x.sample.policy_version == step - 2 and x.sample.meta == {"turns": 1}
         assert np.array_equal(x.sample.routed_experts, y.sample.routed_experts)
         assert x.sample.rollout_logprobs == y.sample.rollout_logprobs  # float64 values, exactly
+
+
+def test_carry_round_trips_a_multi_turn_batch_with_who_wrote_each_token(tmp_path):
+    """A multi-turn sample's `student_mask` (observation tokens 0) and turn metadata come back from a carry,
+    so the resumed step's trainer mask is the uninterrupted one's; the digest sees the mask."""
+    from mopd.batch import build_batch
+
+    samples = _samples(7)
+    for k, s in enumerate(samples):
+        n = len(s.sample.response_ids)
+        s.sample.student_mask = [1] + [0] * (n - 2) + [1]  # a call, the tool's answer, one more token
+        s.sample.meta = {"turns": 2, "tool_calls": 1, "outcome": "done" if k else "env_timeout", "env": "calc",
+                         "obs_tokens": n - 2, **({"env_info": {"error": "no answer within 5 s"}} if not k else {}),
+                         "env_reward": 1.0}
+        s.teacher_logprobs = [lp if m else 0.0 for lp, m in zip(s.teacher_logprobs, s.sample.student_mask, strict=True)]
+    sb = StepBatch(7, samples, build_batch(samples, 0), [r["id"] for r in ROWS[:3]], {"rollout/turns_mean": 2.0,
+                                                                                      "rollout/obs_token_share": 0.4})
+    torch.save(encode({7: sb}, "k"), tmp_path / CARRY_FILE)
+    got = decode(torch.load(tmp_path / CARRY_FILE, weights_only=True), ROWS, 0)[7]
+    for x, y in zip(got.samples, sb.samples, strict=True):
+        assert x.sample.student_mask == y.sample.student_mask and 0 in x.sample.student_mask
+        assert x.sample.meta == y.sample.meta and x.teacher_logprobs == y.teacher_logprobs
+    assert torch.equal(got.batch.mask_BT, sb.batch.mask_BT) and got.batch.mask_BT.sum() < sum(
+        len(s.sample.response_ids) for s in samples)
+    assert got.digest == sb.digest and got.metrics == sb.metrics
+    # A carry that lost who wrote each token would train observations: the digest tells them apart.
+    lost = [dataclasses.replace(s, sample=dataclasses.replace(s.sample, student_mask=None)) for s in got.samples]
+    assert batch_digest(lost) != sb.digest
 
 
 def test_a_carry_from_another_config_is_dropped_and_said(tmp_path):

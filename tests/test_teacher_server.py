@@ -1,6 +1,6 @@
-"""A teacher behind a real vLLM OpenAI-compatible server (one per module): its scores equal the
-in-cluster engine's, `mopd teachers check` passes against it (and fails on what it must catch), and
-`mopd train` runs with it as one domain's teacher."""
+"""A teacher behind a real vLLM OpenAI-compatible server (one per module): its scores, samples and multi-turn
+samples (through the rollout's environment loop) equal the in-cluster engine's, `mopd teachers check` passes
+against it (and fails on what it must catch), and `mopd train` runs with it as one domain's teacher."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import socket
+import string
 import subprocess
 import sys
 import time
@@ -22,9 +23,13 @@ from transformers import AutoConfig, AutoTokenizer
 from mopd.cli import main
 from mopd.data import encode_rows
 from mopd.jsonl import read_metrics
+from mopd.multiturn import TurnLimits
+from mopd.producer import teacher_rollout
 from mopd.world.tasks import read_jsonl
+from rollout.envs import ENVIRONMENTS, EnvStep, register_environment
 from rollout.types import EngineSpec
 from teachers.http_teacher import ServerTeacher, start_server_teacher
+from teachers.registry import TeacherRegistry
 from teachers.vllm_teacher import start_teacher
 
 pytestmark = pytest.mark.slow
@@ -34,6 +39,25 @@ MML = 64
 # Set at collection, before the suite's shared Ray cluster starts: the key is never carried by Ray, so
 # server-teacher actors find it only in the environment their workers inherited when Ray started.
 os.environ[KEY_ENV] = KEY
+
+
+class _Tool:
+    """Ends a turn on any letter (what the rev teacher writes) and answers `=<turn number>`. 26 stop strings:
+    more than a completion request may carry (the client cuts the turns itself)."""
+
+    stop = tuple(string.ascii_lowercase)
+
+    def step(self, row, trajectory, last_turn):
+        return EnvStep(f"={len(trajectory) // 2 + 1}", info={"tool_call": 1})
+
+
+class _FewStops(_Tool):
+    stop = ("a", "e", "i", "o")  # the server matches these itself
+
+
+for _name, _cls in {"t_server_tool": _Tool, "t_server_few": _FewStops}.items():
+    if _name not in ENVIRONMENTS:
+        register_environment(_name, _cls)
 
 
 def free_port() -> int:
@@ -133,6 +157,26 @@ def test_server_scores_equal_in_cluster_engine(server, tiny_world, ray_local, pr
         for gs, ge in zip(g_srv, g_eng, strict=True):
             for a, b in zip(gs, ge, strict=True):
                 assert max(abs(x - y) for x, y in zip(a.rollout_logprobs, b.rollout_logprobs, strict=True)) < 1e-5
+        # Multi-turn teacher samples (rows naming an environment) through the rollout's environment loop: the
+        # server's trajectories are the engine's, turn for turn, with the environment's tokens masked.
+        tok = AutoTokenizer.from_pretrained(server["path"])
+        rows = [{"id": f"m{i}", "domain": "rev", "prompt": "", "env": env}
+                for i, env in enumerate(["t_server_tool", "t_server_few"] * 3)]
+        registry = TeacherRegistry()
+        registry.register("rev_teacher", ["rev"], server["path"])
+        limits = TurnLimits(max_tokens=6, max_turns=3, max_total_tokens=24)
+        srv, eng = (teacher_rollout({"rev_teacher": [actor]}, registry, prompts[:6], rows, n=1, temperature=1.0,
+                                    max_tokens=6, seed=11, tokenizer=tok, limits=limits) for actor in (remote, engine))
+        assert [(s.sample.response_ids, s.sample.student_mask, s.sample.meta) for s in srv] == \
+               [(s.sample.response_ids, s.sample.student_mask, s.sample.meta) for s in eng]
+        for env in ("t_server_tool", "t_server_few"):  # the client's cut and the server's stop strings
+            assert any(0 in s.sample.student_mask for s in srv if s.row["env"] == env), env
+        assert max(s.sample.meta["turns"] for s in srv) >= 2
+        for a, b in zip(srv, eng, strict=True):
+            assert max(abs(x - y) for x, y in zip(a.sample.rollout_logprobs, b.sample.rollout_logprobs,
+                                                  strict=True)) < 1e-5
+            obs = [t for t, k in zip(a.sample.response_ids, a.sample.student_mask, strict=True) if not k]
+            assert tok.decode(obs).startswith("=1")  # the environment's answer to the first turn
         # A sequence longer than the server's context is refused with the fix, not truncated.
         with pytest.raises(Exception, match="max_model_len"):
             ray_local.get(remote.score.remote([[3] * MML], [1], 0))

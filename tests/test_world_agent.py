@@ -159,6 +159,41 @@ def test_multi_turn_loop_limits_turns_and_tokens_and_survives_a_failing_environm
     assert accuracy(model, tok, broken) == {"mul": 0.0}
 
 
+def test_hf_teacher_rolls_out_the_calc_tool_through_the_rollout_loop(tool_teacher, ray_local, tmp_path):
+    """An `hf` teacher generates multi-turn through the same environment loop as the student (teacher samples
+    for the SFT objective, the teachers' evaluation): the real calc tool answers its call, the answer's tokens
+    are context (mask 0), its own turns are its (mask 1). Slow (a Ray actor), lean: a 2-layer model."""
+    from mopd.multiturn import TurnLimits
+    from mopd.producer import teacher_rollout, verify_samples
+    from mopd.world.models import save_model
+    from rollout.types import EngineSpec
+    from teachers.hf_teacher import start_hf_group
+    from teachers.registry import TeacherRegistry
+
+    model, tok, rows = tool_teacher
+    save_model(model, tok, tmp_path / "mul")
+    registry = TeacherRegistry()
+    registry.register("mul_teacher", ["mul"], str(tmp_path / "mul"), backend="hf")
+    teachers = start_hf_group({"mul_teacher": EngineSpec(str(tmp_path / "mul"), max_model_len=64, num_cpus=0.5)}, 1)
+    prompts = [tok.encode(r["prompt"], add_special_tokens=False) for r in rows]
+    try:
+        got = teacher_rollout(teachers, registry, prompts, rows, n=1, temperature=0.0, max_tokens=40, seed=0,
+                              tokenizer=tok, limits=TurnLimits(max_tokens=40, max_turns=3))
+    finally:
+        ray_local.kill(teachers["mul_teacher"][0])
+    verify_samples(got, tok)
+    for r, s in zip(rows, got, strict=True):
+        smp = s.sample
+        call = "calc(" + r["prompt"][4:-1] + ")"
+        obs = tok.encode(CalcEnv().step(r, [], call).observation, add_special_tokens=False)
+        first = len(tok.encode(call, add_special_tokens=False))
+        assert tok.decode(smp.response_ids[:first]) == call  # the teacher's call, ended by the env's stop string
+        assert smp.response_ids[first:first + len(obs)] == obs  # the real tool's answer, as tokens
+        assert smp.student_mask == [1] * first + [0] * len(obs) + [1] * (len(smp.response_ids) - first - len(obs))
+        assert smp.meta["turns"] == 2 and smp.meta["tool_calls"] == 1 and smp.meta["outcome"] == "done"
+        assert s.teacher == "mul_teacher" and s.score == 1.0  # `|<answer>` and EOS after reading the tool
+
+
 # ---------------------------------------------------------------- config and table
 
 
