@@ -269,9 +269,15 @@ def test_batch_producer_rolls_out_multi_turn_batches_reproducibly(models, studen
         for key in ("rollout/turns_mean", "rollout/obs_token_share", "timing_s/env", "timing_s/teacher",
                     "rollout/response_length/p90"):
             assert key in a.metrics, key
-        with pytest.raises(ValueError, match="teacher 't' cannot roll out rows that name an environment"):
-            teacher_rollout(teachers, producer.registry, prompts, rows, n=1, temperature=1.0, max_tokens=6, seed=0,
-                            tokenizer=tok)
+        # The hf teacher generates multi-turn through the same environment loop (its evaluation, teacher samples).
+        own = teacher_rollout(teachers, producer.registry, prompts, rows, n=1, temperature=1.0, max_tokens=6, seed=0,
+                              tokenizer=tok, limits=LIMITS)
+        echo = [x.sample for x in own if x.row.get("env") == "t_echo"]
+        assert any(0 in x.student_mask for x in echo) and max(x.meta["turns"] for x in echo) >= 2
+        for x in echo:  # the tool's tokens: context (mask 0, no log-prob), counted as observations
+            assert x.meta["obs_tokens"] == len(x.student_mask) - sum(x.student_mask) and x.meta["tool_calls"] >= 1
+            assert all(lp == 0.0 for lp, k in zip(x.rollout_logprobs, x.student_mask, strict=True) if not k)
+        assert own[-1].sample.student_mask is None  # the single-turn row: the teacher's plain generate
         pipe = Pipeline(producer, max_staleness=1, first_step=1, synced_version=0, last_step=2)
         try:
             one = pipe.get(1, {})

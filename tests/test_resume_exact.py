@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -167,6 +169,73 @@ def test_pipeline_serves_carried_batches_first_and_keeps_what_a_fault_needs():
     finally:
         p.close()
     assert not any(t.name == "mopd-pipeline" and t.is_alive() for t in threading.enumerate())
+
+
+class _MultiTurnProducer(_Producer):
+    """Jobs whose rollout is a multi-turn thread (a Future the test completes: its last round is back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rounds: dict[int, Future] = {}
+
+    def launch(self, step: int) -> SimpleNamespace:
+        self.launched.append(step)
+        self.rounds[step] = Future()
+        return SimpleNamespace(step=step, multi_turn=self.rounds[step])
+
+    def finish(self, job: SimpleNamespace, between=None) -> StepBatch:
+        job.multi_turn.result()
+        return _step_batch(job.step)
+
+
+def _until(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
+
+
+def test_update_waits_until_the_multi_turn_batch_it_would_meet_is_drawn():
+    """The update to version v goes to the engines only once batch v + k, drawn by version v - 1, has all its
+    rounds back: a later round of a trajectory never meets newer weights than its first (what makes a
+    multi-turn batch a function of the policy that drew it, and a resumed run exact)."""
+    prod = _MultiTurnProducer()
+    p = Pipeline(prod, 1, 3, 2, 6, ready={3: _step_batch(3)})  # resumed at step 2, batch 3 carried
+    try:
+        p.get(3, {})
+        waited: list[float] = []
+        th = threading.Thread(target=lambda: waited.append(p.drawn_before(3)))
+        th.start()  # the update to version 3 must wait for batch 4 (launched after version 2 was sent)
+        _until(lambda: prod.launched == [4])
+        th.join(0.2)
+        assert th.is_alive()
+        prod.rounds[4].set_result(None)  # batch 4's last round is back
+        th.join(5)
+        assert not th.is_alive() and waited[0] > 0
+        p.weights_sent(3)  # batch 5 may launch now
+        p.get(4, {})
+        th = threading.Thread(target=lambda: waited.append(p.drawn_before(4)))
+        th.start()
+        _until(lambda: prod.launched == [4, 5])
+        th.join(0.2)
+        assert th.is_alive()
+        prod.rounds[5].set_result(None)
+        th.join(5)
+        assert not th.is_alive() and len(waited) == 2
+        p.weights_sent(4)
+        assert p.drawn_before(6) == 0.0  # batch 7 is past the last step: nothing to wait for
+    finally:
+        for f in prod.rounds.values():
+            if not f.done():
+                f.set_result(None)
+        p.close()
+    sync = Pipeline(_MultiTurnProducer(), 0, 1, 0, 6)
+    try:
+        assert sync.drawn_before(1) == 0.0  # k = 0: batch j waits for version j - 1 itself
+    finally:
+        for f in sync.producer.rounds.values():
+            f.set_result(None)
+        sync.close()
 
 
 def _checkpoint(run: Path, step: int, weights: bytes | None = None) -> Path:
