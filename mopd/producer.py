@@ -490,11 +490,12 @@ def mask_student_positions(s: ScoredSample) -> None:
 
 
 def scored_tokens(samples: list[ScoredSample]) -> dict[str, int]:
-    """Response tokens each teacher scored."""
+    """Student-written response tokens each teacher scored: an observation's tokens are prefilled but carry
+    no score the loss uses, so they count for no teacher's share."""
     out: dict[str, int] = {}
     for s in samples:
         if s.teacher is not None:
-            out[s.teacher] = out.get(s.teacher, 0) + len(s.sample.response_ids)
+            out[s.teacher] = out.get(s.teacher, 0) + int(sum(s.sample.student_mask_or_ones()))
     return out
 
 
