@@ -4,6 +4,7 @@ the fault."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -127,7 +128,8 @@ def test_a_pooled_teacher_engine_killed_mid_swap_restarts_and_redoes_the_step_ex
     loads a teacher's weights in step 2 or 3. Ray restarts it holding its first teacher again, whatever the driver
     last sent it; the step is redone and every step equals an uninterrupted run's, token-level teacher scores
     included (`data/batch_digest`): the redone step was scored by the right teachers, not by what the restarted
-    engine was assumed to hold."""
+    engine was assumed to hold. Killed again mid-swap in the final evaluation, it comes back and the evaluation
+    is run again (the uninterrupted run's result)."""
     def cfg(run, *extra):
         return load_config("configs/quickstart.yaml", world_overrides(tiny_world) + [
             f"logging.run_dir={run}", f"trainer.steps={POOL_STEPS}", "trainer.save_every=0", "ray.max_restarts=2",
@@ -154,14 +156,24 @@ def test_a_pooled_teacher_engine_killed_mid_swap_restarts_and_redoes_the_step_ex
             time.sleep(0.05)
         pids = [p for p in _actor_pids("PooledTeacherEngine") if p not in before]
         assert len(pids) == 1, pids
-        # Not after the last step: a death in the final evaluation is not a step to redo.
+        # Not after the last step: a death in the final evaluation is not a step to redo (killed below).
         killed.append(_kill_mid_swap(pids[0], lambda: max(_logged_steps(run / "metrics.jsonl")) >= POOL_STEPS
                                      or time.time() > deadline))
+        while max(_logged_steps(run / "metrics.jsonl")) < POOL_STEPS:  # then the final evaluation's swaps
+            assert th.is_alive() and time.time() < deadline, errors
+            time.sleep(0.02)
+        pids = [p for p in _actor_pids("PooledTeacherEngine") if p not in before and p != pids[0]]
+        assert len(pids) == 1, pids  # the restarted engine
+        killed.append(_kill_mid_swap(pids[0], lambda: (run / "result.json").exists() or time.time() > deadline))
     finally:
         th.join(timeout=900)
     assert not th.is_alive() and not errors, errors
-    assert killed == [True]
-    assert any("teacher_pool:dense[0] died and came back" in x for x in lines), lines
+    assert killed == [True, True]
+    assert any(x.startswith("step ") and "teacher_pool:dense[0] died and came back" in x for x in lines), lines
+    assert any(x.startswith("final evaluation: teacher_pool:dense[0] died and came back") for x in lines), lines
+    # The evaluation the second kill interrupted was run again, and is the uninterrupted run's.
+    assert json.loads((run / "result.json").read_text())["after"] == json.loads(
+        (tmp_path / "ref" / "result.json").read_text())["after"]
 
     records = [m for m in read_metrics(run / "metrics.jsonl") if "data/batch_digest" in m]
     assert [m["step"] for m in records] == list(range(1, POOL_STEPS + 1))  # every step once
