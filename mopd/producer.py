@@ -30,7 +30,7 @@ from mopd.samples import ScoredSample
 from mopd.timing import timed
 from rewards.verifiers import verify
 from rollout.types import Sample
-from teachers.accounting import add_stats, call_stats, scoring_order, teacher_metrics
+from teachers.accounting import add_stats, call_stats, scoring_order, teacher_metrics, teacher_staleness
 from teachers.registry import TeacherRegistry
 
 
@@ -190,6 +190,8 @@ class BatchProducer:
             lag = [job.step - 1 - v for v in versions]
             metrics["rollout/staleness_mean"] = sum(lag) / len(lag)
             metrics["rollout/staleness_max"] = float(max(lag))
+            metrics.update(teacher_staleness((x.teacher, job.step - 1 - x.sample.policy_version) for x in samples
+                                             if x.sample.policy_version is not None))
         metrics.update(length_metrics([x.sample for x in samples]))
         batch = build_batch(samples, self.tokenizer.pad_token_id)
         return StepBatch(job.step, samples, batch, [row["id"] for row in job.rows], metrics)
