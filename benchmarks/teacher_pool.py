@@ -2,6 +2,7 @@
 yardstick (printed, never asserted).
 
     .venv/bin/python benchmarks/teacher_pool.py [--steps 40] [--staleness 1] [--arms dedicated pool]
+    .venv/bin/python benchmarks/teacher_pool.py --wallclock 600 --arms dedicated pool   # accuracy each way
 
 Runs `mopd train` on configs/quickstart_6teacher.yaml (an engine per teacher), on
 configs/quickstart_6teacher_pool.yaml (the six teachers on two pooled engines, swapped in by in-place weight
@@ -12,6 +13,9 @@ summed PSS of every process of the run (`perf/pss_gb/total`, first step), the me
 and its ratio to the dedicated run's, swaps per step and swap seconds per step, and the mean final greedy
 accuracy over the six domains (the `three` arm's is not comparable: half its domains are scored by another
 domain's teacher). The issue's memory target: the pool of two holds six teachers in no more than `three`.
+With `--wallclock S` each run trains for S seconds of step time instead of a step count (its LR schedule
+spanning them, as `mopd compare`) and the per-domain final accuracies are printed too, with the binomial
+standard error of one domain's accuracy on its eval prompts (what "within noise" is measured against).
 The world (.cache/world6) is built on the first run if missing (minutes).
 """
 
@@ -52,10 +56,12 @@ def three_teacher_config(out: Path) -> str:
     return str(path)
 
 
-def run(config: str, run_dir: Path, steps: int, staleness: int) -> dict:
+def run(config: str, run_dir: Path, steps: int, staleness: int, wallclock: float = 0.0) -> dict:
+    budget = [f"trainer.max_wallclock_s={wallclock}", "trainer.schedule_horizon=wallclock"] if wallclock else \
+        ["trainer.max_wallclock_s=0"]
     cmd = [str(REPO / ".venv/bin/mopd"), "train", config, f"trainer.steps={steps}", f"trainer.max_staleness={staleness}",
            f"logging.run_dir={run_dir}", "logging.progress_bar=false", "trainer.eval_every=0",
-           "trainer.save_every=0", "trainer.max_wallclock_s=0"]
+           "trainer.save_every=0", *budget]
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps_m = [m for m in records if "timing_s/step" in m]
@@ -69,6 +75,9 @@ def run(config: str, run_dir: Path, steps: int, staleness: int) -> dict:
         "swap_s": statistics.mean(m.get("timing_s/pool_swap", 0.0) for m in later),
         "teacher_s": statistics.mean(m.get("timing_s/teacher", 0.0) for m in later),
         "acc": statistics.mean(v["acc"] for v in after.values()) if after else float("nan"),
+        "acc_by_domain": {d: v["acc"] for d, v in sorted(after.items())},
+        "prompts": {d: int(v.get("prompts", 0)) for d, v in after.items()},
+        "steps": len(steps_m),
     }
 
 
@@ -79,21 +88,38 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_teacher_pool")
     ap.add_argument("--arms", nargs="+", choices=list(RUNS), default=list(RUNS),
                     help="which runs (the step time ratio is to the first one's)")
+    ap.add_argument("--wallclock", type=float, default=0.0,
+                    help="train each run for this many seconds of step time (--steps then only caps it)")
     args = ap.parse_args()
+    steps = args.steps if not args.wallclock else max(args.steps, 100_000)
     got = {}
     for arm in args.arms:
         label, cfg = RUNS[arm]
-        got[label] = run(cfg or three_teacher_config(REPO / args.out), REPO / args.out / arm, args.steps,
-                         args.staleness)
+        got[label] = run(cfg or three_teacher_config(REPO / args.out), REPO / args.out / arm, steps,
+                         args.staleness, args.wallclock)
     base = next(iter(got.values()))
-    print(f"six domains, {args.steps} steps, trainer.max_staleness={args.staleness}\n")
+    budget = f"{args.wallclock:.0f} s of step time" if args.wallclock else f"{args.steps} steps"
+    print(f"six domains, {budget}, trainer.max_staleness={args.staleness}\n")
     print("| engines | summed PSS (GB) | step s (median) | step time ratio | swaps/step | swap s/step | "
           "teacher s/step | final acc (mean of 6) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in got.items():
         print(f"| {name} | {r['pss_gb']:.2f} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f}x | "
               f"{r['swaps']:.1f} | {r['swap_s']:.3f} | {r['teacher_s']:.3f} | {r['acc']:.3f} |")
+    if args.wallclock:
+        domains = sorted({d for r in got.values() for d in r["acc_by_domain"]})
+        print("\nfinal greedy accuracy per domain, +- one binomial standard error on its eval prompts\n")
+        print("| engines | steps | " + " | ".join(domains) + " |")
+        print("|---|---|" + "---|" * len(domains))
+        for name, r in got.items():
+            cells = [f"{r['acc_by_domain'][d]:.3f} +- {_se(r['acc_by_domain'][d], r['prompts'][d]):.3f}"
+                     if d in r["acc_by_domain"] else "-" for d in domains]
+            print(f"| {name} | {r['steps']} | " + " | ".join(cells) + " |")
     sys.stdout.flush()
+
+
+def _se(p: float, n: int) -> float:
+    return (p * (1 - p) / n) ** 0.5 if n else float("nan")
 
 
 if __name__ == "__main__":
