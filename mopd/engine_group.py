@@ -62,7 +62,13 @@ class EngineGroup:
         and every engine's pid now. An engine that stays dead (its restarts used up) is an error naming it."""
         deadline = time.monotonic() + timeout_s
         now = {name: answer_when_alive(a, _pid, deadline, name) for name, a in self.named_actors().items()}
-        return [n for n in now if now[n] != before.get(n)], now
+        restarted = [n for n in now if now[n] != before.get(n)]
+        for name, pool in self.pools.items():
+            # A restarted pooled engine holds its first teacher again (its constructor's), not the one the
+            # driver's mirror last sent it: re-read, so scheduling and `pool/<pool>/resident/*` are the engines'.
+            if any(n.startswith(f"{POOL_ROLE}{name}[") for n in restarted):
+                pool.sync_resident()
+        return restarted, now
 
     def shutdown(self) -> None:
         for a in self.named_actors().values():

@@ -1,14 +1,14 @@
 """Multi-turn rollouts: the student generates a turn, the row's environment answers, the answer's tokens are
 appended as context, the student goes on (rows naming an `env`, see rollout/envs.py).
 
-Rounds, not lock-step per trajectory: each round sends every live trajectory, whatever its turn, to the
-engines in one call per engine (contiguous chunks, as single-turn rollouts), with the whole trajectory so far
-as the prompt. As each engine's chunk comes back, the environment steps of its trajectories whose turn ended
-on a stop string start in a thread pool (each through `rollout.envs.run_step`, so a failing, hanging or
-flooding environment ends only its own trajectory), overlapping the other engines' generation; the next
-round goes out once they have all answered. A trajectory that ended drops out; a round is as long as its
-longest turn, not as long as the slowest trajectory. `timing_s/env`: the time the rounds waited for
-environments after their generation was done (environment time not hidden behind generation).
+Lanes, not lock-step: the trajectories are split into contiguous lanes, one per engine (as single-turn
+rollouts). A lane sends the next turn of all its live trajectories in one call, with the whole trajectory so
+far as the prompt; when the call comes back, the environment steps of its trajectories whose turn ended on a
+stop string run in a thread pool (each through `rollout.envs.run_step`, so a failing, hanging or flooding
+environment ends only its own trajectory), and as soon as they have answered the lane sends its next turn,
+whatever the other engines are doing. Within one call vLLM returns every sequence together, so a lane's turn
+is as long as its longest (the offline engine has no per-request streaming); a trajectory that ended drops out.
+`timing_s/env`: per engine, the time it sat idle waiting for its environments (the mean over engines).
 
 Who wrote what: `Sample.student_mask` is 1 on the student's tokens and 0 on observation tokens, whose
 `rollout_logprobs` are a 0.0 placeholder. The trainer's mask is response mask x student mask
@@ -20,16 +20,15 @@ a user/assistant exchange, which includes the template's own turn markers); a to
 quickstart world's character tokenizer) or a template that cannot render a tool message gets the plain text.
 An environment that needs exact control returns token ids.
 
-Seeds: the turn of trajectory (prompt i, sample j) in round t is sampled with a seed that depends on
+Seeds: turn t of trajectory (prompt i, sample j) is sampled with a seed that depends on
 (batch seed, i, j, t) only, so a batch is still a function of (seed, step) whatever the engine count.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,58 +136,79 @@ def multi_turn_rollout(engines: list[Any], tokenizer: Any, prompt_ids: list[list
     trajs = [Trajectory(i, row, list(p), seed, make_env(row["env"]) if row.get("env") else None)
              for i, (p, row) in enumerate(zip(prompt_ids, rows, strict=True)) for _ in range(n)]
     index = {id(t): (t.group, k % n) for k, t in enumerate(trajs)}
-    env_s = 0.0
-    live = list(trajs)
+    k, r = divmod(len(trajs), len(engines))  # contiguous lanes, one per engine, as single-turn rollouts
+    bounds = np.cumsum([0] + [k + (i < r) for i in range(len(engines))])
+    lanes = [_Lane(eng, trajs[a:b]) for eng, a, b in zip(engines, bounds[:-1], bounds[1:], strict=True) if b > a]
     with ThreadPoolExecutor(max_workers=_ENV_THREADS, thread_name_prefix="mopd-env") as pool:
-        while live:
-            asked: list[tuple[Trajectory, Future]] = []
-            ask = functools.partial(_ask, pool, limits, asked)
-            _generate_round(engines, tokenizer, live, index, temperature, top_p, limits, between, ask)
-            t0 = time.perf_counter()
-            for t, fut in asked:
-                _apply_step(t, fut.result(), tokenizer, limits)
-            env_s += time.perf_counter() - t0
-            live = [t for t in live if not t.outcome]
+        for lane in lanes:
+            lane.submit(tokenizer, index, temperature, top_p, limits)
+        while any(lane.busy for lane in lanes):
+            generating = {lane.gen: lane for lane in lanes if lane.gen is not None}
+            waiting_env = any(lane.asked for lane in lanes)
+            if generating:
+                poll = None if between is None and not waiting_env else 0.01
+                ready, _ = ray.wait(list(generating), num_returns=1, timeout=poll)
+                for ref in ready:
+                    generating[ref].turn_back(ray.get(ref), pool, tokenizer, limits)
+            elif waiting_env:
+                wait([f for lane in lanes for _, f in lane.asked], timeout=0.01, return_when=FIRST_COMPLETED)
+            for lane in lanes:
+                if lane.gen is None and lane.asked and all(f.done() for _, f in lane.asked):
+                    lane.answered(tokenizer, limits)
+                    lane.submit(tokenizer, index, temperature, top_p, limits)
+            if between is not None:
+                between()
     out = [ScoredSample(row=t.row, group=t.group, sample=t.sample()) for t in trajs]
     if metrics is not None:
         metrics.update(trajectory_metrics([s.sample for s in out]))
-        metrics["timing_s/env"] = env_s
+        metrics["timing_s/env"] = sum(lane.env_s for lane in lanes) / len(lanes)
     return out
 
 
-def _generate_round(engines: list[Any], tokenizer: Any, live: list[Trajectory], index: dict[int, tuple[int, int]],
-                    temperature: float, top_p: float, limits: TurnLimits, between: Callable[[], None] | None,
-                    on_chunk: Callable[[list[Trajectory]], None]) -> None:
-    """One turn of every live trajectory, on all engines at once; ends the trajectories whose turn ends them
-    and hands each engine's chunk to `on_chunk` as soon as it is back."""
-    k, r = divmod(len(live), len(engines))  # contiguous chunks, one per engine, as single-turn rollouts
-    bounds = np.cumsum([0] + [k + (i < r) for i in range(len(engines))])
-    chunks = [live[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-    futures = []
-    for eng, ch in zip(engines, chunks, strict=False):
-        futures.append(eng.generate_turns.remote(
-            [t.prompt_ids + t.response_ids for t in ch],
-            max_tokens=[min(limits.max_tokens, limits.total - len(t.response_ids)) for t in ch],
-            seeds=[turn_seed(t.seed, *index[id(t)], t.turns) for t in ch],
-            stop=[list(t.env.stop) if t.env is not None else [] for t in ch],
-            temperature=temperature, top_p=top_p))
-    pending = list(futures)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=None if between is None else 0.01)
-        for fut in ready:
-            ch = chunks[futures.index(fut)]
-            _end_turns(ch, ray.get(fut), tokenizer, limits)
-            on_chunk(ch)
-        if between is not None:
-            between()
+@dataclass
+class _Lane:
+    """One engine's trajectories. A lane goes on to its next turn as soon as its own environments have
+    answered: a slow engine or a slow tool holds back only its own lane, never the other engines.
+    `env_s`: the time this engine sat idle waiting for its environments after generating."""
 
+    engine: Any
+    trajs: list[Trajectory]
+    gen: Any = None  # the engine's generate_turns reference while it generates
+    asked: list[tuple[Trajectory, Future]] = field(default_factory=list)
+    back_at: float = 0.0
+    env_s: float = 0.0
 
-def _ask(pool: ThreadPoolExecutor, limits: TurnLimits, asked: list[tuple[Trajectory, Future]],
-         done: list[Trajectory]) -> None:
-    """An engine's chunk is back: its environments answer (in the pool) while the other engines still generate."""
-    asked.extend((t, pool.submit(run_step, t.env, t.row, list(t.pieces[:-1]), t.pieces[-1][1],
-                                 timeout_s=limits.env_timeout_s, max_observation_chars=limits.env_max_observation_chars))
-                 for t in done if not t.outcome)
+    @property
+    def busy(self) -> bool:
+        return self.gen is not None or bool(self.asked)
+
+    def submit(self, tokenizer: Any, index: dict[int, tuple[int, int]], temperature: float, top_p: float,
+               limits: TurnLimits) -> None:
+        """The next turn of every live trajectory of the lane, in one call (none left: the lane is done)."""
+        self.trajs = [t for t in self.trajs if not t.outcome]
+        if not self.trajs:
+            return
+        self.gen = self.engine.generate_turns.remote(
+            [t.prompt_ids + t.response_ids for t in self.trajs],
+            max_tokens=[min(limits.max_tokens, limits.total - len(t.response_ids)) for t in self.trajs],
+            seeds=[turn_seed(t.seed, *index[id(t)], t.turns) for t in self.trajs],
+            stop=[list(t.env.stop) if t.env is not None else [] for t in self.trajs],
+            temperature=temperature, top_p=top_p)
+
+    def turn_back(self, samples: list[Sample], pool: ThreadPoolExecutor, tokenizer: Any, limits: TurnLimits) -> None:
+        """The turn is written: end the trajectories it ends, step the others' environments in the pool."""
+        self.gen, self.back_at = None, time.perf_counter()
+        _end_turns(self.trajs, samples, tokenizer, limits)
+        self.asked = [(t, pool.submit(run_step, t.env, t.row, list(t.pieces[:-1]), t.pieces[-1][1],
+                                      timeout_s=limits.env_timeout_s,
+                                      max_observation_chars=limits.env_max_observation_chars))
+                      for t in self.trajs if not t.outcome]
+
+    def answered(self, tokenizer: Any, limits: TurnLimits) -> None:
+        for t, fut in self.asked:
+            _apply_step(t, fut.result(), tokenizer, limits)
+        self.asked = []
+        self.env_s += time.perf_counter() - self.back_at
 
 
 def _end_turns(ch: list[Trajectory], samples: list[Sample], tokenizer: Any, limits: TurnLimits) -> None:

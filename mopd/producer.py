@@ -31,7 +31,7 @@ from mopd.samples import ScoredSample
 from mopd.timing import timed
 from rewards.verifiers import verify
 from rollout.types import Sample
-from teachers.accounting import add_stats, call_stats, scoring_order, teacher_metrics
+from teachers.accounting import add_stats, call_stats, scoring_order, teacher_metrics, teacher_staleness
 from teachers.registry import TeacherRegistry
 
 
@@ -191,6 +191,8 @@ class BatchProducer:
             lag = [job.step - 1 - v for v in versions]
             metrics["rollout/staleness_mean"] = sum(lag) / len(lag)
             metrics["rollout/staleness_max"] = float(max(lag))
+            metrics.update(teacher_staleness((x.teacher, job.step - 1 - x.sample.policy_version) for x in samples
+                                             if x.sample.policy_version is not None))
         metrics.update(length_metrics([x.sample for x in samples]))
         batch = build_batch(samples, self.tokenizer.pad_token_id)
         return StepBatch(job.step, samples, batch, [row["id"] for row in job.rows], metrics)
@@ -227,7 +229,7 @@ class Pipeline:
     The other side of the rule (`drawn_before`): the update to version j - k is submitted only once batch j
     has been drawn, so batch j is drawn by version j - 1 - k exactly. A single-turn batch is one engine call
     per engine, submitted at launch, so the engines' order already gives that once it is launched; a
-    multi-turn batch submits a call per round as its environments answer, and a later round must not meet a
+    multi-turn batch submits a call per turn as its environments answer, and a later turn must not meet a
     newer policy (its samples would depend on the timing of the trainer's steps: neither exact on resume nor
     within the staleness the step records)."""
 
@@ -378,8 +380,8 @@ def rows_digest(row_ids: list[str]) -> int:
 def batch_digest(samples: list[ScoredSample]) -> int:
     """A short fingerprint of what a step trains on: each sample's row, prompt and response token ids, the
     engine's log-probs (which policy sampled it), the teacher's scores and, for multi-turn samples, which tokens
-    are the student's, bit for bit. Two runs whose steps
-    agree here trained on the same data; equal row ids alone do not show it (a redone step can resample)."""
+    are the student's, bit for bit. Two runs whose steps agree here trained on the same data; equal row ids
+    alone do not show it (a redone step can resample)."""
     h = hashlib.sha256()
     for s in samples:
         smp = s.sample
@@ -526,11 +528,12 @@ def mask_student_positions(s: ScoredSample) -> None:
 
 
 def scored_tokens(samples: list[ScoredSample]) -> dict[str, int]:
-    """Response tokens each teacher scored."""
+    """Student-written response tokens each teacher scored: an observation's tokens are prefilled but carry
+    no score the loss uses, so they count for no teacher's share."""
     out: dict[str, int] = {}
     for s in samples:
         if s.teacher is not None:
-            out[s.teacher] = out.get(s.teacher, 0) + len(s.sample.response_ids)
+            out[s.teacher] = out.get(s.teacher, 0) + int(sum(s.sample.student_mask_or_ones()))
     return out
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 from transformers import AutoTokenizer
 
 from mopd.atomic import write_text
@@ -235,7 +236,7 @@ class RunSession:
         """Push the step's weights into the student engines; with `max_staleness` > 0 without waiting for them
         (an earlier update that failed raises here)."""
         # Not before the batch the current policy must draw whole has been drawn (Pipeline.drawn_before): a
-        # multi-turn batch's later rounds would otherwise meet the new weights. Time the step waited for a rollout.
+        # multi-turn batch's later turns would otherwise meet the new weights. Time the step waited for a rollout.
         metrics["timing_s/wait_rollout"] = metrics.get("timing_s/wait_rollout", 0.0) + self.pipeline.drawn_before(step)
         with timed("sync", metrics):
             if self.updates:
@@ -280,6 +281,24 @@ class RunSession:
 
     def evaluate(self) -> dict:
         return evaluate(self.cfg, self.engines, self.registry, self.tokenizer, self.evals, prompt_ids=self.eval_ids)
+
+    def _final_evaluation(self) -> dict:
+        """The evaluation after the last step. An engine that dies during it costs no step (they all stand, the
+        last one saved): wait for Ray to restart it (a student engine re-synced), count it, and evaluate again;
+        the evaluation is a function of the weights and the seed, so it is the one the run would have had."""
+        while True:
+            try:
+                return self.evaluate()
+            except ray.exceptions.RayActorError as err:
+                restarted, self.pids = self.engines.wait_restarted(self.pids)
+                if not restarted:
+                    raise  # every engine is alive (a dead trainer is not the evaluation's)
+                if any(n.startswith("student") for n in restarted):
+                    self.trainer.connect(self.engines.students)
+                    self.trainer.sync(self.engines.students, version=self.state.step)
+                self.faults["faults/engine_restarts"] += len(restarted)
+                self.log(f"final evaluation: {', '.join(restarted)} died and came back ({str(err).splitlines()[0]}); "
+                         "evaluating again")
 
     def _save_due(self, step: int) -> bool:
         every = self.cfg.trainer.save_every
@@ -384,7 +403,7 @@ class RunSession:
         if self.stop is not None and self.stop.signal is not None:
             self.logger.close()
             raise Interrupted(self.stop.signal)
-        after = self.evaluate()
+        after = self._final_evaluation()
         self.logger.log(s.step, _eval_metrics(after))
         result = {"experiment": self.cfg.experiment, "objective": str(self.cfg.algorithm.objective),
                   "steps": s.step, "train_s": s.train_s, "total_s": time.perf_counter() - self.t_start,

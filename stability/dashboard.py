@@ -221,8 +221,16 @@ def _specs(runs: list[RunData]) -> list[Panel]:
                         wide=True, optional=True))
     panels.append(Panel("Teacher scoring (s)", sec, [Curve(n, n.split("/")[-1]) for n in glob("timing_s/teacher/*")],
                         wide=True, optional=True))
+    panels.append(Panel("Teacher sample staleness (policy versions)", sec,
+                        [Curve(n, n.split("/")[1]) for n in glob("teacher/*/staleness_mean")], wide=True, optional=True))
     panels.append(Panel("Teacher pool swaps", sec, [Curve(n, n) for n in glob("pool/swaps", "timing_s/pool_swap")],
                         optional=True))
+    panels.append(Panel("Teacher pool hit rate (no swap)", sec,
+                        [Curve(n, n.split("/")[1]) for n in glob("pool/*/hit_rate")], yfix=(0, 1), optional=True))
+    for pool in sorted({n.split("/")[1] for n in glob("pool/*/resident/*")}):  # which teacher each pool holds
+        panels.append(Panel(f"Teacher pool residency · {pool}", sec, [
+            Curve(n, n.rsplit("/", 1)[-1]) for n in glob(f"pool/{pool}/resident/*")], yfix=(0, 1), wide=True,
+            split=True, optional=True))
     timing = [n for n in glob("timing_s/*") if not n.startswith(("timing_s/teacher/", "timing_s/pool_swap"))]
     timing.sort(key=lambda n: (STAGES.index(n[9:]) if n[9:] in STAGES else len(STAGES), n))
     panels.append(Panel("Stage timings (s)", sec, [Curve(n, n[9:]) for n in timing], wide=True, split=True,

@@ -212,7 +212,7 @@ def test_objectives_registered_in_code_are_accepted_by_the_config():
         del OBJECTIVES["my_kl"]
 
 
-@pytest.mark.parametrize("path", sorted(p for p in Path("configs").glob("*.yaml") if p.name != "compare.yaml"))
+@pytest.mark.parametrize("path", sorted(p for p in Path("configs").glob("*.yaml") if not p.name.startswith("compare")))
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     served = {d for t in cfg.teachers.values() for d in t.domains}
@@ -221,10 +221,11 @@ def test_every_shipped_config_loads(path):
         assert served == set(world.domains), path
 
 
-def test_compare_spec_runs_all_load():
+@pytest.mark.parametrize("path", ["configs/compare.yaml", "configs/compare_agent.yaml"])
+def test_compare_spec_runs_all_load(path):
     from omegaconf import OmegaConf
 
-    spec = OmegaConf.to_container(OmegaConf.load("configs/compare.yaml"))
+    spec = OmegaConf.to_container(OmegaConf.load(path))
     for name, over in spec["runs"].items():
         assert load_config(spec["base"], over).algorithm.objective in name  # each run trains what it is named for
 

@@ -13,6 +13,7 @@ from tiny_models import save_tiny_models
 from transformers import AutoModelForCausalLM
 
 from mopd.batch import build_batch, split_rows
+from mopd.producer import mask_student_positions
 from mopd.timing import timed
 
 
@@ -23,16 +24,20 @@ def models(tmp_path_factory):
 
 
 def uneven_batch(tok, d, n=8, top_k=8):
-    """Rows of different lengths (responses cut to 6, 1, 3, 2, ... tokens) and three domains."""
+    """Rows of different lengths (responses cut to 6, 1, 3, 2, ... tokens) and three domains; the 6-token ones
+    are multi-turn trajectories whose tokens 3-4 are an environment's observation (context only)."""
     out = []
     for i, s in enumerate(make_samples(tok, d / "teacher", n=n, top_k=top_k)):
         k = [6, 1, 3, 2, 6, 2, 5, 4][i % 8]
+        mask = [1, 1, 0, 0, 1, 1] if k == 6 else None
         smp = dataclasses.replace(s.sample, response_ids=s.sample.response_ids[:k],
-                                  rollout_logprobs=s.sample.rollout_logprobs[:k])
-        out.append(dataclasses.replace(s, sample=smp, teacher_logprobs=s.teacher_logprobs[:k],
-                                       teacher_topk_ids=s.teacher_topk_ids[:k],
-                                       teacher_topk_logprobs=s.teacher_topk_logprobs[:k],
-                                       row={**s.row, "domain": "abc"[i % 3]}))
+                                  rollout_logprobs=s.sample.rollout_logprobs[:k], student_mask=mask)
+        scored = dataclasses.replace(s, sample=smp, teacher_logprobs=s.teacher_logprobs[:k],
+                                     teacher_topk_ids=s.teacher_topk_ids[:k],
+                                     teacher_topk_logprobs=s.teacher_topk_logprobs[:k],
+                                     row={**s.row, "domain": "abc"[i % 3]})
+        mask_student_positions(scored)
+        out.append(scored)
     return build_batch(out, tok.pad_token_id)
 
 

@@ -190,3 +190,14 @@ def test_observation_ids_use_the_chat_templates_tool_turn(models):
     tok.chat_template = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tool role') }}"
                          "{% endif %}{{ m.content }}{% endfor %}")
     assert observation_ids(tok, "=42") == tok.encode("=42", add_special_tokens=False)
+
+
+def test_a_teachers_token_share_counts_student_tokens_only():
+    from mopd.producer import scored_tokens
+    from mopd.samples import ScoredSample
+
+    a = Sample([1], [5, 6, 7, 8], [0.0] * 4, "stop", student_mask=[1, 0, 0, 1])
+    b = Sample([1], [5, 6], [0.0] * 2, "stop")
+    got = scored_tokens([ScoredSample({}, 0, a, teacher="mul"), ScoredSample({}, 1, b, teacher="carry"),
+                         ScoredSample({}, 2, b, teacher="mul")])
+    assert got == {"mul": 4, "carry": 2}  # mul: 2 of the tool trajectory's 4 tokens are the observation's

@@ -9,6 +9,7 @@ lowercase letter (most of the world's characters): nearly every turn hands over 
 from __future__ import annotations
 
 import string
+import threading
 import time
 
 import pytest
@@ -62,7 +63,31 @@ class _Floods:
         return EnvStep("9" * 500)
 
 
-for _name, _cls in {"t_echo": _Echo, "t_raise": _Raises, "t_hang": _Hangs, "t_flood": _Floods}.items():
+SECOND_TURN = threading.Event()
+WAITED: list[bool] = []  # per environment step of engine 0's trajectories: did engine 1 go on meanwhile
+
+
+class _WaitsForTheOtherLane:
+    """Answers once another engine's trajectory has reached its second turn's environment step."""
+
+    stop = STOP
+
+    def step(self, row, trajectory, last_turn):
+        WAITED.append(SECOND_TURN.wait(30))
+        return EnvStep(None)
+
+
+class _SecondTurnSignals:
+    stop = STOP
+
+    def step(self, row, trajectory, last_turn):
+        if len(trajectory) >= 2:  # an observation is already in it: this is turn 2 or later
+            SECOND_TURN.set()
+        return EnvStep("=1", info={"tool_call": 1})
+
+
+for _name, _cls in {"t_echo": _Echo, "t_raise": _Raises, "t_hang": _Hangs, "t_flood": _Floods,
+                    "t_wait": _WaitsForTheOtherLane, "t_signal": _SecondTurnSignals}.items():
     if _name not in ENVIRONMENTS:
         register_environment(_name, _cls)
 
@@ -304,3 +329,23 @@ def test_trajectories_do_not_depend_on_the_engine_count(models, student):
     assert [(x.sample.response_ids, x.sample.student_mask) for x in one] == \
            [(x.sample.response_ids, x.sample.student_mask) for x in two]
     assert any(0 in x.sample.student_mask for x in one)
+
+
+def test_an_engine_goes_on_while_another_engines_environment_is_still_answering(models, student):
+    """Engine 0's trajectories wait in their environment until one of engine 1's has reached its second
+    turn's environment step. In lock-step rounds that never happens (the next round waits for engine 0's
+    environments), so they would end as env_timeout; with a lane per engine, engine 1 goes on meanwhile."""
+    tok, _ = models
+    SECOND_TURN.clear()
+    WAITED.clear()
+    rows = [{"id": f"w{i}", "domain": "rev", "prompt": f"rev:ab{i}=", "env": "t_wait" if i < 4 else "t_signal"}
+            for i in range(8)]
+    prompts = [tok.encode(r["prompt"], add_special_tokens=False) for r in rows]
+    limits = TurnLimits(max_tokens=6, max_turns=3, max_total_tokens=30, env_timeout_s=10.0)
+    out = multi_turn_rollout([student, student], tok, prompts, rows, n=1, temperature=1.0, top_p=1.0,
+                             limits=limits, seed=3)
+    waited = [x.sample.meta for x in out[:4]]
+    assert any(x.sample.meta["turns"] >= 2 for x in out[4:])  # engine 1 went on past its first turn
+    assert SECOND_TURN.is_set()
+    assert all(m["outcome"] != "env_timeout" for m in waited), waited
+    assert WAITED and all(WAITED), WAITED  # engine 0's environments were asked, and none waited in vain

@@ -13,7 +13,7 @@ from mopd.config import ConfigError, load_config
 from mopd.placement import plan_bundles, teacher_roles
 from mopd.world.models import build_teacher, save_model
 from mopd.world.tokenizer import build_tokenizer
-from teachers.accounting import scoring_order, teacher_metrics
+from teachers.accounting import scoring_order, teacher_metrics, teacher_staleness
 from teachers.pool import (
     PooledTeacherHandle,
     TeacherIdentityError,
@@ -86,6 +86,55 @@ def test_lru_scheduling_residents_first_and_the_least_recently_used_engine_swaps
     assert m["teacher/b/token_share"] == 0.75 and m["teacher/x/tokens"] == 10
     assert m["timing_s/teacher/b"] == 0.5 and m["pool/swaps"] == 1 and m["timing_s/pool_swap"] == 0.02
     assert m["pool/p/resident/d"] == 1 and m["pool/p/resident/a"] == 0
+    assert m["pool/p/swaps"] == 1 and "pool/p/hit_rate" not in m  # no call counts: no hit rate
+
+
+def test_pool_hit_rate_and_per_teacher_staleness():
+    """The LRU hit rate counts the pool's calls that found their teacher resident; a teacher's staleness is the
+    policy-version lag of the samples it scored (the per-teacher `rollout/staleness_mean`)."""
+    pool = TeacherPool("p", engines=[None], resident=["a"], teachers=["a", "b"])
+    teachers = {n: [PooledTeacherHandle(pool, n)] for n in pool.teachers}
+    stats: dict = {}
+    from teachers.accounting import add_stats, call_stats
+
+    class Answer(list):
+        score_s, swapped, swap_s = 0.1, False, 0.0
+
+    hit, miss = Answer(), Answer()
+    miss.swapped, miss.swap_s = True, 0.05
+    for name, ans in [("a", hit), ("a", hit), ("b", miss), ("a", miss)]:
+        add_stats(stats, name, call_stats(ans))
+    m = teacher_metrics(stats, {"a": 6, "b": 2}, teachers)
+    assert m["pool/p/hit_rate"] == pytest.approx(0.5) and m["pool/p/swaps"] == 2 == m["pool/swaps"]
+    assert m["timing_s/pool_swap"] == pytest.approx(0.1)
+    got = teacher_staleness([("a", 0), ("a", 1), ("b", 1), (None, 5), ("b", 1), ("a", 2)])
+    assert got == {"teacher/a/staleness_mean": 1.0, "teacher/b/staleness_mean": 1.0}
+    assert teacher_staleness([]) == {}
+
+
+def test_dashboard_draws_teacher_staleness_pool_hit_rate_and_residency(tmp_path):
+    """The per-teacher and pool records get panels beside the teacher token share (one residency panel per
+    pool), and a run without a pool draws none of the pool's."""
+    from test_dashboard import healthy_rows, write_run
+
+    from stability.dashboard import dashboard_figures, load_runs
+
+    rows = healthy_rows(6)
+    for r in rows:
+        if "actor/grad_norm" in r:
+            r.update({"teacher/add_t/staleness_mean": 1.0, "teacher/rev_t/staleness_mean": 0.0,
+                      "pool/dense/hit_rate": 0.5, "pool/swaps": 1.0, "pool/dense/resident/add_t": 1.0,
+                      "pool/dense/resident/rev_t": 0.0})
+    panels, _ = dashboard_figures(load_runs([write_run(tmp_path / "pooled", rows)]))
+    by = {p.title: p for p in panels}
+    assert sorted(by["Teacher sample staleness (policy versions)"].metrics) == [
+        "teacher/add_t/staleness_mean", "teacher/rev_t/staleness_mean"]
+    assert by["Teacher pool hit rate (no swap)"].metrics == ["pool/dense/hit_rate"]
+    assert sorted(by["Teacher pool residency · dense"].metrics) == [
+        "pool/dense/resident/add_t", "pool/dense/resident/rev_t"]
+    assert all(p.figure.data for p in by.values() if p.title.startswith(("Teacher pool", "Teacher sample")))
+    plain, _ = dashboard_figures(load_runs([write_run(tmp_path / "plain", healthy_rows(6))]))
+    assert not [p.title for p in plain if p.title.startswith(("Teacher pool", "Teacher sample"))]
 
 
 def test_weights_round_trip_bit_exact(three_teachers):
@@ -161,6 +210,8 @@ def test_a_run_on_a_pool_of_two_engines_for_three_teachers(tiny_world, ray_local
         assert all(m[f"timing_s/teacher/{n}"] > 0 for n in names)
         assert m["pool/swaps"] >= 1 and m["timing_s/pool_swap"] > 0  # three teachers, two engines
         assert sum(m[f"pool/dense/resident/{n}"] for n in names) == 2
+        assert m["pool/dense/swaps"] == m["pool/swaps"] and 0 <= m["pool/dense/hit_rate"] < 1
+        assert all(m[f"teacher/{n}/staleness_mean"] == m["rollout/staleness_mean"] for n in names)  # one rollout
     assert steps[0]["perf/mem_gb/teacher_pool:dense[1]"] > 0
     assert not any(k.startswith("perf/mem_gb/teacher:") for k in steps[0])
 

@@ -57,7 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.logging.run_dir)
     resume = args.resume or args.resume_from is not None
     with hold_run_dir(run_dir, resume, args.overwrite, log=print):
-        prepare_run_dir(run_dir, resume, args.overwrite, log=print, resume_from=args.resume_from)
+        # Its refusals raise here; its notes (a checkpoint skipped as corrupt) the session prints, once.
+        prepare_run_dir(run_dir, resume, args.overwrite, log=lambda _line: None, resume_from=args.resume_from)
         world = prepare_world(cfg)
         rc = main_train(cfg, resume=resume, overwrite=False, resume_from=args.resume_from,
                         allow_teacher_change=args.allow_teacher_change)
