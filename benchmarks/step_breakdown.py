@@ -273,7 +273,7 @@ def main(argv: list[str]) -> None:
     print(f"{'staleness':<16}" + "".join(f"{r['staleness']:>18.2f}" for _, r in results))
     if any(r["turns"] for _, r in results):
         print(f"{'env s':<16}" + "".join(f"{r['env']:>11.4f} {r['env'] / r['step']:>6.1%}" for _, r in results)
-              + "   (environment steps the rounds waited for; inside `rollout`)")
+              + "   (per engine, the time it sat idle waiting for its environments; inside `rollout`)")
         for name in ("turns", "tool_calls", "obs_share"):
             print(f"{name:<16}" + "".join(f"{r[name]:>18.3f}" for _, r in results))
     sent = ", ".join(f"{r['weights_mb']:.1f}" for _, r in results)
