@@ -126,6 +126,24 @@ _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 MAX_CALC_DIGITS = 40
 
 
+def turn_end(tokens: Sequence[int], stops: Sequence[str], tokenizer: Any, eos_ids: Sequence[int] = (),
+             limit: int | None = None) -> tuple[int, str | None]:
+    """Where a turn written as `tokens` ends, as vLLM ends it: after its first EOS, or after the token that
+    completes one of `stops` in the detokenized new text (special tokens skipped; the stop string is kept), or at
+    `limit` tokens. Returns (tokens kept, the stop string that ended it or None). For backends whose own generation
+    cannot stop on strings (hf, a `vllm serve` request with more stop strings than the API takes)."""
+    n = len(tokens) if limit is None else min(limit, len(tokens))
+    for t in range(n):
+        if tokens[t] in eos_ids:
+            return t + 1, None
+        if stops:
+            text = tokenizer.decode(list(tokens[:t + 1]), skip_special_tokens=True)
+            hit = next((s for s in stops if s in text), None)
+            if hit is not None:
+                return t + 1, hit
+    return n, None
+
+
 def calculate(expression: str) -> int:
     """The value of an integer expression of + - * (no parentheses, no other names)."""
     if len(expression) > 200 or "(" in expression:

@@ -41,6 +41,7 @@ from transformers import (
 )
 
 from rollout.actors import at
+from rollout.envs import turn_end
 from rollout.scoring import TokenScores
 from rollout.types import EngineSpec, Sample
 
@@ -300,14 +301,7 @@ class _TurnEnds:
 
     def end_of(self, row: int, tokens: list[int]) -> tuple[int, str | None]:
         """(tokens kept, the stop string that ended the turn or None) of row `row`'s new tokens."""
-        limit = min(self.limits[row], len(tokens))
-        for t in range(limit):
-            if tokens[t] in self.eos_ids:
-                return t + 1, None
-            hit = self._hit(row, tokens[:t + 1])
-            if hit is not None:
-                return t + 1, hit
-        return limit, None
+        return turn_end(tokens, self.stops[row], self.tokenizer, self.eos_ids, self.limits[row])
 
     def _hit(self, row: int, tokens: list[int]) -> str | None:
         if not self.stops[row]:

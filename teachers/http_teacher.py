@@ -43,6 +43,7 @@ from typing import Any
 import httpx
 import ray
 
+from rollout.envs import turn_end
 from rollout.types import Sample
 from teachers.vllm_teacher import TeacherScores
 
@@ -447,13 +448,11 @@ def _retry_after(resp: httpx.Response) -> float | None:
 def _cut_at_stop(smp: Sample, stop: list[str], tokenizer: Any) -> Sample:
     """`smp` ended as vLLM ends a turn on a stop string: after the first token whose detokenized new text
     holds one of `stop` (kept), with that string as meta["stop"] and finish_reason "stop"."""
-    for t in range(len(smp.response_ids)):
-        text = tokenizer.decode(smp.response_ids[:t + 1], skip_special_tokens=True)
-        hit = next((s for s in stop if s in text), None)
-        if hit is not None:
-            return Sample(prompt_ids=smp.prompt_ids, response_ids=smp.response_ids[:t + 1],
-                          rollout_logprobs=smp.rollout_logprobs[:t + 1], finish_reason="stop", meta={"stop": hit})
-    return smp
+    end, hit = turn_end(smp.response_ids, stop, tokenizer)
+    if hit is None:
+        return smp
+    return Sample(prompt_ids=smp.prompt_ids, response_ids=smp.response_ids[:end],
+                  rollout_logprobs=smp.rollout_logprobs[:end], finish_reason="stop", meta={"stop": hit})
 
 
 def _parse_prompt_logprobs(entries: list[dict | None] | None, seq: list[int], plen: int, top_k: int,
