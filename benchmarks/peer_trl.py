@@ -16,7 +16,8 @@ own sampler draws each step's rows; TRL reads them as an unshuffled dataset, and
 the same steps, prompts per step, constant lr (AdamW, no warm-up, grad clip 1), max new tokens and
 temperature, fp32, one sample per prompt, and the same loss: exact full-vocabulary reverse KL(student ||
 teacher) at every response position of the student's own samples, token-mean over the batch (TRL: `beta=1`;
-mopd: `objective=reverse_kl`, `teacher_top_k=-1`, `loss_agg_mode=token-mean`). mopd keeps its IcePop
+mopd: `objective=reverse_kl`, `teacher_top_k=-1`, `loss_agg_mode=token-mean`), both distributions tempered by
+the sampling temperature when it is not 1 (mopd: `algorithm.kl_temperature`). mopd keeps its IcePop
 correction (no-op here: fp32 engine and trainer) and runs its teacher on the `hf` backend by default
 (`--teacher-backend vllm` for a vLLM teacher engine). Extra `key=value` arguments override mopd's config.
 
@@ -179,8 +180,9 @@ def _mopd_yaml(args: argparse.Namespace, data_dir: Path) -> str:
                  "eval_size_per_domain": 32, "max_prompt_tokens": max_prompt_tokens},
         "rollout": {"n": 1, "max_tokens": args.max_new_tokens, "temperature": args.temperature, "num_engines": 1,
                     "num_cpus_per_engine": 0.25, "kv_cache_gb": 0.125},
+        # kl_temperature: TRL's loss tempers both distributions by the sampling temperature; so does mopd's here.
         "algorithm": {"objective": "reverse_kl", "teacher_top_k": -1, "correction": "icepop",
-                      "loss_agg_mode": "token-mean"},
+                      "loss_agg_mode": "token-mean", "kl_temperature": args.temperature},
         "trainer": {"steps": args.mopd_steps, "prompts_per_step": args.prompts, "lr": args.lr, "lr_schedule": "constant",
                     "warmup_steps": 0, "grad_clip": 1.0, "weight_decay": 0.0, "seed": args.seed,
                     "save_every": args.eval_every, "eval_every": 0, "max_wallclock_s": 0, "num_cpus": 1,

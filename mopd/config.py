@@ -521,6 +521,10 @@ class AlgorithmConfig:
     # How per-token losses become the step's loss (`mopd.losses.agg_loss`): seq-mean-token-mean (each
     # sample weighs the same), token-mean (each token; verl's), domain-balanced (each domain present).
     loss_agg_mode: LossAggMode = LossAggMode.seq_mean_token_mean
+    # The KL objectives' temperature: 1 compares the student's and the teacher's own distributions (MOPD's
+    # objective, whatever rollout.temperature samples with); T compares both tempered, softmax(logits / T), as
+    # TRL's distillation loss does at sampling temperature T. > 0; not 1 needs teacher_top_k -1.
+    kl_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         c = Checker("algorithm", self)
@@ -539,6 +543,12 @@ class AlgorithmConfig:
         c.num("advantage_clip", gt=0, null="no clamp")
         c.choice("advantage_norm", AdvantageNorm)
         c.choice("loss_agg_mode", LossAggMode)
+        c.num("kl_temperature", gt=0, note="1: the models' own distributions")
+        if self.kl_temperature != 1:
+            _check(OBJECTIVES[self.objective].needs_teacher_topk and self.teacher_top_k == -1,
+                   "algorithm.kl_temperature", self.kl_temperature,
+                   f"1 with algorithm.objective={self.objective} / teacher_top_k={self.teacher_top_k}: a tempered "
+                   "KL needs a KL objective (reverse_kl, mixed) over the whole vocabulary (teacher_top_k -1)")
         _check(not OBJECTIVES[self.objective].needs_teacher_topk or self.teacher_top_k != 0,
                "algorithm.teacher_top_k", self.teacher_top_k,
                f"-1 or k >= 1 when algorithm.objective={self.objective} (the KL needs the teacher's top-k)")
@@ -851,6 +861,15 @@ def validate(cfg: MopdConfig) -> None:
         _check(cfg.data.default_teacher in cfg.teachers, "data.default_teacher", cfg.data.default_teacher,
                f"null or one of the configured teachers: {sorted(cfg.teachers)}")
     r, t = cfg.rollout, cfg.trainer
+    _check(a.kl_temperature == 1 or not t.logits_chunk_tokens, "algorithm.kl_temperature", a.kl_temperature,
+           f"1 with trainer.logits_chunk_tokens={t.logits_chunk_tokens} (the chunked KL is untempered), or set "
+           "trainer.logits_chunk_tokens=0")
+    if (a.r3 or a.r3_capture) and not r.enforce_eager and r.num_gpus_per_engine == 0:
+        # A CPU engine captures routing with Python hooks on the MoE layers, which a torch.compile'd model never
+        # calls (vLLM's native capture, CUDA + Triton, works compiled).
+        _check(False, "rollout.enforce_eager", False,
+               f"true with algorithm.r3={a.r3} / r3_capture={a.r3_capture} on CPU engines: routing capture there "
+               "hooks the MoE layers, which a compiled (enforce_eager=false) engine skips")
     if r.colocate:
         # The in-process vLLM engine forms its own one-process torch.distributed group in the trainer's process, which a
         # data-parallel or DeepSpeed process group there would clash with: one accelerate worker for now.

@@ -400,6 +400,7 @@ def reverse_kl_loss(
     agg_mode: AggMode | str = "seq-mean-token-mean",
     group_B: Tensor | None = None,
     norm: AggNorm | None = None,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Reverse KL ``sum_v p_theta(v) (log p_theta(v) - log p_teacher(v))`` at every response position.
 
@@ -414,6 +415,11 @@ def reverse_kl_loss(
     ``student_logprobs_BTV``. A valid position whose teacher log-probs contain NaN or +inf is dropped
     (weight 0) and counted.
 
+    ``temperature`` != 1 compares the two distributions tempered, ``softmax(logits / T)`` on both sides (what
+    TRL's distillation loss does at a sampling temperature T), instead of the models' own. Tempering needs
+    only log-probs: ``log_softmax(log p / T) = log_softmax(logits / T)``; the teacher's is renormalised over
+    the slots it sent, so it is exact for the whole vocabulary (``teacher_top_k = -1``, which the config asks for).
+
     Returns:
         ``(loss, metrics)``; metrics: ``distillation/loss``, ``distillation/reverse_kl`` (unweighted token
         mean), ``distillation/student_mass`` / ``distillation/teacher_mass`` (mean top-k mass, as in
@@ -425,6 +431,12 @@ def reverse_kl_loss(
                          f"{tuple(student_logprobs_BTV.shape[:2])}")
     ok_BT, teacher_nan_BT, ids_BTK, t_logp_BTK = sanitize_teacher_topk(teacher_topk_ids_BTK,
                                                                          teacher_topk_logprobs_BTK, mask_BT)
+    if temperature != 1.0:
+        student_logprobs_BTV = (student_logprobs_BTV / temperature).log_softmax(-1)
+        slot_BTK = ids_BTK >= 0
+        t_BTK = torch.where(slot_BTK, t_logp_BTK / temperature, torch.full_like(t_logp_BTK, -torch.inf))
+        lse_BT1 = torch.logsumexp(t_BTK, -1, keepdim=True)
+        t_logp_BTK = torch.where(slot_BTK, t_BTK - torch.where(torch.isfinite(lse_BT1), lse_BT1, 0.0), 0.0)
     # Masked / NaN positions: make every input a harmless constant before any arithmetic.
     student_BTV = torch.where(ok_BT.unsqueeze(-1), student_logprobs_BTV, torch.zeros_like(student_logprobs_BTV))
     kl_BT, s_mass_BT, t_mass_BT = reverse_kl_per_token(student_BTV, ids_BTK, t_logp_BTK, topk_mode=topk_mode)

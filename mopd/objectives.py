@@ -197,7 +197,7 @@ def _kl(x: LossInputs, a: AlgorithmConfig) -> tuple[Tensor, dict[str, float]]:
         return reverse_kl_loss_from_terms(x.reverse_kl, x.weights_BT, x.mask_BT, **agg)
     assert x.logprobs_BTV is not None
     return reverse_kl_loss(x.logprobs_BTV, x.teacher_topk_ids_BTK, x.teacher_topk_logprobs_BTK, x.weights_BT,
-                           x.mask_BT, **agg)
+                           x.mask_BT, temperature=a.kl_temperature, **agg)
 
 
 @register_objective("pg", advantage="mopd", token_means=_PG_TOKEN_MEANS)

@@ -76,6 +76,28 @@ def test_bad_overrides_are_refused_with_a_clear_message(override, fragments):
         assert f in str(e.value), (f, str(e.value))
 
 
+def test_a_compiled_cpu_engine_with_routing_capture_is_refused_before_it_starts():
+    """A compiled engine never calls the CPU capture's Python hooks (the engine would fail at its first step)."""
+    with pytest.raises(ConfigError, match=r"rollout\.enforce_eager.*got False.*true with algorithm\.r3=False / "
+                                          r"r3_capture=True on CPU engines"):
+        load_config(QS, ["rollout.enforce_eager=false", "algorithm.r3_capture=true"])
+    assert not load_config(QS, ["rollout.enforce_eager=false"]).rollout.enforce_eager  # compiled, no capture: fine
+    load_config(QS, ["rollout.enforce_eager=false", "algorithm.r3=true", "rollout.num_gpus_per_engine=1"])
+
+
+def test_a_tempered_kl_needs_a_whole_vocabulary_kl_objective_untempered_by_chunks():
+    ok = ["algorithm.objective=reverse_kl", "algorithm.teacher_top_k=-1", "algorithm.kl_temperature=0.7"]
+    assert load_config(QS, ok).algorithm.kl_temperature == 0.7
+    for bad, fragment in [(["algorithm.objective=pg", "algorithm.teacher_top_k=0", "algorithm.kl_temperature=0.7"],
+                           "objective=pg / teacher_top_k=0"),
+                          (ok[:1] + ["algorithm.teacher_top_k=20", ok[2]], "teacher_top_k=20"),
+                          (ok + ["trainer.logits_chunk_tokens=64"], "trainer.logits_chunk_tokens=64"),
+                          (["algorithm.kl_temperature=0"], "> 0")]:
+        with pytest.raises(ConfigError, match="algorithm.kl_temperature") as e:
+            load_config(QS, bad)
+        assert fragment in str(e.value), (bad, str(e.value))
+
+
 def test_bad_yaml_key(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("rollout:\n  temprature: 0.5\n")

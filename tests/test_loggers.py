@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 from pathlib import Path
 
 import pytest
-from test_train_loop import world_overrides
 
 from mopd.config import ConfigError, load_config
 from mopd.jsonl import read_metrics
@@ -194,19 +192,7 @@ def test_wandb_mode_is_validated():
 
 
 @pytest.mark.slow
-def test_train_writes_tensorboard_events(tiny_world, ray_local, tmp_path):
-    from mopd.train import train
-
-    run = tmp_path / "run"
-    cfg = load_config("configs/quickstart.yaml", world_overrides(tiny_world) + [
-        f"logging.run_dir={run}", "trainer.steps=2", "logging.sinks=[jsonl,tensorboard]"])
-    train(cfg, log=lambda *_: None)
-    tb = _tb_scalars(run / "tensorboard")
-    jsonl = {m["step"]: m for m in read_metrics(run / "metrics.jsonl") if "mopd/teacher_kl" in m}
-    assert [s for s, _ in tb["mopd/teacher_kl"]] == [1, 2]
-    for step, value in tb["mopd/teacher_kl"]:
-        assert math.isclose(value, jsonl[step]["mopd/teacher_kl"], rel_tol=1e-6, abs_tol=1e-6)
-    assert "timing_s/step" in tb and "eval/add/acc" in tb
+# A real run's TensorBoard events: tests/test_train_loop.py::test_mopd_steps_lower_teacher_kl_and_engines_track_trainer.
 
 
 # -- progress: a bar on a terminal, a few plain lines in a log file ---------------------------------------

@@ -276,6 +276,22 @@ def test_full_vocab_topk_equals_exact_reverse_kl(mode):
     torch.testing.assert_close(kl_perm, kl, rtol=1e-5, atol=1e-6)
 
 
+def test_tempered_reverse_kl_is_the_kl_of_the_tempered_distributions():
+    """kl_temperature T: the loss equals the plain loss on softmax(logits / T) of both sides (computed from the
+    models' temperature-1 log-probs), and differs from the untempered one."""
+    student_logits, teacher_full, _, _ = _random_distill(5)
+    B, T, V = student_logits.shape
+    ids = torch.arange(V).expand(B, T, V)
+    mask = torch.ones(B, T)
+    student, teacher = student_logits.log_softmax(-1), teacher_full.log_softmax(-1)
+    for temp in (0.5, 0.7, 2.0):
+        got, _ = reverse_kl_loss(student, ids, teacher, None, mask, temperature=temp)
+        ref, _ = reverse_kl_loss((student_logits / temp).log_softmax(-1), ids, (teacher_full / temp).log_softmax(-1),
+                                 None, mask)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        assert abs(float(got) - float(reverse_kl_loss(student, ids, teacher, None, mask)[0])) > 1e-3
+
+
 def test_full_vocab_loss_agrees_with_verl_kl_divergence():
     fsdp_losses = _verl_fsdp_distill_losses()
     student, teacher_full, _, _ = _random_distill(4)

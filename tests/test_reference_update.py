@@ -66,8 +66,9 @@ def fixed_batch(tok, d):
     return prompts, resps, build_batch(samples, tok.pad_token_id)
 
 
-def reference_step(d, prompts, resps, agg):
-    """The reference update, written from the definition (independent of mopd.losses)."""
+def reference_step(d, prompts, resps, agg, temperature=1.0):
+    """The reference update, written from the definition (independent of mopd.losses); at `temperature` T both
+    distributions are softmax(logits / T), as in TRL's loss."""
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(d / "student", dtype=torch.float32).train()
@@ -81,8 +82,8 @@ def reference_step(d, prompts, resps, agg):
         att[b, :len(p) + len(r)] = 1
         mask[b, len(p) - 1:len(p) - 1 + len(r)] = 1  # every response position, EOS included
     with torch.no_grad():
-        lt = teacher(input_ids=ids, attention_mask=att).logits[:, :-1].float().log_softmax(-1)
-    ls = student(input_ids=ids, attention_mask=att).logits[:, :-1].float().log_softmax(-1)
+        lt = (teacher(input_ids=ids, attention_mask=att).logits[:, :-1].float() / temperature).log_softmax(-1)
+    ls = (student(input_ids=ids, attention_mask=att).logits[:, :-1].float() / temperature).log_softmax(-1)
     kl = (ls.exp() * (ls - lt)).sum(-1) * mask
     loss = kl.sum() / mask.sum() if agg == "token-mean" else (kl.sum(1) / mask.sum(1)).mean()
     loss.backward()
@@ -99,18 +100,20 @@ def fixed(models):
 
 # token-mean is TRL's normaliser (sum over the batch's response positions / their count); mopd's default
 # seq-mean-token-mean is checked against the same reference with that normaliser. Micro-batches of 5 rows
-# accumulate the gradient over 3 forwards.
-@pytest.mark.parametrize(("agg", "micro"), [("token-mean", 64), ("token-mean", 5), ("seq-mean-token-mean", 5)])
-def test_one_step_equals_reference_distillation_update(models, fixed, agg, micro):
+# accumulate the gradient over 3 forwards. algorithm.kl_temperature=0.7: both distributions tempered (TRL's loss
+# at sampling temperature 0.7), from the teacher's full-vocabulary log-probs at temperature 1.
+@pytest.mark.parametrize(("agg", "micro", "temp"), [("token-mean", 64, 1.0), ("token-mean", 5, 1.0),
+                                                    ("seq-mean-token-mean", 5, 1.0), ("token-mean", 5, 0.7)])
+def test_one_step_equals_reference_distillation_update(models, fixed, agg, micro, temp):
     _, d = models
     prompts, resps, batch = fixed
-    ref_loss, ref_grad, ref_norm, ref_params = reference_step(d, prompts, resps, agg)
+    ref_loss, ref_grad, ref_norm, ref_params = reference_step(d, prompts, resps, agg, temp)
 
     cfg = load_config("configs/quickstart.yaml", [
         f"student.path={d}/student", "algorithm.objective=reverse_kl", "algorithm.teacher_top_k=-1",
         f"algorithm.loss_agg_mode={agg}", "algorithm.correction=icepop", f"trainer.lr={LR}", "trainer.grad_clip=1.0",
         "trainer.weight_decay=0.0", "trainer.warmup_steps=0", "trainer.lr_schedule=constant",
-        f"trainer.micro_batch_size={micro}"])
+        f"trainer.micro_batch_size={micro}", f"algorithm.kl_temperature={temp}"])
     tr = Trainer(cfg, str(d / "student"))
     p0 = {n: p.detach().clone() for n, p in tr.unwrapped.named_parameters()}
     seen: dict = {}
