@@ -57,7 +57,12 @@ of TRL's final model; mopd keeps training past TRL's last step (`--mopd-steps`, 
 further prompts from its sampler; with a constant lr the extra steps change nothing before them), so it can
 reach that KL later than TRL's step count. Neighbouring checkpoints swing by ~0.5 nats at these settings, so
 the same is also printed on 3-checkpoint trailing means. The equal-steps rows (wall, tokens/s, KL at step
-`--steps`) compare the two on the same work.
+`--steps`) compare the two on the same work. With `--mopd-k1` the k=1 run's checkpoints are scored too.
+
+`--seeds` repeats the whole comparison per seed and ends with the spread: the paired mopd - TRL differences,
+and each side's mean [min, max] over the seeds of the KL at a third, two thirds and all of `--steps`, of the
+training wall to TRL's final KL and of the training wall, both as multiples of TRL's; and whether each mopd
+run's mean KL lies inside TRL's range at those checkpoints.
 """
 
 from __future__ import annotations
@@ -444,7 +449,8 @@ def reverse_kl(student: Any, teacher: Any, prompt_ids: list[list[int]], max_new_
 
 
 def score(plan: dict[str, Any], results: dict[str, dict], args: argparse.Namespace) -> dict[str, list[dict]]:
-    """The initial student and every checkpoint of TRL and mopd (k=0), through `reverse_kl`."""
+    """The initial student and every checkpoint of TRL, mopd (k=0) and, when it ran, mopd k=1, through
+    `reverse_kl`."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -468,7 +474,7 @@ def score(plan: dict[str, Any], results: dict[str, dict], args: argparse.Namespa
 
     seq0, tok0 = kl_of(model)  # the initial student, before any snapshot is loaded into `model`
     curves = {}
-    for side in ("trl", "mopd"):  # the k=1 run is reported for throughput only
+    for side in [x for x in SIDES if x in results]:
         res = results[side]
         curves[side] = [{"step": 0, "wall_s": 0.0, "seq_kl": seq0, "tok_kl": tok0}]
         for p in res["points"]:
@@ -479,6 +485,10 @@ def score(plan: dict[str, Any], results: dict[str, dict], args: argparse.Namespa
 
 
 # ---------------------------------------------------------------------------------------------- report
+SIDES = ("trl", "mopd", "mopd_k1")
+SIDE_LABELS = {"trl": "TRL", "mopd": "mopd k=0", "mopd_k1": "mopd k=1"}
+
+
 def _reach(curve: list[dict], target: float) -> float | None:
     return next((p["wall_s"] for p in curve[1:] if p["seq_kl"] <= target), None)
 
@@ -571,12 +581,12 @@ def stage_table(res: dict[str, dict]) -> str:
 
 
 def curve_lines(curves: dict[str, list[dict]]) -> str:
-    out = ["step: reverse KL / seq (training wall s), TRL | mopd"]
-    at = {side: {p["step"]: p for p in curves[side]} for side in curves}
-    for step in sorted(set(at["trl"]) | set(at["mopd"])):
-        cells = [f"{p['seq_kl']:.3f} ({p['wall_s']:.1f})" if (p := at[side].get(step)) else "-"
-                 for side in ("trl", "mopd")]
-        out.append(f"  {step:>5}: {cells[0]} | {cells[1]}")
+    sides = [x for x in SIDES if x in curves]
+    out = ["step: reverse KL / seq (training wall s), " + " | ".join(SIDE_LABELS[x] for x in sides)]
+    at = {side: {p["step"]: p for p in curves[side]} for side in sides}
+    for step in sorted(set().union(*at.values())):
+        cells = [f"{p['seq_kl']:.3f} ({p['wall_s']:.1f})" if (p := at[side].get(step)) else "-" for side in sides]
+        out.append(f"  {step:>5}: " + " | ".join(cells))
     return "\n".join(out)
 
 
@@ -681,20 +691,37 @@ def main(argv: list[str]) -> None:
     one_comparison(args, overrides)
 
 
-def seed_summary(plan: dict[str, Any], results: dict[str, dict], curves: dict[str, list[dict]]) -> dict[str, float]:
-    """One seed's figures for the spread table: eval KL per sequence at step `--steps` and averaged over the last
-    five checkpoints up to it, and the mean on-policy training KL per token over the equal steps."""
+def seed_summary(plan: dict[str, Any], results: dict[str, dict], curves: dict[str, list[dict]]) -> dict[str, Any]:
+    """One seed's figures for the spread tables, per side that ran: eval KL per sequence at the checkpoints of
+    a third, two thirds and all of `--steps` (100 / 200 / 300 by default) and averaged over the last five
+    checkpoints up to `--steps`, the mean on-policy training KL per token over the equal steps, and the training
+    wall to reach TRL's final KL (over all of a side's steps) as a multiple of TRL's."""
     n = plan["steps"]
-    out: dict[str, float] = {"seed": plan["seed"]}
-    for side in ("trl", "mopd"):
+    marks = [round(n * f / 3) for f in (1, 2, 3)]
+    target = next(p for p in curves["trl"] if p["step"] == n)["seq_kl"]
+    trl_wall = _reach(curves["trl"], target)
+    out: dict[str, Any] = {"seed": plan["seed"], "marks": marks}
+    for side in [x for x in SIDES if x in curves]:
+        at = {p["step"]: p["seq_kl"] for p in curves[side]}
         pts = [p for p in curves[side] if 0 < p["step"] <= n]
         out[f"{side}_kl"] = pts[-1]["seq_kl"]
+        for m in marks:
+            out[f"{side}_kl@{m}"] = at.get(m, float("nan"))
         out[f"{side}_kl_last5"] = statistics.mean(p["seq_kl"] for p in pts[-5:])
         out[f"{side}_train_kl"] = statistics.mean(results[side]["train_kl"][:n])
+        reach = _reach(curves[side], target)
+        out[f"{side}_reach_x"] = float("nan") if reach is None or not trl_wall else reach / trl_wall
+        out[f"{side}_wall_x"] = results[side]["wall_s"] / results["trl"]["wall_s"]
     return out
 
 
-def seed_table(rows: list[dict[str, float]]) -> str:
+def _spread(xs: list[float]) -> str:
+    xs = [x for x in xs if x == x]  # NaN: not reached / not checkpointed
+    return "-" if not xs else f"{statistics.mean(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}]"
+
+
+def seed_table(rows: list[dict[str, Any]]) -> str:
+    sides = [x for x in SIDES if f"{x}_kl" in rows[0]]
     cols = [("kl", "reverse KL / seq at the last step"), ("kl_last5", "same, mean of the last 5 checkpoints"),
             ("train_kl", "on-policy training KL / token, mean over the steps")]
     lines = ["| seed | " + " | ".join(f"{c[1]}: TRL / mopd" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -709,6 +736,21 @@ def seed_table(rows: list[dict[str, float]]) -> str:
             lines.append(f"\n{name}: TRL {statistics.mean(a):.3f} (sd {statistics.stdev(a):.3f}), mopd "
                          f"{statistics.mean(b):.3f} (sd {statistics.stdev(b):.3f}); mopd - TRL {statistics.mean(d):+.3f} "
                          f"+- {se:.3f} (standard error of the paired mean, {len(d)} seeds)")
+    # Each side's mean [min, max] over the seeds: the KL at the checkpoints, and the time ratios.
+    marks = rows[0]["marks"]
+    keys = [(f"kl@{m}", f"reverse KL / seq, step {m}") for m in marks] + [
+        ("reach_x", "training wall to TRL's final KL, x TRL's"), ("wall_x", f"training wall, {marks[-1]} steps, x TRL's")]
+    lines += ["", f"{len(rows)} seeds, mean [min, max]:", "", "| | " + " | ".join(SIDE_LABELS[x] for x in sides) + " |",
+              "|---" * (len(sides) + 1) + "|"]
+    for k, name in keys:
+        lines.append(f"| {name} | " + " | ".join(_spread([r[f"{x}_{k}"] for r in rows]) for x in sides) + " |")
+    for x in sides[1:]:
+        inside = []
+        for m in marks:
+            trl = [r[f"trl_kl@{m}"] for r in rows]
+            mean = statistics.mean(r[f"{x}_kl@{m}"] for r in rows)
+            inside.append(f"step {m} {'inside' if min(trl) <= mean <= max(trl) else 'outside'}")
+        lines.append(f"\n{SIDE_LABELS[x]}'s mean KL against TRL's range: " + ", ".join(inside))
     return "\n".join(lines)
 
 

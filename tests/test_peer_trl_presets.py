@@ -57,3 +57,28 @@ def test_reverse_kl_with_a_kv_cache_equals_the_exact_decode():
     cached = peer_trl.reverse_kl(student, teacher, prompts, 24, use_cache=True, **kw)
     assert torch.allclose(torch.tensor(exact), torch.tensor(cached), rtol=1e-4), (exact, cached)
     assert exact[0] > 0 and exact[1] > 0
+
+
+def test_the_seed_tables_give_each_sides_checkpoint_kl_spread_and_time_ratios():
+    """`--seeds`: per side, the KL at a third / two thirds / all of the steps as mean [min, max] over the seeds,
+    the wall to TRL's final KL as a multiple of TRL's, and whether mopd's mean lies inside TRL's range."""
+    plan = {"steps": 300}
+
+    def curve(kls, wall_per_step):
+        return [{"step": s, "wall_s": s * wall_per_step, "seq_kl": kl} for s, kl in zip((0, 100, 200, 300), kls,
+                                                                                        strict=True)]
+    rows = []
+    for seed, (trl, k0, k1) in enumerate([((6, 4, 3, 2), (6, 4.5, 3.2, 2.5), (6, 5, 4, 1.9)),
+                                          ((6, 5, 2, 1), (6, 4.4, 2.6, 1.5), (6, 5, 3, 0.9))]):
+        curves = {"trl": curve(trl, 0.1), "mopd": curve(k0, 0.2), "mopd_k1": curve(k1, 0.15)}
+        results = {x: {"train_kl": [1.0] * 300, "wall_s": 300 * w} for x, w in (("trl", 0.1), ("mopd", 0.2),
+                                                                                   ("mopd_k1", 0.15))}
+        rows.append(peer_trl.seed_summary({**plan, "seed": seed}, results, curves))
+    assert rows[0]["mopd_kl@100"] == 4.5 and rows[1]["trl_kl@200"] == 2
+    assert rows[0]["mopd_reach_x"] != rows[0]["mopd_reach_x"]  # never reached TRL's 2.0: NaN, not a ratio
+    assert rows[0]["mopd_k1_reach_x"] == 1.5 and rows[1]["mopd_wall_x"] == 2.0
+    table = peer_trl.seed_table(rows)
+    assert "| reverse KL / seq, step 100 | 4.500 [4.000, 5.000] | 4.450 [4.400, 4.500] | 5.000 [5.000, 5.000] |" in table
+    assert "| training wall to TRL's final KL, x TRL's | 1.000 [1.000, 1.000] | - | 1.500 [1.500, 1.500] |" in table
+    assert "mopd k=0's mean KL against TRL's range: step 100 inside, step 200 inside, step 300 inside" in table
+    assert "mopd k=1's mean KL against TRL's range: step 100 inside, step 200 outside, step 300 inside" in table

@@ -81,8 +81,9 @@ def test_mopd_steps_lower_teacher_kl_and_engines_track_trainer(tiny_world, ray_l
     assert not end["model.layers.1.self_attn.q_proj.weight"].equal(start["model.layers.1.self_attn.q_proj.weight"])
 
 
-@pytest.mark.parametrize("staleness", [0, 1])
-def test_killed_run_resumes_with_same_data_order(tiny_world, ray_local, tmp_path, staleness):
+def test_killed_run_resumes_with_same_data_order(tiny_world, ray_local, tmp_path):
+    """The one-step-off pipeline (the synchronous loop's resume: the second-train test below)."""
+    staleness = 1
     run = tmp_path / "run"
     over = world_overrides(tiny_world) + [f"logging.run_dir={run}", "trainer.save_every=2", "ray.num_cpus=2",
                                           f"trainer.max_staleness={staleness}"]
@@ -132,11 +133,12 @@ def test_killed_run_resumes_with_same_data_order(tiny_world, ray_local, tmp_path
     assert Path(run / "checkpoints" / "latest").read_text().strip() == f"step_{last}"
 
 
-def test_a_second_train_into_a_running_runs_dir_is_refused_and_the_first_is_intact(tiny_world, tmp_path, capsys):
+def test_a_second_train_into_a_running_runs_dir_is_refused_and_the_first_is_intact(tiny_world, ray_local, tmp_path,
+                                                                                   capsys):
     """Two real `mopd train` into one run dir: the second (here, through the CLI in this process) is refused at
     once naming the first (pid, host, since), with or without --overwrite / --resume; the first keeps running,
-    stops cleanly on SIGTERM with its last finished step saved, and has every step once (resuming after a
-    SIGTERM reproduces the run: tests/test_resume_exact_slow.py)."""
+    stops cleanly on SIGTERM with its last finished step saved, and has every step once; resumed, the synchronous
+    loop draws the batches an unstopped run would (the pipeline's exact resume: tests/test_resume_exact_slow.py)."""
     import socket
 
     from mopd.cli import main
@@ -171,6 +173,15 @@ def test_a_second_train_into_a_running_runs_dir_is_refused_and_the_first_is_inta
     assert steps == list(range(1, max(steps) + 1)) and max(steps) >= 3  # nothing finished is lost
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{max(steps)}"
     assert not (run / ".lock").exists()  # released at its exit
+    last = max(steps)
+    cfg = load_config("configs/quickstart.yaml", over + [f"trainer.steps={last + 2}"])
+    train(cfg, resume=True, log=lambda *_: None)
+    metrics = [m for m in read_metrics(run / "metrics.jsonl") if "data/batch_digest" in m]
+    assert [m["step"] for m in metrics] == list(range(1, last + 3))
+    rows = load_rows(cfg.data.train_files)
+    sampler = DomainMixSampler(rows, cfg.data.domain_mix, cfg.trainer.seed)
+    assert [m["data/rows_digest"] for m in metrics] == [
+        rows_digest([rows[i]["id"] for i in sampler.batch(m["step"] - 1, cfg.trainer.prompts_per_step)]) for m in metrics]
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen, ck: Path, timeout_s: float = 600) -> None:
