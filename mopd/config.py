@@ -437,6 +437,8 @@ class RolloutConfig:
     # Engine dtype; null = student.dtype (bf16 engines + fp32 trainer = real mismatch).
     dtype: Dtype | None = None
     gpu_memory_utilization: float = 0.5  # (0, 1]: share of each GPU's memory a vLLM engine may take
+    # false: vLLM compiles the engine's model (torch.compile; on CPU ~1.5x the decode tokens/s of the peer
+    # benchmark's students, ~20 s more start-up); CPU routing capture (R3) needs eager.
     enforce_eager: bool = True
     num_cpus_per_engine: float = 1.0  # >= 0 (with num_gpus_per_engine, not both 0)
     num_gpus_per_engine: float = 0.0  # >= 0
