@@ -866,12 +866,11 @@ def validate(cfg: MopdConfig) -> None:
     _check(a.kl_temperature == 1 or not t.logits_chunk_tokens, "algorithm.kl_temperature", a.kl_temperature,
            f"1 with trainer.logits_chunk_tokens={t.logits_chunk_tokens} (the chunked KL is untempered), or set "
            "trainer.logits_chunk_tokens=0")
-    if (a.r3 or a.r3_capture) and not r.enforce_eager and r.num_gpus_per_engine == 0:
-        # A CPU engine captures routing with Python hooks on the MoE layers, which a torch.compile'd model never
-        # calls (vLLM's native capture, CUDA + Triton, works compiled).
-        _check(False, "rollout.enforce_eager", False,
-               f"true with algorithm.r3={a.r3} / r3_capture={a.r3_capture} on CPU engines: routing capture there "
-               "hooks the MoE layers, which a compiled (enforce_eager=false) engine skips")
+    # A CPU engine captures routing with Python hooks on the MoE layers, which a torch.compile'd model never calls
+    # (vLLM's native capture, CUDA + Triton, works compiled).
+    _check(r.enforce_eager or not (a.r3 or a.r3_capture) or r.num_gpus_per_engine > 0, "rollout.enforce_eager",
+           r.enforce_eager, f"true with algorithm.r3={a.r3} / r3_capture={a.r3_capture} on CPU engines: routing "
+           "capture there hooks the MoE layers, which a compiled (enforce_eager=false) engine skips")
     if r.colocate:
         # The in-process vLLM engine forms its own one-process torch.distributed group in the trainer's process, which a
         # data-parallel or DeepSpeed process group there would clash with: one accelerate worker for now.

@@ -136,12 +136,18 @@ def turn_end(tokens: Sequence[int], stops: Sequence[str], tokenizer: Any, eos_id
     for t in range(n):
         if tokens[t] in eos_ids:
             return t + 1, None
-        if stops:
-            text = tokenizer.decode(list(tokens[:t + 1]), skip_special_tokens=True)
-            hit = next((s for s in stops if s in text), None)
-            if hit is not None:
-                return t + 1, hit
+        hit = stop_in(tokens[:t + 1], stops, tokenizer)
+        if hit is not None:
+            return t + 1, hit
     return n, None
+
+
+def stop_in(tokens: Sequence[int], stops: Sequence[str], tokenizer: Any) -> str | None:
+    """The first of `stops` in the detokenized `tokens` (special tokens skipped, as vLLM's stop check), or None."""
+    if not stops:
+        return None
+    text = tokenizer.decode(list(tokens), skip_special_tokens=True)
+    return next((s for s in stops if s in text), None)
 
 
 def calculate(expression: str) -> int:

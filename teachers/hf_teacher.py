@@ -41,7 +41,7 @@ from transformers import (
 )
 
 from rollout.actors import at
-from rollout.envs import turn_end
+from rollout.envs import stop_in, turn_end
 from rollout.scoring import TokenScores
 from rollout.types import EngineSpec, Sample
 
@@ -303,15 +303,10 @@ class _TurnEnds:
         """(tokens kept, the stop string that ended the turn or None) of row `row`'s new tokens."""
         return turn_end(tokens, self.stops[row], self.tokenizer, self.eos_ids, self.limits[row])
 
-    def _hit(self, row: int, tokens: list[int]) -> str | None:
-        if not self.stops[row]:
-            return None
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return next((s for s in self.stops[row] if s in text), None)
-
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         # Called after every token: only the newest can end a live row (a finished row's verdict is ignored).
-        done = [len(toks) >= self.limits[b] or toks[-1] in self.eos_ids or self._hit(b, toks) is not None
+        done = [len(toks) >= self.limits[b] or toks[-1] in self.eos_ids
+                or stop_in(toks, self.stops[b], self.tokenizer) is not None
                 for b, toks in enumerate(input_ids[:, self.width:].tolist())]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 

@@ -83,12 +83,10 @@ def test_mopd_steps_lower_teacher_kl_and_engines_track_trainer(tiny_world, ray_l
 
 def test_killed_run_resumes_with_same_data_order(tiny_world, ray_local, tmp_path):
     """The one-step-off pipeline (the synchronous loop's resume: the second-train test below)."""
-    staleness = 1
     run = tmp_path / "run"
-    over = world_overrides(tiny_world) + [f"logging.run_dir={run}", "trainer.save_every=2", "ray.num_cpus=2",
-                                          f"trainer.max_staleness={staleness}"]
     # With the pipeline, the domain mix follows the logged teacher KL too (data.auto_mix): resume must replay it.
-    over += ["data.auto_mix.enabled=true"] if staleness else []
+    over = world_overrides(tiny_world) + [f"logging.run_dir={run}", "trainer.save_every=2", "ray.num_cpus=2",
+                                          "trainer.max_staleness=1", "data.auto_mix.enabled=true"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mopd.cli", "train", "configs/quickstart.yaml",
                              *over, "trainer.steps=40"], env=env, stdout=subprocess.DEVNULL,
@@ -119,17 +117,14 @@ def test_killed_run_resumes_with_same_data_order(tiny_world, ray_local, tmp_path
     assert [m["step"] for m in metrics] == list(range(1, last + 1))  # each step once: lines past the checkpoint dropped
     rows = load_rows(cfg.data.train_files)
     sampler = DomainMixSampler(rows, cfg.data.domain_mix, cfg.trainer.seed)
-    auto = (AutoMix(sampler.domains, sampler.weights, cfg.data.auto_mix.ema, cfg.data.auto_mix.floor, staleness)
-            if staleness else None)
+    auto = AutoMix(sampler.domains, sampler.weights, cfg.data.auto_mix.ema, cfg.data.auto_mix.floor, 1)
     expected = []
-    for m in metrics:  # batch s: a function of the seed, s and (auto mix) the teacher KL logged up to s - 1 - k
-        w = None if auto is None else auto.weights_for(m["step"])
+    for m in metrics:  # batch s: a function of the seed, s and the teacher KL logged up to s - 1 - k
+        w = auto.weights_for(m["step"])
         expected.append(rows_digest([rows[i]["id"] for i in sampler.batch(m["step"] - 1, cfg.trainer.prompts_per_step, w)]))
-        if auto is not None:
-            auto.observe(m["step"], m)
+        auto.observe(m["step"], m)
     assert [m["data/rows_digest"] for m in metrics] == expected
-    if auto is not None:
-        assert any(abs(m["data/mix/add"] - sampler.weights[0]) > 0.01 for m in metrics)
+    assert any(abs(m["data/mix/add"] - sampler.weights[0]) > 0.01 for m in metrics)
     assert Path(run / "checkpoints" / "latest").read_text().strip() == f"step_{last}"
 
 
