@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mopd.samples import ScoredSample
@@ -109,8 +110,8 @@ def build_batch(samples: list[ScoredSample], pad_id: int) -> TrainBatch:
     mask = torch.zeros((B, T))
     mu = torch.zeros((B, T))
     tlp = torch.zeros((B, T))
-    has_topk = any(s.teacher_topk_ids for s in samples)
-    K = max((len(k) for s in samples for k in s.teacher_topk_ids), default=0)
+    has_topk = any(s.teacher_topk_ids is not None for s in samples)
+    K = max((s.teacher_topk_ids.shape[1] for s in samples if s.teacher_topk_ids is not None), default=0)
     # Unused top-k slots: id -1 (the losses skip negative ids) and log-prob -inf.
     topk_ids = torch.full((B, T, K), -1, dtype=torch.long) if has_topk else None
     topk_lp = torch.full((B, T, K), -math.inf) if has_topk else None
@@ -127,10 +128,14 @@ def build_batch(samples: list[ScoredSample], pad_id: int) -> TrainBatch:
         mu[b, sl] = torch.tensor(s.sample.rollout_logprobs, dtype=torch.float32)
         if s.teacher_logprobs:
             tlp[b, sl] = torch.tensor(s.teacher_logprobs, dtype=torch.float32)
-        if has_topk:
-            for j, (ki, kl) in enumerate(zip(s.teacher_topk_ids, s.teacher_topk_logprobs, strict=True)):
-                topk_ids[b, len(p) - 1 + j, : len(ki)] = torch.tensor(ki)
-                topk_lp[b, len(p) - 1 + j, : len(kl)] = torch.tensor(kl)
+        if topk_ids is not None and topk_lp is not None and s.teacher_topk_ids is not None:
+            ids_RK, lps_RK = s.teacher_topk_ids, s.teacher_topk_logprobs
+            if lps_RK is None or ids_RK.shape != lps_RK.shape or ids_RK.ndim != 2 or len(ids_RK) > len(r):
+                raise ValueError(f"row '{s.row['id']}': teacher top-k ids {getattr(ids_RK, 'shape', None)} / log-probs "
+                                 f"{getattr(lps_RK, 'shape', None)} for {len(r)} response tokens")
+            k = ids_RK.shape[1]
+            topk_ids[b, len(p) - 1:len(p) - 1 + len(ids_RK), :k] = torch.from_numpy(np.asarray(ids_RK, dtype=np.int64))
+            topk_lp[b, len(p) - 1:len(p) - 1 + len(lps_RK), :k] = torch.from_numpy(np.asarray(lps_RK, dtype=np.float32))
     routed = None
     recs = [s.sample.routed_experts for s in samples if s.sample.routed_experts is not None]
     if recs:

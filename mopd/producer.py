@@ -390,8 +390,9 @@ def batch_digest(samples: list[ScoredSample]) -> int:
             h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
         for lp in (smp.rollout_logprobs, s.teacher_logprobs):
             h.update(np.asarray(lp, dtype=np.float64).tobytes() + b"|")
-        for ids, lps in zip(s.teacher_topk_ids, s.teacher_topk_logprobs, strict=True):
-            h.update(np.asarray(ids, dtype=np.int64).tobytes() + np.asarray(lps, dtype=np.float64).tobytes())
+        if s.teacher_topk_ids is not None and s.teacher_topk_logprobs is not None:
+            h.update(np.ascontiguousarray(s.teacher_topk_ids, dtype=np.int64).tobytes()
+                     + np.ascontiguousarray(s.teacher_topk_logprobs, dtype=np.float64).tobytes())
         if smp.student_mask is not None:  # who wrote each token (multi-turn): the trainer's mask depends on it
             h.update(b"m" + np.asarray(smp.student_mask, dtype=np.int8).tobytes())
         h.update(b";")
@@ -518,13 +519,15 @@ def collect_scores(samples: list[ScoredSample], pending: list[tuple[str, list[in
 def mask_student_positions(s: ScoredSample) -> None:
     """Keep the teacher's scores at the student's positions of a multi-turn trajectory only: the teacher read
     the observations in its one prefill of the whole trajectory (they condition its later predictions), but
-    its log-probs *of* observation tokens are no training signal (0.0 and no top-k there; the trainer's mask
-    leaves those positions out too)."""
+    its log-probs *of* observation tokens are no training signal (0.0 and an empty top-k, ids -1, there; the
+    trainer's mask leaves those positions out too)."""
     mask = s.sample.student_mask_or_ones()
     s.teacher_logprobs = [lp if m else 0.0 for lp, m in zip(s.teacher_logprobs, mask, strict=True)]
-    if s.teacher_topk_ids:
-        s.teacher_topk_ids = [k if m else [] for k, m in zip(s.teacher_topk_ids, mask, strict=True)]
-        s.teacher_topk_logprobs = [k if m else [] for k, m in zip(s.teacher_topk_logprobs, mask, strict=True)]
+    if s.teacher_topk_ids is not None and s.teacher_topk_logprobs is not None:
+        obs_R = np.asarray(mask, dtype=bool) == 0
+        s.teacher_topk_ids, s.teacher_topk_logprobs = s.teacher_topk_ids.copy(), s.teacher_topk_logprobs.copy()
+        s.teacher_topk_ids[obs_R] = -1
+        s.teacher_topk_logprobs[obs_R] = -np.inf
 
 
 def scored_tokens(samples: list[ScoredSample]) -> dict[str, int]:

@@ -18,8 +18,9 @@ class ScoredSample:
     sample: Sample
     teacher: str = ""
     teacher_logprobs: list[float] = field(default_factory=list)
-    teacher_topk_ids: list[list[int]] = field(default_factory=list)
-    teacher_topk_logprobs: list[list[float]] = field(default_factory=list)
+    # The teacher's top-k per response token, [response tokens, K] (rollout.scoring.TokenScores); None: none.
+    teacher_topk_ids: np.ndarray | None = None
+    teacher_topk_logprobs: np.ndarray | None = None
     text: str = ""
     score: float | None = None
 

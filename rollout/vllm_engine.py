@@ -216,17 +216,25 @@ class StudentEngine(VllmEngine):
         self.weight_version = self.weight_version + 1 if version is None else version
 
 
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+_ERRORS_ONLY = _ErrorsOnly()
+
+
 @contextlib.contextmanager
 def quiet_partial_reload() -> Iterator[None]:
     """vLLM warns "Failed to load weights" for every layer an in-place reload left out, then puts that layer's
-    tensors back; with frozen parameters (`trainer.freeze`) that is every sync, by design."""
+    tensors back; with frozen parameters (`trainer.freeze`) that is every sync, by design. A filter, not
+    `setLevel`: changing a level clears every logger's cache, ~2 ms of each sync on the quickstart."""
     log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    log.addFilter(_ERRORS_ONLY)
     try:
         yield
     finally:
-        log.setLevel(level)
+        log.removeFilter(_ERRORS_ONLY)
 
 
 def _with_routing_kwargs(llm_kwargs: Mapping[str, Any] | None, capture_routing: bool) -> dict[str, Any]:

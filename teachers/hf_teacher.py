@@ -162,14 +162,17 @@ class HfTeacher:
             elif top_k < 0:
                 v, k = torch.sort(lp, dim=-1, descending=True, stable=True)
             if top_k != 0:
-                ids_k += k.cpu().tolist()
-                lps_k += v.cpu().tolist()
+                ids_k.append(k.cpu())
+                lps_k.append(v.cpu())
         flat = torch.cat(sampled).tolist() if sampled else []
+        K = self.vocab_size if top_k < 0 else top_k
+        ids_RK = (torch.cat(ids_k) if ids_k else torch.zeros(0, K, dtype=torch.long)).numpy() if top_k else None
+        lps_RK = (torch.cat(lps_k) if lps_k else torch.zeros(0, K)).numpy() if top_k else None
         out, start = [], 0
         for s, p in zip(seqs, plens, strict=True):
             end = start + len(s) - p
-            out.append(TeacherScores(flat[start:end], ids_k[start:end] if top_k else [],
-                                     lps_k[start:end] if top_k else []))
+            out.append(TeacherScores(flat[start:end], None if ids_RK is None else ids_RK[start:end],
+                                     None if lps_RK is None else lps_RK[start:end]))
             start = end
         return out
 

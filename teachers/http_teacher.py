@@ -44,6 +44,7 @@ import httpx
 import ray
 
 from rollout.envs import turn_end
+from rollout.scoring import pack_topk
 from rollout.types import Sample
 from teachers.vllm_teacher import TeacherScores
 
@@ -477,7 +478,7 @@ def _parse_prompt_logprobs(entries: list[dict | None] | None, seq: list[int], pl
                             key=lambda r: r[0])
             ids_k.append([t for _, t, _ in ranked])
             lps_k.append([lp for _, _, lp in ranked])
-    return TeacherScores(lps, ids_k, lps_k)
+    return TeacherScores(lps, *pack_topk(ids_k, lps_k)) if top_k != 0 else TeacherScores(lps)
 
 
 def start_server_teacher(name: str, tcfg: Any, max_restarts: int = 0) -> list[Any]:

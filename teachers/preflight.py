@@ -587,7 +587,7 @@ def _normalised_check(name: str, h: Any, info: dict, probe: Probe, server: bool)
         # Two tokens, one scored position: a whole-vocabulary answer for every position of a long
         # sequence would be huge for a real vocabulary.
         sc = _call(h, "score", [probe.sequences[0][:2]], [1], k)[0]
-        lps = sc.topk_logprobs[0]
+        lps = [x for x in sc.topk_logprobs[0].tolist() if x > -math.inf]
     except Exception as e:  # noqa: BLE001
         return Check(name, "normalised", False, f"top-k probe failed: {_short(e)}", hint)
     lse = _logsumexp(lps)

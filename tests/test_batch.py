@@ -16,6 +16,7 @@ import torch
 from mopd.batch import TrainBatch, build_batch
 from mopd.losses import reverse_kl_loss
 from mopd.samples import ScoredSample
+from rollout.scoring import pack_topk
 from rollout.types import Sample
 
 PAD = 0
@@ -26,7 +27,7 @@ NO = -1
 def scored(prompt, response, *, mu=None, teacher=None, topk=None, score=None, group=0, domain="add", routed=None,
            row_id="r"):
     mu = [-0.1 * (j + 1) for j in range(len(response))] if mu is None else mu
-    ids, lps = topk if topk is not None else ([], [])
+    ids, lps = pack_topk(*topk) if topk is not None else (None, None)
     return ScoredSample(row={"id": row_id, "domain": domain}, group=group,
                         sample=Sample(list(prompt), list(response), mu, "stop", routed),
                         teacher="t" if teacher is not None else "", teacher_logprobs=teacher or [],
@@ -91,7 +92,7 @@ def test_ragged_topk_is_padded_to_the_largest_k(two):
 
 def test_no_topk_anywhere_gives_none(two):
     s0, s1 = two
-    s0.teacher_topk_ids, s0.teacher_topk_logprobs = [], []
+    s0.teacher_topk_ids, s0.teacher_topk_logprobs = None, None
     b = build_batch([s0, s1], PAD)
     assert b.teacher_topk_ids_BTK is None and b.teacher_topk_logprobs_BTK is None
 
@@ -99,13 +100,10 @@ def test_no_topk_anywhere_gives_none(two):
 def test_reverse_kl_of_a_sample_does_not_depend_on_its_batch_mates(two):
     """A position with k = 1 must give the same reverse KL whether or not another sample makes K = 2."""
     s0, s1 = two
-    s1.teacher_topk_ids = [[11], [12], [1], [5]]
-    s1.teacher_topk_logprobs = [[-0.1], [-0.2], [-0.3], [-0.4]]
-    s0.teacher_topk_ids = [[8], [9]]
-    s0.teacher_topk_logprobs = [[-0.5], [-0.75]]
+    s1.teacher_topk_ids, s1.teacher_topk_logprobs = pack_topk([[11], [12], [1], [5]], [[-0.1], [-0.2], [-0.3], [-0.4]])
+    s0.teacher_topk_ids, s0.teacher_topk_logprobs = pack_topk([[8], [9]], [[-0.5], [-0.75]])
     alone = build_batch([s0, s1], PAD)  # K = 1 everywhere
-    s0.teacher_topk_ids = [[8, 3], [9]]
-    s0.teacher_topk_logprobs = [[-0.5, -1.5], [-0.75]]
+    s0.teacher_topk_ids, s0.teacher_topk_logprobs = pack_topk([[8, 3], [9]], [[-0.5, -1.5], [-0.75]])
     mixed = build_batch([s0, s1], PAD)  # K = 2: s1's positions get one padded slot
     logits = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
     kl = {}

@@ -33,8 +33,9 @@ def uneven_batch(tok, d, n=8, top_k=8):
         smp = dataclasses.replace(s.sample, response_ids=s.sample.response_ids[:k],
                                   rollout_logprobs=s.sample.rollout_logprobs[:k], student_mask=mask)
         scored = dataclasses.replace(s, sample=smp, teacher_logprobs=s.teacher_logprobs[:k],
-                                     teacher_topk_ids=s.teacher_topk_ids[:k],
-                                     teacher_topk_logprobs=s.teacher_topk_logprobs[:k],
+                                     teacher_topk_ids=None if s.teacher_topk_ids is None else s.teacher_topk_ids[:k],
+                                     teacher_topk_logprobs=None if s.teacher_topk_ids is None
+                                     else s.teacher_topk_logprobs[:k],
                                      row={**s.row, "domain": "abc"[i % 3]})
         mask_student_positions(scored)
         out.append(scored)

@@ -91,12 +91,12 @@ def test_teacher_actor_scores_student_samples(actors, rollout_out, ray_local, ti
     hf = AutoModelForCausalLM.from_pretrained(f"{tiny_world['dir']}/teachers/rev", dtype=torch.float32)
     ref = hf_logprobs(hf, seqs, plens)
     assert max_diff([s.logprobs for s in scores], ref) < 1e-3
-    assert all(s.topk_ids == [] for s in scores)
+    assert all(s.topk_ids is None for s in scores)
     # Full-vocabulary top-k: a proper distribution that contains the scored token, in rank order.
     full = ray_local.get(teacher.score.remote(seqs[:4], plens[:4], -1))
     vocab = hf.config.vocab_size
     for sc, seq, p in zip(full, seqs, plens, strict=False):
-        for t, (ids_k, lps_k) in enumerate(zip(sc.topk_ids, sc.topk_logprobs, strict=True)):
+        for t, (ids_k, lps_k) in enumerate(zip(sc.topk_ids.tolist(), sc.topk_logprobs.tolist(), strict=True)):
             assert len(ids_k) == vocab == len(set(ids_k))
             assert abs(torch.tensor(lps_k).logsumexp(0).item()) < 1e-3
             assert lps_k == sorted(lps_k, reverse=True)

@@ -8,6 +8,7 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from test_trainer import cfg_for, make_samples, weights
@@ -46,9 +47,10 @@ def scrambled(samples, obs_at=(2, 3)):
         for j in obs_at:
             s.teacher_logprobs[j] = -50.0 if j % 2 else float("nan")
             s.sample.rollout_logprobs[j] = 7.0
-            if s.teacher_topk_ids:
-                s.teacher_topk_ids[j] = [5, 6, 7]
-                s.teacher_topk_logprobs[j] = [-0.1, -3.0, -40.0]
+            if s.teacher_topk_ids is not None:
+                K = s.teacher_topk_ids.shape[1]
+                s.teacher_topk_ids[j] = 5 + np.arange(K)
+                s.teacher_topk_logprobs[j] = -0.1 - 13.0 * np.arange(K)
     return out
 
 
@@ -107,7 +109,8 @@ def test_teacher_scores_are_kept_at_student_positions_only(models):
     assert [lp for lp, m in zip(s.teacher_logprobs, s.sample.student_mask, strict=True) if not m] == [0.0, 0.0]
     assert [a for a, m in zip(s.teacher_logprobs, s.sample.student_mask, strict=True) if m] == \
            [b for b, m in zip(before, s.sample.student_mask, strict=True) if m]
-    assert s.teacher_topk_ids[2] == [] and len(s.teacher_topk_ids[1]) == 3
+    assert (s.teacher_topk_ids[2] == -1).all() and (s.teacher_topk_logprobs[2] == -float("inf")).all()
+    assert (s.teacher_topk_ids[1] >= 0).all() and s.teacher_topk_ids.shape[1] == 3
 
 
 def test_trajectory_and_length_metrics():

@@ -171,8 +171,9 @@ def test_a_toy_objective_is_one_registration_its_flags_reach_config_and_metric_a
             s.group, s.score = g, r
             keep = 2 + i % 4  # responses of 2-5 tokens: micro-batches of unequal token counts
             s.sample.response_ids, s.sample.rollout_logprobs = s.sample.response_ids[:keep], s.sample.rollout_logprobs[:keep]
-            s.teacher_logprobs, s.teacher_topk_ids = s.teacher_logprobs[:keep], s.teacher_topk_ids[:keep]
-            s.teacher_topk_logprobs = s.teacher_topk_logprobs[:keep]
+            s.teacher_logprobs = s.teacher_logprobs[:keep]
+            if s.teacher_topk_ids is not None:
+                s.teacher_topk_ids, s.teacher_topk_logprobs = s.teacher_topk_ids[:keep], s.teacher_topk_logprobs[:keep]
         b = build_batch(samples, tok.pad_token_id)
         m = Trainer(cfg, cfg.student.path).step(b)
     finally:
@@ -255,7 +256,7 @@ def test_mixed_is_pg_plus_kl_coef_times_reverse_kl(models, samples):
 def test_kl_objectives_without_teacher_topk_say_what_to_set(models, samples, objective):
     tok, d = models
     for s in samples:
-        s.teacher_topk_ids, s.teacher_topk_logprobs = [], []
+        s.teacher_topk_ids, s.teacher_topk_logprobs = None, None
     b = build_batch(samples, tok.pad_token_id)
     assert b.teacher_topk_ids_BTK is None
     tr = Trainer(cfg_for(d, f"algorithm.objective={objective}", "algorithm.teacher_top_k=-1"), str(d / "student"))
@@ -303,7 +304,7 @@ def test_alpha_orm_adds_the_group_normalised_outcome(models, samples):
 def test_orm_trains_on_outcomes_without_any_teacher(models, samples):
     tok, d = models
     for s in with_scores(samples):
-        s.teacher, s.teacher_logprobs, s.teacher_topk_ids, s.teacher_topk_logprobs = "", [], [], []
+        s.teacher, s.teacher_logprobs, s.teacher_topk_ids, s.teacher_topk_logprobs = "", [], None, None
     b = build_batch(samples, tok.pad_token_id)
     tr = Trainer(cfg_for(d, "algorithm.objective=orm", "rollout.n=2"), str(d / "student"))
     old = tr.logprobs(b)

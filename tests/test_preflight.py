@@ -139,7 +139,8 @@ def test_in_cluster_replicas_check_and_split_scoring(tiny_world, ray_local, tmp_
     for a, b in zip(one, two, strict=True):
         assert len(a.teacher_logprobs) == len(a.sample.response_ids) > 0
         assert a.teacher_logprobs == b.teacher_logprobs
-        assert a.teacher_topk_ids == b.teacher_topk_ids and a.teacher_topk_logprobs == b.teacher_topk_logprobs
+        assert (a.teacher_topk_ids == b.teacher_topk_ids).all()
+        assert (a.teacher_topk_logprobs == b.teacher_topk_logprobs).all()
 
 
 # -- model folders and weights: checked before any engine starts (no Ray here) ----------------------------
@@ -169,8 +170,8 @@ class TransformersTeacher:
             s = TokenScores([lp[i, seq[i + 1]].item() for i in rows])
             if top_k:
                 top = [lp[i].topk(self.vocab if top_k < 0 else top_k) for i in rows]
-                s.topk_ids = [t.indices.tolist() for t in top]
-                s.topk_logprobs = [t.values.tolist() for t in top]
+                s.topk_ids = self.torch.stack([t.indices for t in top]).numpy()
+                s.topk_logprobs = self.torch.stack([t.values for t in top]).numpy()
             out.append(s)
         return out
 

@@ -46,7 +46,7 @@ def _samples(step: int, bump: float = 0.0) -> list[ScoredSample]:
         tl = (-torch.rand(n, generator=g, dtype=torch.float64)).tolist()
         tl[0] += bump
         out.append(ScoredSample(row=row, group=i, sample=s, teacher="t_" + row["domain"], teacher_logprobs=tl,
-                                teacher_topk_ids=[[5, 6]] * n, teacher_topk_logprobs=[[-0.1, -2.5]] * n,
+                                teacher_topk_ids=np.array([[5, 6]] * n), teacher_topk_logprobs=np.array([[-0.1, -2.5]] * n, np.float32),
                                 text="x", score=1.0))
     return out
 

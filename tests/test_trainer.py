@@ -50,8 +50,8 @@ def make_samples(tok, teacher, n=8, top_k=0):
                           sample=Sample(p, r, mu, "length"), teacher="t", teacher_logprobs=tl)
         if top_k:
             top = t_lp[len(p) - 1:len(p) - 1 + len(r)].topk(top_k, -1)
-            ss.teacher_topk_ids = top.indices.tolist()
-            ss.teacher_topk_logprobs = top.values.tolist()
+            ss.teacher_topk_ids = top.indices.numpy()
+            ss.teacher_topk_logprobs = top.values.numpy()
         out.append(ss)
     return out
 
