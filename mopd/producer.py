@@ -524,7 +524,7 @@ def mask_student_positions(s: ScoredSample) -> None:
     mask = s.sample.student_mask_or_ones()
     s.teacher_logprobs = [lp if m else 0.0 for lp, m in zip(s.teacher_logprobs, mask, strict=True)]
     if s.teacher_topk_ids is not None and s.teacher_topk_logprobs is not None:
-        obs_R = np.asarray(mask, dtype=bool) == 0
+        obs_R = ~np.asarray(mask, dtype=bool)
         s.teacher_topk_ids, s.teacher_topk_logprobs = s.teacher_topk_ids.copy(), s.teacher_topk_logprobs.copy()
         s.teacher_topk_ids[obs_R] = -1
         s.teacher_topk_logprobs[obs_R] = -np.inf
