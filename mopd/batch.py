@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from mopd.samples import ScoredSample
@@ -133,9 +132,11 @@ def build_batch(samples: list[ScoredSample], pad_id: int) -> TrainBatch:
             if lps_RK is None or ids_RK.shape != lps_RK.shape or ids_RK.ndim != 2 or len(ids_RK) > len(r):
                 raise ValueError(f"row '{s.row['id']}': teacher top-k ids {getattr(ids_RK, 'shape', None)} / log-probs "
                                  f"{getattr(lps_RK, 'shape', None)} for {len(r)} response tokens")
-            k = ids_RK.shape[1]
-            topk_ids[b, len(p) - 1:len(p) - 1 + len(ids_RK), :k] = torch.from_numpy(np.asarray(ids_RK, dtype=np.int64))
-            topk_lp[b, len(p) - 1:len(p) - 1 + len(lps_RK), :k] = torch.from_numpy(np.asarray(lps_RK, dtype=np.float32))
+            # Copied by numpy into the tensors' memory: arrays that came through Ray are read-only, and
+            # torch.from_numpy warns about those even when it only reads them.
+            rows = slice(len(p) - 1, len(p) - 1 + len(ids_RK))
+            topk_ids.numpy()[b, rows, :ids_RK.shape[1]] = ids_RK
+            topk_lp.numpy()[b, rows, :ids_RK.shape[1]] = lps_RK
     routed = None
     recs = [s.sample.routed_experts for s in samples if s.sample.routed_experts is not None]
     if recs:

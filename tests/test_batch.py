@@ -8,6 +8,7 @@ input position P + j and is predicted at t = P - 1 + j.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -88,6 +89,28 @@ def test_ragged_topk_is_padded_to_the_largest_k(two):
     # s1 has no top-k: every slot is padding with log-prob -inf (probability 0).
     assert b.teacher_topk_ids_BTK[1].eq(NO).all() and b.teacher_topk_logprobs_BTK[1].eq(ninf).all()
     assert b.teacher_topk_ids_BTK.dtype == torch.long
+
+
+def test_read_only_topk_arrays_as_ray_delivers_them_build_silently(two):
+    """Arrays deserialized by Ray are read-only views of its buffer: the batch copies them without a warning and
+    without touching them."""
+    s0, s1 = two
+    want = build_batch([s0, s1], PAD)
+    for a in (s0.teacher_topk_ids, s0.teacher_topk_logprobs):
+        a.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = build_batch([s0, s1], PAD)
+    assert torch.equal(got.teacher_topk_ids_BTK, want.teacher_topk_ids_BTK)
+    assert torch.equal(got.teacher_topk_logprobs_BTK, want.teacher_topk_logprobs_BTK)
+    assert s0.teacher_topk_ids.tolist() == [[8, 3], [9, -1]]
+
+
+def test_topk_rows_beyond_the_response_are_refused(two):
+    s0, s1 = two
+    s0.teacher_topk_ids, s0.teacher_topk_logprobs = pack_topk([[8], [9], [1]], [[-0.5], [-0.75], [-1.0]])
+    with pytest.raises(ValueError, match="row 'a'.*for 2 response tokens"):
+        build_batch([s0, s1], PAD)
 
 
 def test_no_topk_anywhere_gives_none(two):
