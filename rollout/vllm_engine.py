@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -188,19 +190,25 @@ class StudentEngine(VllmEngine):
     def receive_weights(self, version: int | None = None) -> float:
         """Take the weights trainer rank 0 broadcasts, bucket by bucket, straight into the engine's parameters
         (vLLM's in-place reload consumes them as they arrive); returns seconds taken. On any failure the group
-        is left (a dead peer breaks it): the driver forms a new one."""
+        is left (a dead peer breaks it): the driver forms a new one. A failure once weights began to arrive ends
+        this process (`_exit_for_restart`): Ray restarts the engine."""
         if self.weight_group is None:
             raise RuntimeError("this engine is in no weight-sync group (restarted since it was formed?): the "
                                "driver must form the group again (RemoteTrainer.connect) before a collective sync")
         t0 = time.perf_counter()
+        tensors = None
         try:
             names, tensors = self.weight_group.receive()
             with quiet_partial_reload():
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
             drain(tensors)
-        except BaseException:
+        except BaseException as e:
             self.weight_group = None
-            raise
+            if tensors is None:  # the header never came: no weight was touched
+                raise
+            with contextlib.suppress(Exception):  # rank 0 alive: take the buckets still coming, so that its
+                drain(tensors)  # broadcast ends now, not at its timeout
+            _exit_for_restart(f"a weight update was cut off halfway ({str(e).splitlines()[0]})")
         self._after_reload(version, names)
         return time.perf_counter() - t0
 
@@ -214,6 +222,17 @@ class StudentEngine(VllmEngine):
     def _after_reload(self, version: int | None, loaded: list[str] | None = None) -> None:
         self.llm.apply_model(functools.partial(repack_cpu_moe_experts, loaded=loaded))
         self.weight_version = self.weight_version + 1 if version is None else version
+
+
+def _exit_for_restart(why: str) -> NoReturn:
+    """vLLM's in-place reload takes each layer's weights off to the meta device and puts them back as the new
+    ones arrive: one cut off halfway leaves layers with no data, and every later generate fails ("Cannot copy
+    out of meta tensor") or never finishes. No call can mend that, so the process ends: Ray restarts the actor
+    from `student.path` (a crash, not an intentional exit, so it counts against `ray.max_restarts`), and the
+    driver's recovery forms the group again and sends the whole weights."""
+    print(f"student engine (pid {os.getpid()}): {why}; its weights are half old, half missing: exiting for Ray "
+          "to restart it", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 class _ErrorsOnly(logging.Filter):

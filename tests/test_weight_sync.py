@@ -6,7 +6,9 @@ group formed again."""
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
 
 import pytest
@@ -21,6 +23,7 @@ from mopd.engine_group import answer_when_alive
 from mopd.samples import ScoredSample
 from rollout.actors import start_student_engines
 from rollout.types import EngineSpec
+from rollout.weight_group import TensorMeta, WeightGroup, open_store, plan_buckets
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5  # fp32 engine vs fp32 trainer forward of the same weights
@@ -168,3 +171,52 @@ def test_a_group_that_cannot_form_falls_back_to_the_object_store_with_a_warning(
         assert _gap(tr, synced) <= TOL
     finally:
         tr.backend, tr.weight_sync = "gloo", "collective"
+
+
+def test_an_engine_whose_update_is_cut_off_halfway_restarts_and_rejoins(setup):
+    """Rank 0 dies after sending half the buckets (here: the test plays rank 0 and drops its group). vLLM's
+    in-place reload has then taken layers to the meta device without putting them back, and every later
+    generate would fail or never finish: the engine exits, Ray restarts it from student.path, and a new group
+    and a whole sync bring it back to the trainer's weights."""
+    tok, tr, engines = setup
+    engine = engines[0]
+
+    def _pid(_actor):
+        return os.getpid()
+
+    pid = ray.get(engine.__ray_call__.remote(_pid))
+    store = open_store("127.0.0.1", 2)
+    formed: dict = {}
+    rank0 = threading.Thread(target=lambda: formed.setdefault("g", WeightGroup(store, 0, 2, "gloo", "127.0.0.1")))
+    rank0.start()
+    ray.get(engine.join_weight_group.remote("127.0.0.1", store.port, 1, 2))
+    rank0.join()
+    group = formed.pop("g")
+    received = engine.receive_weights.remote(9)
+    weights = ray.get(tr.actor.__ray_call__.remote(lambda w: w.trainer.state_dict()))
+    items = list(weights.items())
+    metas = [TensorMeta(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in items]
+    bucket = 20_000
+    header = json.dumps({"bucket_bytes": bucket, "tensors": [[m.name, m.dtype, list(m.shape)] for m in metas]})
+    group.broadcast(torch.tensor([len(header)], dtype=torch.int64))
+    group.broadcast(torch.frombuffer(bytearray(header.encode()), dtype=torch.uint8))
+    plan = plan_buckets([m.nbytes for m in metas], bucket)
+    for idx, offs, size in plan[: len(plan) // 2]:
+        buf = torch.zeros(size, dtype=torch.uint8)
+        for i, off in zip(idx, offs, strict=True):
+            b = items[i][1].contiguous().reshape(-1).view(torch.uint8)
+            buf[off:off + b.numel()].copy_(b)
+        group.broadcast(buf)
+    del group  # rank 0 gone: its connections close mid-update
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(received, timeout=120)
+    deadline = time.monotonic() + 300
+    while answer_when_alive(engine, _pid, deadline, "student[0]") == pid:  # the exit may not have landed yet
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert _versions(engines)[0] == 0  # restarted: student.path's weights
+    assert tr.connect(engines)
+    tr.sync(engines, version=10)  # whole: the restarted engine holds none of the run's weights
+    synced, samples = _batch(tok, _rollout(tok, engines, 10))
+    assert _gap(tr, synced) <= TOL
+    assert {s.policy_version for s in samples} == {10}
