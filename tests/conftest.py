@@ -80,6 +80,8 @@ def _no_leaked_ray_actors(request):
 
     actors, groups = _live_ray_objects()
     actors, groups = actors - before[0], groups - before[1]
+    if not (actors or groups):
+        return
     worker = ray._private.worker.global_worker  # ray.kill wants a handle; an unnamed actor has none but its id
     for actor_id in actors:
         try:
@@ -91,6 +93,5 @@ def _no_leaked_ray_actors(request):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(a & b for a, b in zip(_live_ray_objects(), (actors, groups), strict=True)):
         time.sleep(0.1)  # a kill takes effect a moment later; the next test should find the CPUs free
-    if actors or groups:
-        print(f"conftest: {request.node.nodeid} left {len(actors)} actor(s) and {len(groups)} placement "
-              "group(s) alive: removed", file=sys.stderr)
+    print(f"conftest: {request.node.nodeid} left {len(actors)} actor(s) and {len(groups)} placement "
+          "group(s) alive: removed", file=sys.stderr)

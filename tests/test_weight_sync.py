@@ -6,7 +6,6 @@ group formed again."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -23,7 +22,7 @@ from mopd.engine_group import answer_when_alive
 from mopd.samples import ScoredSample
 from rollout.actors import start_student_engines
 from rollout.types import EngineSpec
-from rollout.weight_group import TensorMeta, WeightGroup, open_store, plan_buckets
+from rollout.weight_group import WeightGroup, open_store, plan_buckets
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5  # fp32 engine vs fp32 trainer forward of the same weights
@@ -173,6 +172,19 @@ def test_a_group_that_cannot_form_falls_back_to_the_object_store_with_a_warning(
         tr.backend, tr.weight_sync = "gloo", "collective"
 
 
+class _CutOff(WeightGroup):
+    """Rank 0 that stops broadcasting once `budget` broadcasts went (None: no limit)."""
+
+    budget: int | None = None
+
+    def broadcast(self, t: torch.Tensor) -> None:
+        if self.budget is None:
+            super().broadcast(t)
+        elif self.budget > 0:
+            self.budget -= 1
+            super().broadcast(t)
+
+
 def test_an_engine_whose_update_is_cut_off_halfway_restarts_and_rejoins(setup):
     """Rank 0 dies after sending half the buckets (here: the test plays rank 0 and drops its group). vLLM's
     in-place reload has then taken layers to the meta device without putting them back, and every later
@@ -187,26 +199,18 @@ def test_an_engine_whose_update_is_cut_off_halfway_restarts_and_rejoins(setup):
     pid = ray.get(engine.__ray_call__.remote(_pid))
     store = open_store("127.0.0.1", 2)
     formed: dict = {}
-    rank0 = threading.Thread(target=lambda: formed.setdefault("g", WeightGroup(store, 0, 2, "gloo", "127.0.0.1")))
+    rank0 = threading.Thread(target=lambda: formed.setdefault("g", _CutOff(store, 0, 2, "gloo", "127.0.0.1")))
     rank0.start()
     ray.get(engine.join_weight_group.remote("127.0.0.1", store.port, 1, 2))
     rank0.join()
     group = formed.pop("g")
     received = engine.receive_weights.remote(9)
     weights = ray.get(tr.actor.__ray_call__.remote(lambda w: w.trainer.state_dict()))
-    items = list(weights.items())
-    metas = [TensorMeta(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in items]
     bucket = 20_000
-    header = json.dumps({"bucket_bytes": bucket, "tensors": [[m.name, m.dtype, list(m.shape)] for m in metas]})
-    group.broadcast(torch.tensor([len(header)], dtype=torch.int64))
-    group.broadcast(torch.frombuffer(bytearray(header.encode()), dtype=torch.uint8))
-    plan = plan_buckets([m.nbytes for m in metas], bucket)
-    for idx, offs, size in plan[: len(plan) // 2]:
-        buf = torch.zeros(size, dtype=torch.uint8)
-        for i, off in zip(idx, offs, strict=True):
-            b = items[i][1].contiguous().reshape(-1).view(torch.uint8)
-            buf[off:off + b.numel()].copy_(b)
-        group.broadcast(buf)
+    buckets = len(plan_buckets([v.numel() * v.element_size() for v in weights.values()], bucket))
+    group.budget = 2 + buckets // 2  # the header's two broadcasts and half the buckets go; the rest not
+    group.send(weights.items(), bucket)
+    assert group.budget == 0
     del group  # rank 0 gone: its connections close mid-update
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(received, timeout=120)
